@@ -1,0 +1,47 @@
+"""Where Dask work runs: a loopback LocalCluster by default, or an existing scheduler.
+
+Stages take a `distributed.Client` (or None to run in this process), so they stay plain functions;
+this module only decides which client to hand them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+# A single case must not take the machine down: each worker is capped, and Dask's nanny
+# restarts a worker that passes the limit (the task is then reported failed with its case id).
+DEFAULT_MEMORY_LIMIT = "4GiB"
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(workers: int | None = None, address: str | None = None,
+                memory_limit: str | None = DEFAULT_MEMORY_LIMIT) -> Iterator["distributed.Client"]:
+    """A Client on `address`, or on a fresh LocalCluster (processes, one thread each, 127.0.0.1)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "10s"}):
+        cluster = LocalCluster(
+            n_workers=workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=memory_limit,
+            silence_logs=40,
+        )
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
