@@ -1,0 +1,335 @@
+"""`segpipe`: a thin command line over the stage functions.
+
+Exit codes: 0 success, 2 bad input (the user's to fix), 1 anything else. Errors print as one line
+without a traceback unless --debug. Every command that has a workdir logs to `<workdir>/logs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import BadInputError, SegPipeError
+from .workdir import Workdir
+
+log = logging.getLogger("segpipe")
+
+EXAMPLES = {
+    "validate": "segpipe validate ../shared/data/Task04_Hippocampus",
+    "fingerprint": "segpipe fingerprint ../shared/data/Task04_Hippocampus --workdir work/hippo",
+    "plan": "segpipe plan ../shared/data/Task04_Hippocampus --workdir work/hippo --explain",
+    "preprocess": "segpipe preprocess ../shared/data/Task04_Hippocampus --workdir work/hippo --workers 2",
+    "train": "segpipe train --workdir work/hippo --fold 0 --num-workers 2 --time-budget-min 15",
+    "predict": "segpipe predict --workdir work/hippo work/hippo/test_images work/hippo/predictions",
+    "evaluate": "segpipe evaluate work/hippo/predictions ../shared/data/Task04_Hippocampus --out work/hippo/eval",
+    "run": "segpipe run ../shared/data/Task04_Hippocampus --workdir work/hippo",
+    "demo": "segpipe demo --workdir demo_workdir",
+}
+
+
+def _color(text: str, code: str, stream=sys.stderr) -> str:
+    if stream.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[{code}m{text}\033[0m"
+    return text
+
+
+def _setup_logging(workdir: Path | None, command: str, debug: bool) -> None:
+    root = logging.getLogger("segpipe")
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.addHandler(console)
+    if workdir is not None:
+        logs = Workdir.at(workdir).logs
+        logs.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logs / f"{command}.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        root.addHandler(fh)
+
+
+def _emit(args, payload: dict, human: str | None = None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    elif human:
+        print(human)
+
+
+# ---------------------------------------------------------------- stage commands
+
+
+def cmd_validate(args) -> int:
+    from .validation import validate_dataset
+
+    problems = validate_dataset(args.dataset)
+    _emit(args, {"dataset": str(args.dataset), "ok": not problems, "problems": [str(p) for p in problems]})
+    if problems:
+        if not args.json:
+            for p in problems:
+                print(f"{_color('error', '31')} {p}", file=sys.stderr)
+            print(f"{len(problems)} problem(s) in {args.dataset}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"{args.dataset}: ok")
+    return 0
+
+
+def _load_valid_dataset(path):
+    from .validation import validate_dataset
+    from .dataset import load_dataset
+
+    problems = validate_dataset(path)
+    if problems:
+        raise BadInputError(problems)
+    return load_dataset(path)
+
+
+def _fingerprint(args, dataset=None):
+    from .fingerprint import Fingerprint, compute_fingerprint
+    from .parallel import dask_client
+
+    wd = Workdir.at(args.workdir)
+    if wd.fingerprint.is_file() and not getattr(args, "force", False) and args.command != "fingerprint":
+        return Fingerprint.load(wd.fingerprint)
+    dataset = dataset or _load_valid_dataset(args.dataset)
+    with dask_client(getattr(args, "workers", None), getattr(args, "dask_address", None)) as client:
+        fp = compute_fingerprint(dataset, client=client, progress=not args.json)
+    fp.save(wd.fingerprint)
+    log.info("fingerprint of %d cases -> %s", len(dataset.cases), wd.fingerprint)
+    return fp
+
+
+def cmd_fingerprint(args) -> int:
+    fp = _fingerprint(args)
+    _emit(args, {"fingerprint": str(Workdir.at(args.workdir).fingerprint), "cases": len(fp.cases)})
+    return 0
+
+
+def _plan(args, dataset=None):
+    from .planning import plan_experiment
+    from .plans import Plans
+
+    wd = Workdir.at(args.workdir)
+    if wd.plans.is_file() and args.command not in ("plan",):
+        return Plans.load(wd.plans)
+    dataset = dataset or _load_valid_dataset(args.dataset)
+    fp = _fingerprint(args, dataset)
+    plans = plan_experiment(fp, dataset, gpu_memory_gb=getattr(args, "gpu_memory_gb", 8.0))
+    plans.save(wd.plans)
+    log.info("plans -> %s", wd.plans)
+    return plans
+
+
+def cmd_plan(args) -> int:
+    from .planning import explain_plans
+
+    plans = _plan(args)
+    if args.json:
+        print(json.dumps(plans.to_json(), indent=2))
+    elif args.explain:
+        print(explain_plans(plans))
+    else:
+        for name in plans.configurations:
+            c = plans.configuration(name)
+            print(f"{name}: spacing {c.spacing} patch {c.patch_size} batch {c.batch_size} "
+                  f"stages {c.num_stages} features {c.features_per_stage}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .parallel import dask_client
+    from .preprocessing import run_preprocessing
+
+    dataset = _load_valid_dataset(args.dataset)
+    plans = _plan(args, dataset)
+    wd = Workdir.at(args.workdir)
+    with dask_client(args.workers, args.dask_address) as client:
+        report = run_preprocessing(dataset, plans, args.config, wd.store, client=client, progress=not args.json)
+    _emit(args, report.to_json(), str(report))
+    return 0 if not report.failed else 2
+
+
+def cmd_train(args) -> int:
+    from .training import TrainSettings, run_training
+
+    settings = TrainSettings.from_args(args)
+    result = run_training(settings)
+    _emit(args, result.to_json(), str(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict_folder
+
+    report = predict_folder(
+        Workdir.at(args.workdir), Path(args.input_dir), Path(args.output_dir), config=args.config,
+        fold=args.fold, tta=not args.no_tta, save_probabilities=args.save_probabilities,
+        num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json,
+    )
+    _emit(args, report.to_json(), str(report))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_folders
+
+    out = Path(args.out) if args.out else Path(args.pred_dir) / "evaluation"
+    summary = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), out)
+    fg = summary["foreground_mean"]
+    _emit(args, summary, f"foreground mean Dice {fg['dice']:.4f}  IoU {fg['iou']:.4f}  -> {out / 'summary.json'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .run import run_all
+
+    result = run_all(args)
+    _emit(args, result, f"report: {result.get('report')}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .synthetic import make_demo_dataset
+
+    wd = Workdir.at(args.workdir)
+    args.dataset = str(make_demo_dataset(wd.root / "demo_dataset"))
+    return cmd_run(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_dask(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, default=None, help="Dask workers on a local cluster (default: cores)")
+    g.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT", help="use an existing Dask scheduler")
+
+
+def _add_train(p):
+    p.add_argument("--config", default="3d_fullres")
+    p.add_argument("--fold", default="0", help="0..4 or 'all'")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: 1 per GPU, else 1)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iterations-per-epoch", type=int, default=None)
+    p.add_argument("--time-budget-min", type=float, default=None, help="wall-clock budget; the LR schedule follows it")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segpipe",
+        description="Self-configuring 3D medical image segmentation: folder of NIfTI in, trained U-Net, predictions and scores out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+    )
+    parser.add_argument("--version", action="version", version=f"segpipe {__import__('pipeline').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        return p
+
+    p = add("validate", "check a dataset and report every problem (nothing is written)")
+    p.add_argument("dataset")
+
+    p = add("fingerprint", "per-case spacing, shapes, intensities and class counts (Dask)")
+    p.add_argument("dataset")
+    p.add_argument("--workdir", required=True)
+    _add_dask(p)
+
+    p = add("plan", "choose spacing, patch, network and batch size by nnU-Net v2's rules")
+    p.add_argument("dataset")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--explain", action="store_true", help="print every chosen value with its rule")
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget the patch/batch must fit (default 8)")
+    _add_dask(p)
+
+    p = add("preprocess", "crop, normalise, resample into the chunked Zarr store (Dask)")
+    p.add_argument("dataset")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="3d_fullres")
+    _add_dask(p)
+
+    p = add("train", "train the U-Net data-parallel with Ray Train, streaming patches from Zarr")
+    p.add_argument("--workdir", required=True)
+    _add_train(p)
+
+    p = add("predict", "sliding-window inference, written as NIfTI in the original geometry")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("input_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--config", default="3d_fullres")
+    p.add_argument("--fold", default="0")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
+    p.add_argument("--ray-address", default=None)
+
+    p = add("evaluate", "Dice, IoU, HD95 per class and case; summary.json, CSV, markdown, PNG")
+    p.add_argument("pred_dir")
+    p.add_argument("ref_dir", help="a label folder or a dataset folder")
+    p.add_argument("--out", default=None)
+
+    for name, text in (("run", "every stage on DATASET, skipping what is done"),
+                       ("demo", "every stage on the embedded synthetic phantom dataset")):
+        p = add(name, text)
+        if name == "run":
+            p.add_argument("dataset", nargs="?", default=None, help="(default: the synthetic demo dataset)")
+            p.add_argument("--workdir", required=False, default="segpipe_workdir")
+        else:
+            p.add_argument("--workdir", default="demo_workdir")
+        _add_train(p)
+        _add_dask(p)
+        p.add_argument("--gpu-memory-gb", type=float, default=8.0)
+    return parser
+
+
+HANDLERS = {
+    "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
+    "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.dataset is None:
+        args.command = "demo"
+    workdir = getattr(args, "workdir", None)
+    _setup_logging(Path(workdir) if workdir and args.command != "validate" else None, args.command, args.debug)
+    start = time.perf_counter()
+    try:
+        code = HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        print(_color("interrupted", "33") + ": re-run the same command to resume", file=sys.stderr)
+        return 130
+    except SegPipeError as exc:
+        if args.debug:
+            raise
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        for line in lines:
+            print(f"{_color('error', '31')} {line}", file=sys.stderr)
+        log.debug("failed", exc_info=True)
+        return exc.exit_code
+    except Exception as exc:  # anything unexpected: one line, details in the log / with --debug
+        if args.debug:
+            raise
+        log.debug("unexpected failure", exc_info=True)
+        print(f"{_color('error', '31')} {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    log.debug("%s finished in %.1fs", args.command, time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
