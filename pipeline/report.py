@@ -1,0 +1,123 @@
+"""The report folder a user opens first: one `index.html` with the plan, curves, scores and overlays.
+
+Everything the page shows is copied into the report folder, so it can be zipped or served as is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .workdir import Workdir
+
+MAX_OVERLAYS = 4
+
+
+def _overlay_png(image_path: Path, ref_path: Path, pred_path: Path, out: Path, title: str) -> None:
+    """Image, reference and prediction on the axial slice with the most reference foreground."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .nifti import read_volume
+
+    image, _ = read_volume(image_path)
+    if image.ndim == 4:
+        image = image[..., 0]
+    ref, _ = read_volume(ref_path, dtype=np.int32)
+    pred, _ = read_volume(pred_path, dtype=np.int32)
+    z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else image.shape[2] // 2
+    img = np.rot90(image[:, :, z])
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, (name, lab) in zip(axes, (("image", None), ("reference", ref), ("prediction", pred))):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        if lab is not None:
+            sl = np.rot90(lab[:, :, z])
+            rgba = np.zeros((*sl.shape, 4))
+            for i, v in enumerate(np.unique(sl[sl > 0])):
+                rgba[sl == v] = (*cmap(i % 10)[:3], 0.45)
+            ax.imshow(rgba)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+
+
+def build_report(wd: Workdir, plans, config: str, fold: str, dataset, pred_dir: Path, eval_dir: Path) -> Path:
+    from .planning import explain_plans
+
+    out = wd.report
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = wd.run_dir(config, fold)
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    sections: list[str] = []
+
+    fg = summary["foreground_mean"]
+    rows = [[summary["labels"].get(k, k), k, _fmt(v.get("dice")), _fmt(v.get("iou")), _fmt(v.get("hd95"))]
+            for k, v in summary["mean"].items()]
+    rows.append(["foreground mean", "", _fmt(fg.get("dice")), _fmt(fg.get("iou")), ""])
+    sections.append(f"<h2>Scores on {len(summary['cases'])} held-out case(s)</h2>"
+                    + _table(rows, ["class", "value", "Dice", "IoU", "HD95 (mm)"]))
+    images = []
+    for name, src in (("dice_boxplot.png", eval_dir / "dice_boxplot.png"),
+                      ("training_curves.png", run_dir / "training_curves.png")):
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            images.append(name)
+    if "dice_boxplot.png" in images:
+        sections.append('<img src="dice_boxplot.png" alt="Dice per class">')
+    if "training_curves.png" in images:
+        sections.append('<h2>Training</h2><img src="training_curves.png" alt="training curves">')
+
+    overlays = []
+    for case in summary["cases"][:MAX_OVERLAYS]:
+        cid = case["case"]
+        try:
+            files = dataset.case(cid)
+        except KeyError:
+            continue
+        pred = pred_dir / f"{cid}{dataset.file_ending}"
+        if files.label is None or not pred.is_file():
+            continue
+        name = f"overlay_{cid}.png"
+        dice = np.nanmean([m["dice"] if m["dice"] is not None else np.nan for m in case["metrics"].values()])
+        _overlay_png(files.images[0], files.label, pred, out / name, f"{cid}  (mean Dice {dice:.3f})")
+        overlays.append(name)
+    if overlays:
+        sections.append("<h2>Overlays</h2>" + "".join(f'<img class="ov" src="{n}" alt="{n}">' for n in overlays))
+
+    sections.append(f"<h2>Plan ({html.escape(config)})</h2><pre>{html.escape(explain_plans(plans))}</pre>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>seg-pipeline report: {html.escape(dataset.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+img{{max-width:100%;margin:6px 0}}img.ov{{max-width:49%}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}}</style>
+</head><body><h1>seg-pipeline report: {html.escape(dataset.name)}</h1>
+<p>configuration <b>{html.escape(config)}</b>, fold <b>{html.escape(str(fold))}</b>, foreground mean Dice
+<b>{_fmt(fg.get('dice'))}</b></p>
+{''.join(sections)}
+</body></html>
+"""
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "index.html")
+    return out / "index.html"
