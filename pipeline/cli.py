@@ -29,6 +29,8 @@ EXAMPLES = {
     "evaluate": "segpipe evaluate work/hippo/predictions ../shared/data/Task04_Hippocampus --out work/hippo/eval",
     "run": "segpipe run ../shared/data/Task04_Hippocampus --workdir work/hippo",
     "demo": "segpipe demo --workdir demo_workdir",
+    "import-msd": "segpipe import-msd Task04_Hippocampus.tar --dest data/",
+    "convert": "segpipe convert data/Task04_Hippocampus data/Dataset004_Hippocampus --to nnunetv2",
 }
 
 
@@ -203,6 +205,23 @@ def cmd_demo(args) -> int:
     return cmd_run(args)
 
 
+def cmd_import_msd(args) -> int:
+    from .conversion import import_msd
+
+    path = import_msd(args.source, Path(args.dest))
+    _emit(args, {"dataset": str(path)}, f"imported {path}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .conversion import msd_to_nnunet, nnunet_to_msd
+
+    convert = msd_to_nnunet if args.to == "nnunetv2" else nnunet_to_msd
+    path = convert(Path(args.source), Path(args.dest))
+    _emit(args, {"dataset": str(path)}, f"wrote {path} ({args.to} layout)")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -292,12 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train(p)
         _add_dask(p)
         p.add_argument("--gpu-memory-gb", type=float, default=8.0)
+    for p in (sub.choices["run"], sub.choices["demo"]):
+        p.set_defaults(config="auto")
+        p.add_argument("--quick", action="store_true", help="tiny budget: a smoke run, not a useful model")
+
+    p = add("import-msd", "unpack a Decathlon task tarball (path or http(s) URL) and check it")
+    p.add_argument("source")
+    p.add_argument("--dest", default=".", help="folder that receives TaskXX_Name/")
+
+    p = add("convert", "convert a dataset between the Decathlon and nnU-Net v2 raw layouts")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--to", choices=["nnunetv2", "msd"], required=True)
     return parser
 
 
 HANDLERS = {
     "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
     "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo,
+    "import-msd": cmd_import_msd, "convert": cmd_convert,
 }
 
 
