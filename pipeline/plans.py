@@ -38,25 +38,25 @@ class ChannelNormalization:
 class ConfigurationPlan:
     """One configuration ('2d', '3d_fullres', '3d_lowres', ...). Fields left None are inherited."""
 
-    name: str
-    inherits_from: str | None = None
+    name: str  # the key in `configurations`
+    inherits_from: str | None = None  # parent configuration whose fields fill the gaps
     data_identifier: str | None = None  # configurations sharing it share preprocessed data
     spacing: list[float] | None = None  # target spacing, store axis order
     patch_size: list[int] | None = None  # 2 entries for 2d (the last two store axes), else 3
-    batch_size: int | None = None
+    batch_size: int | None = None  # patches per optimiser step (per worker)
     median_shape: list[int] | None = None  # median case shape after resampling
     kernel_sizes: list[list[int]] | None = None  # per stage
     strides: list[list[int]] | None = None  # per stage, the first is all ones
-    features_per_stage: list[int] | None = None
-    n_conv_per_stage: int | None = None
+    features_per_stage: list[int] | None = None  # channels of each encoder stage
+    n_conv_per_stage: int | None = None  # (conv, norm, nonlinearity) blocks per stage
     normalization_schemes: list[str] | None = None  # per channel, copy of Plans.normalization[i].scheme
-    use_mask_for_norm: list[bool] | None = None
+    use_mask_for_norm: list[bool] | None = None  # normalise inside the nonzero mask only
     image_order: int | None = None  # spline order resampling images
     label_order: int | None = None  # order resampling one-hot labels
     order_z: int | None = None  # order along the low-resolution axis when it is resampled separately
     anisotropy_threshold: float | None = None  # max/min spacing ratio above which z is separate
     preset: str | None = None  # "nnunet" (faithful) or "lean" (compute-budget)
-    explanations: dict[str, str] = field(default_factory=dict)
+    explanations: dict[str, str] = field(default_factory=dict)  # field -> the rule and numbers behind it
 
     @property
     def dims(self) -> int:
@@ -69,16 +69,18 @@ class ConfigurationPlan:
 
 @dataclass
 class Plans:
-    dataset_name: str
-    channels: list[str]
+    """Everything the planner chose for one dataset; `segpipe plan --explain` prints why."""
+
+    dataset_name: str  # from dataset.json
+    channels: list[str]  # modality per input channel ("CT" selects CT normalisation)
     labels: dict[str, str]  # original label value (as str, JSON keys) -> name
     transpose_forward: list[int]  # store axis i = RAS axis transpose_forward[i]
-    normalization: list[ChannelNormalization]
-    configurations: dict[str, ConfigurationPlan]
-    gpu_memory_gb: float = 8.0
-    fingerprint_hash: str = ""
+    normalization: list[ChannelNormalization]  # one per channel
+    configurations: dict[str, ConfigurationPlan]  # '2d', '3d_fullres', '3d_lowres', '3d_lean'
+    gpu_memory_gb: float = 8.0  # memory budget the patch and batch were sized for
+    fingerprint_hash: str = ""  # the fingerprint the plan was made from
     explanations: dict[str, str] = field(default_factory=dict)  # dataset-level choices
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = SCHEMA_VERSION  # bumped when the JSON layout changes
 
     @property
     def transpose_backward(self) -> list[int]:
