@@ -57,6 +57,10 @@ def _setup_logging(workdir: Path | None, command: str, debug: bool) -> None:
         root.addHandler(fh)
 
 
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _emit(args, payload: dict, human: str | None = None) -> None:
     if getattr(args, "json", False):
         print(json.dumps(payload, indent=2, default=str))
@@ -185,7 +189,7 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(args.pred_dir) / "evaluation"
     summary = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), out)
     fg = summary["foreground_mean"]
-    _emit(args, summary, f"foreground mean Dice {fg['dice']:.4f}  IoU {fg['iou']:.4f}  -> {out / 'summary.json'}")
+    _emit(args, summary, f"foreground mean Dice {_num(fg['dice'])}  IoU {_num(fg['iou'])}  -> {out / 'summary.json'}")
     return 0
 
 

@@ -15,20 +15,33 @@ Ray workers (`predict_ray.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .errors import BadInputError, SegPipeError
+from .workdir import Workdir
+
+log = logging.getLogger("segpipe.predict")
+
+POSTPROCESSING_FILE = "postprocessing.json"  # beside the model; applied when present
+OUTPUT_ENDING = ".nii.gz"
+CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net v2: CASE_0000 is channel 0 of CASE
 # The accumulators ((K + 1) float32 values per voxel) go to disk past this share of available RAM.
 ZARR_RAM_FRACTION = 0.25
 
@@ -237,7 +250,7 @@ def sliding_window_predict(
         raise ValueError(f"accumulate must be 'memory', 'zarr' or 'auto', got {accumulate!r}")
 
     gaussian = gaussian_importance_map(patch_size)
-    gaussian_dev = torch.from_numpy(np.ascontiguousarray(gaussian)).to(device)
+    gaussian_dev = torch.tensor(gaussian, device=device)
     mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
     amp = device.type == "cuda"
     was_training = network.training
@@ -303,3 +316,423 @@ def _progress(total: int, enabled: bool, desc: str = "windows"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="win", leave=False)
+
+
+# ---------------------------------------------------------------- a trained model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a predictor loads from and how it predicts: small and picklable, so Ray workers can
+    each load the model once from it."""
+
+    run_dirs: tuple[str, ...]  # one per fold; several folds form an ensemble (probabilities averaged)
+    checkpoint: str = "final"  # model_<checkpoint>.pt
+    tta: bool = True
+    step: float = 0.5
+    batch_size: int = 2
+    device: str | None = None  # None: CUDA when available, else CPU
+    accumulate: str = "auto"
+
+
+def parse_folds(fold: str | int | Sequence) -> list[str]:
+    """'0', 0, '0,1,2' or ['0', '1'] -> ['0', ...] (duplicates dropped, order kept)."""
+    items = fold.split(",") if isinstance(fold, str) else [fold] if isinstance(fold, int) else list(fold)
+    folds = [str(f).strip() for f in items if str(f).strip()]
+    if not folds:
+        raise BadInputError(f"no fold given ({fold!r})")
+    return list(dict.fromkeys(folds))
+
+
+def find_model(workdir, config: str, fold: str | int | Sequence = "0", checkpoint: str = "final") -> list[Path]:
+    """The run folders of the requested folds, or a SegPipeError saying which command makes them."""
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    run_dirs = []
+    for f in parse_folds(fold):
+        run_dir = wd.run_dir(config, f)
+        model = run_dir / f"model_{checkpoint}.pt"
+        train = f"segpipe train --workdir {wd.root}" + (f" --config {config}" if config != "3d_fullres" else "") + f" --fold {f}"
+        if not model.is_file():
+            if checkpoint == "final" and (run_dir / "model_best.pt").is_file():
+                raise SegPipeError(f"fold {f} of {config} has not finished training ({model} is missing, only "
+                                   f"model_best.pt): finish it with `{train} --resume`")
+            raise SegPipeError(f"no trained model for configuration {config} fold {f} ({model} is missing): "
+                               f"train it first with `{train}`")
+        if not (run_dir / "plans.json").is_file():
+            raise SegPipeError(f"{run_dir / 'plans.json'} is missing beside the model: re-run `{train}`")
+        run_dirs.append(run_dir)
+    return run_dirs
+
+
+class _Ensemble(torch.nn.Module):
+    """Several folds' networks as one: the log of their mean softmax, so the sliding window's softmax
+    of it is exactly the folds' mean probability (one pass over the windows for all folds)."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = sum(torch.softmax(_forward(net, x).float(), dim=1) for net in self.members) / len(self.members)
+        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+class Predictor:
+    """A trained model loaded once: plans, label map, network(s), post-processing rule."""
+
+    def __init__(self, network: torch.nn.Module, plans, config_name: str, label_map, rule=None,
+                 spec: ModelSpec | None = None):
+        self.spec = spec or ModelSpec(run_dirs=())
+        self.device = torch.device(self.spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = network.to(self.device).eval()
+        self.plans = plans
+        self.config_name = config_name
+        self.config = plans.configuration(config_name)
+        self.label_map = label_map
+        self.rule = rule
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> Predictor:
+        from .dataset import LabelMap
+        from .training import load_trained_network
+
+        if not spec.run_dirs:
+            raise SegPipeError("a model needs at least one run folder")
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        networks, first = [], None
+        for run_dir in spec.run_dirs:
+            net, plans, payload = load_trained_network(run_dir, spec.checkpoint, device)
+            facts = (payload["configuration"], payload["num_input_channels"], tuple(payload["label_values"]),
+                     plans.hash(payload["configuration"]))
+            if first is None:
+                first, first_plans = facts, plans
+            elif facts != first:
+                raise SegPipeError(f"{run_dir} was trained with other plans, channels or labels than "
+                                   f"{spec.run_dirs[0]}: these folds cannot form an ensemble")
+            networks.append(net)
+        config_name, channels, label_values, _ = first
+        if channels != len(first_plans.channels):
+            raise SegPipeError(f"{spec.run_dirs[0]}: the model takes {channels} channel(s) but its plans declare "
+                               f"{len(first_plans.channels)}")
+        network = networks[0] if len(networks) == 1 else _Ensemble(networks)
+        return cls(network, first_plans, config_name, LabelMap(label_values), _load_rule(spec.run_dirs),
+                   dataclasses.replace(spec, device=str(device)))
+
+    @classmethod
+    def load(cls, workdir, config: str = "3d_fullres", fold: str | int | Sequence = "0", **options) -> Predictor:
+        """`options` are ModelSpec fields (checkpoint, tta, step, batch_size, device, accumulate)."""
+        checkpoint = options.get("checkpoint", "final")
+        run_dirs = find_model(workdir, config, fold, checkpoint)
+        return cls.from_spec(ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), **options))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.plans.channels)
+
+    def store_probabilities(self, image: np.ndarray, progress: bool = False):
+        """Sliding-window probabilities of a preprocessed image (store frame, padded)."""
+        s = self.spec
+        return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_classes,
+                                      step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
+                                      accumulate=s.accumulate, progress=progress)
+
+
+def _load_rule(run_dirs: Sequence[str]):
+    """The post-processing rule beside the model; an ensemble uses one only when every fold agrees."""
+    from .postprocessing import PostprocessingRule
+
+    rules = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / POSTPROCESSING_FILE
+        if not path.is_file():
+            return None
+        rules.append(PostprocessingRule.load(path))
+    steps = {(r.labels, r.keep_largest_foreground, r.keep_largest_per_class) for r in rules}
+    if len(steps) != 1:
+        log.info("the folds' post-processing rules differ: the ensemble is not post-processed")
+        return None
+    return rules[0]
+
+
+# ---------------------------------------------------------------- one case
+
+
+def input_dataset(plans, root: Path, cases: Sequence = ()):
+    """A `Dataset` describing prediction inputs, so `read_case` checks and reads them like training data."""
+    from .dataset import Dataset
+
+    return Dataset(root=Path(root), name=plans.dataset_name, layout="predict", channels=tuple(plans.channels),
+                   labels={int(k): v for k, v in plans.labels.items()}, cases=tuple(cases))
+
+
+def predict_case(model, case, output_path: str | os.PathLike | None = None, save_probabilities: bool = False,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One case from raw input to a label map in its own geometry.
+
+    `model` is a run folder (W/runs/<config>/fold_<k>), a ModelSpec or a loaded Predictor; `case`
+    a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
+    (label, probabilities): the label holds the dataset's own values in the voxel order of the input
+    file - the array the written NIfTI holds; probabilities (K, *RAS shape) float32 on the original
+    grid, or None unless asked for. With `output_path` (CASE.nii.gz) the label is written there with
+    the input's affine and header (atomically), and with `save_probabilities` also CASE.npz.
+    """
+    from .dataset import CaseData, read_case
+    from .export import restore_label, restore_probabilities, write_prediction
+    from .nifti import from_ras
+    from .postprocessing import apply_postprocessing
+    from .preprocessing import preprocess_case
+
+    predictor = _as_predictor(model)
+    reference = None
+    if not isinstance(case, CaseData):
+        reference = case.images[0]
+        case = read_case(input_dataset(predictor.plans, Path(reference).parent, [case]), case, with_label=False)
+    if case.image.shape[0] != predictor.num_channels:
+        raise BadInputError(f"image has {case.image.shape[0]} channel(s); the model expects {predictor.num_channels}",
+                            case.case_id)
+    case = dataclasses.replace(case, label=None)
+    pre = preprocess_case(case, predictor.plans, predictor.config_name, predictor.label_map)
+    store_probs = predictor.store_probabilities(pre.image, progress=progress)
+    del pre.image
+    label_map = predictor.label_map
+    probabilities = None
+    if save_probabilities or isinstance(store_probs, np.ndarray):
+        probabilities = restore_probabilities(np.asarray(store_probs[...]), pre.meta)
+        del store_probs
+        label = label_map.to_values(probabilities.argmax(0))
+    else:  # too large for memory: argmax chunk by chunk in the store frame, restore the label only
+        label = restore_label(_argmax_chunked(store_probs, label_map.index_dtype), pre.meta, label_map)
+        del store_probs
+    if predictor.rule is not None:
+        label = apply_postprocessing(label, predictor.rule)
+    if output_path is not None:
+        output_path = Path(output_path)
+        if save_probabilities:
+            save_probabilities_npz(probabilities, label_map.values, _npz_path(output_path))
+        write_prediction(label, case.geometry, output_path, reference)
+    return from_ras(label, case.geometry), probabilities if save_probabilities else None
+
+
+def _as_predictor(model) -> Predictor:
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, ModelSpec):
+        return Predictor.from_spec(model)
+    return Predictor.from_spec(ModelSpec(run_dirs=(str(model),)))
+
+
+def _argmax_chunked(probs, dtype) -> np.ndarray:
+    """Argmax over the class axis of a (Zarr) array, one chunk of the spatial axes at a time."""
+    spatial = probs.shape[1:]
+    chunks = getattr(probs, "chunks", probs.shape)[1:]
+    out = np.empty(spatial, dtype=dtype)
+    for block in itertools.product(*(range(0, s, c) for s, c in zip(spatial, chunks))):
+        index = tuple(slice(b, b + c) for b, c in zip(block, chunks))
+        out[index] = np.asarray(probs[(slice(None), *index)]).argmax(0)
+    return out
+
+
+def _npz_path(output_path: Path) -> Path:
+    from .dataset import strip_ending
+
+    return output_path.with_name(strip_ending(output_path.name) + ".npz")
+
+
+def save_probabilities_npz(probabilities: np.ndarray, label_values: Sequence[int], path: Path) -> None:
+    """CASE.npz: `probabilities` (K, *RAS shape) float16 on the original grid, `labels` the value of
+    each channel. Written under a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    try:
+        np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16),
+                            labels=np.asarray(label_values, dtype=np.int32))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- a folder of cases
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    from .dataset import NIFTI_ENDINGS
+
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.name.endswith(NIFTI_ENDINGS) and p.is_file())
+
+
+def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_names: Sequence[str] = ()):
+    """Group INPUT_DIR's NIfTI files into cases and check each has the model's channel count.
+
+    `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ... are one case's channels (nnU-Net v2); any other
+    `CASE.nii.gz` is a case on its own (MSD: one channel, or a 4D file with channels last). Every
+    problem is collected and raised together as a BadInputError naming the cases.
+    """
+    from .dataset import CaseFiles, strip_ending
+    from .errors import Problem
+    from .nifti import load_header
+
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise BadInputError(f"input folder {folder} does not exist")
+    files = _nifti_files(folder)
+    if not files:
+        raise BadInputError(f"input folder {folder} holds no NIfTI images (.nii.gz / .nii)")
+    groups: dict[str, dict[int, Path]] = {}
+    singles: dict[str, Path] = {}
+    for path in files:
+        stem = strip_ending(path.name)
+        m = CHANNEL_FILE.match(stem)
+        if m:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = path
+        else:
+            singles[stem] = path
+    for base in [b for b, chans in groups.items() if 0 not in chans]:  # e.g. "scan_2019.nii.gz": not a channel
+        for c, path in groups.pop(base).items():
+            singles[strip_ending(path.name)] = path
+
+    expected = f"{num_channels} channel(s)" + (f" ({', '.join(channel_names)})" if channel_names else "")
+    problems, cases = [], []
+    for case_id in sorted(set(groups) | set(singles)):
+        if case_id in groups and case_id in singles:
+            problems.append(Problem(case_id, f"both {singles[case_id].name} and per-channel files {case_id}_XXXX exist"))
+            continue
+        if case_id in groups:
+            chans = groups[case_id]
+            if sorted(chans) != list(range(num_channels)):
+                found = ", ".join(p.name for _, p in sorted(chans.items()))
+                problems.append(Problem(case_id, f"has channel files {found}; the model expects {expected}: "
+                                                 f"{', '.join(f'{case_id}_{c:04d}' for c in range(num_channels))}"))
+                continue
+            cases.append(CaseFiles(case_id, tuple(chans[c] for c in range(num_channels)), None))
+            continue
+        path = singles[case_id]
+        try:
+            shape = load_header(path, case_id).shape
+        except BadInputError as exc:
+            problems.extend(exc.problems)
+            continue
+        found = 1 if len(shape) == 3 else shape[3] if len(shape) == 4 else None
+        if len(shape) < 3 or found is None:
+            problems.append(Problem(case_id, f"{path.name} has shape {tuple(shape)}; expected a 3D volume or 4D with channels last"))
+        elif found != num_channels:
+            problems.append(Problem(case_id, f"{path.name} has {found} channel(s) (shape {tuple(shape)}); the model expects {expected}"))
+        else:
+            cases.append(CaseFiles(case_id, (path,), None, four_d=num_channels > 1))
+    if problems:
+        raise BadInputError(problems)
+    return cases
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    ok: bool
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class PredictReport:
+    """What `predict_folder` did."""
+
+    output_dir: str
+    config: str
+    folds: list[str]
+    tta: bool
+    workers: int
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already written before this run (resume)
+    failed: list[dict] = field(default_factory=list)  # {"case", "message"}
+    seconds_per_case: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        per = [self.seconds_per_case[c] for c in self.predicted]
+        mean = f", {np.mean(per):.1f}s per case" if per else ""
+        lines = [f"predicted {len(self.predicted)} case(s) with {self.config} fold {','.join(self.folds)}"
+                 f"{' (mirroring TTA)' if self.tta else ''} -> {self.output_dir} in {self.seconds:.1f}s{mean}; "
+                 f"{len(self.skipped)} already there, {len(self.failed)} failed"]
+        lines.extend(f"  failed {f['case']}: {f['message']}" for f in self.failed)
+        return "\n".join(lines)
+
+
+def predict_one(predictor: Predictor, case, output_dir: str | os.PathLike, save_probabilities: bool,
+                progress: bool = False) -> CaseResult:
+    """Predict and write one case; bad input comes back as a failed result naming the case."""
+    start = time.perf_counter()
+    try:
+        predict_case(predictor, case, Path(output_dir) / f"{case.case_id}{OUTPUT_ENDING}", save_probabilities, progress)
+    except BadInputError as exc:
+        return CaseResult(case.case_id, False, time.perf_counter() - start, "; ".join(p.message for p in exc.problems))
+    except MemoryError:
+        return CaseResult(case.case_id, False, time.perf_counter() - start, "out of memory predicting this case")
+    return CaseResult(case.case_id, True, time.perf_counter() - start)
+
+
+def _is_done(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
+    out = output_dir / f"{case_id}{OUTPUT_ENDING}"  # written last, so it marks the case complete
+    return out.is_file() and (not save_probabilities or _npz_path(out).is_file())
+
+
+def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence = "0",
+                   tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
+                   ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
+                   step: float = 0.5, batch_size: int = 2, device: str | None = None) -> PredictReport:
+    """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.nii.gz, skipping cases already written.
+
+    Several folds ('0,1,2') average their probabilities. With `num_workers` > 1 or a `ray_address`
+    the cases are spread over Ray workers, each loading the model once (`pipeline.predict_ray`);
+    otherwise they run one after another in this process. Cases with bad input are reported and the
+    others still written; the run then ends with a BadInputError listing them (exit 2).
+    """
+    from .plans import Plans
+
+    start = time.perf_counter()
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    folds = parse_folds(fold)
+    run_dirs = find_model(wd, config, folds, checkpoint)
+    if output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve():
+        raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
+    plans = Plans.load(run_dirs[0] / "plans.json")
+    cases = group_input_files(input_dir, len(plans.channels), plans.channels)
+    spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
+                     batch_size=batch_size, device=device)
+    use_ray = bool(ray_address) or (num_workers or 1) > 1
+    report = PredictReport(str(output_dir), config, folds, tta, workers=1)
+    report.skipped = [c.case_id for c in cases if _is_done(output_dir, c.case_id, save_probabilities)]
+    todo = [c for c in cases if c.case_id not in set(report.skipped)]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if todo and use_ray:
+        from .predict_ray import predict_cases_ray
+
+        results, report.workers = predict_cases_ray(spec, todo, output_dir, save_probabilities, num_workers,
+                                                    ray_address, progress)
+    elif todo:
+        predictor = Predictor.from_spec(spec)
+        results = []
+        with _progress(len(todo), progress and len(todo) > 1, desc="predict") as bar:
+            for case in todo:
+                results.append(predict_one(predictor, case, output_dir, save_probabilities,
+                                           progress=progress and len(todo) == 1))
+                bar.update()
+    else:
+        results = []
+    order = {c.case_id: i for i, c in enumerate(todo)}
+    for r in sorted(results, key=lambda r: order[r.case_id]):
+        if r.ok:
+            report.predicted.append(r.case_id)
+            report.seconds_per_case[r.case_id] = round(r.seconds, 3)
+        else:
+            report.failed.append({"case": r.case_id, "message": r.message})
+    report.seconds = time.perf_counter() - start
+    log.info("%s", report)
+    if report.failed:
+        from .errors import Problem
+
+        raise BadInputError([Problem(f["case"], f["message"]) for f in report.failed])
+    return report

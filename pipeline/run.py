@@ -106,6 +106,6 @@ def run_all(args) -> dict:
     summary = evaluate_folders(pred_dir, Path(args.dataset), eval_dir)
     report_path = build_report(wd, plans, config, fold, dataset, pred_dir, eval_dir)
     fg = summary["foreground_mean"]
-    log.info("foreground mean Dice %.3f  IoU %.3f on %d held-out case(s)", fg["dice"], fg["iou"], len(heldout))
+    log.info("foreground mean Dice %s  IoU %s on %d held-out case(s)", cli._num(fg["dice"]), cli._num(fg["iou"]), len(heldout))
     return {"report": str(report_path), "config": config, "fold": fold, "foreground_mean": fg,
             "evaluation": str(eval_dir / "summary.json")}

@@ -1,0 +1,81 @@
+"""Cases spread over Ray workers: an ActorPool of predictors, each loading the model once.
+
+Thin wiring over `inference.predict_one`: each actor builds a `Predictor` from the picklable
+`ModelSpec`, reads its cases' files and writes their outputs itself, so only file paths and small
+results travel. An already-initialised Ray (a session, a test fixture) is reused as it is;
+otherwise Ray is started on 127.0.0.1 without a dashboard (or joined at `ray_address`) and shut
+down afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .inference import CaseResult, ModelSpec, Predictor, _progress, predict_one
+
+
+@contextlib.contextmanager
+def ray_runtime(num_workers: int | None, ray_address: str | None) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if ray_address:
+        ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_workers or None, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class _PredictorActor:
+    """One model in one worker process; torch keeps to the CPU share Ray gave the actor."""
+
+    def __init__(self, spec: ModelSpec, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.predictor = Predictor.from_spec(spec)
+
+    def predict(self, case, output_dir: str, save_probabilities: bool) -> CaseResult:
+        try:
+            return predict_one(self.predictor, case, output_dir, save_probabilities)
+        except Exception as exc:  # noqa: BLE001 - one line naming the case; the other cases go on
+            return CaseResult(case.case_id, False, 0.0, f"{type(exc).__name__}: {exc}")
+
+
+def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, save_probabilities: bool,
+                      num_workers: int | None, ray_address: str | None, progress: bool) -> tuple[list[CaseResult], int]:
+    """Predict `cases` (CaseFiles) on an ActorPool; returns the per-case results and the worker count."""
+    import ray
+    from ray.util import ActorPool
+
+    with ray_runtime(num_workers, ray_address):
+        resources = ray.cluster_resources()
+        workers = max(1, min(len(cases), num_workers or int(resources.get("CPU", 1))))
+        gpus = resources.get("GPU", 0.0)
+        options = {"num_cpus": 1}
+        if gpus and not (spec.device or "").startswith("cpu"):  # share the GPUs; an actor without one uses its CPU
+            options["num_gpus"] = min(1.0, gpus / workers)
+        actor_cls = ray.remote(_PredictorActor).options(**options)
+        actors = [actor_cls.remote(spec, threads=1) for _ in range(workers)]
+        try:
+            pool = ActorPool(actors)
+            results = []
+            with _progress(len(cases), progress, desc=f"predict ({workers} Ray workers)") as bar:
+                for result in pool.map_unordered(
+                        lambda actor, case: actor.predict.remote(case, str(output_dir), save_probabilities), cases):
+                    results.append(result)
+                    bar.update()
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    return results, workers

@@ -1,0 +1,157 @@
+"""The Ray Train wiring of `segpipe train`: a TorchTrainer around `training.train_loop_per_worker`.
+
+Ray: an existing session is reused as it is (and left running); `--ray-address` connects to a
+cluster; otherwise a local Ray is started on 127.0.0.1 without a dashboard and shut down after.
+
+Runs and resuming: the Ray run is named `<config>_fold<k>` under `W/runs/ray`, and Ray Train V2
+continues a run of the same name and storage path from its latest checkpoint (also after a
+worker failure: `FailureConfig(max_failures=2)`). So:
+* `--resume`: continue that run (epoch counter, optimizer, EMA, metrics and elapsed time restored);
+  with no checkpoint yet it starts from scratch.
+* without `--resume`, where an earlier run exists: a fresh run. The earlier Ray run and its fold
+  folder are moved aside to `<name>.previous` (replacing an older `.previous`), never deleted, so
+  nothing trained is lost and the new run cannot pick up the old checkpoints by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .errors import BadInputError, SegPipeError
+from .parallel import default_workers
+from .plans import write_json_atomic
+from .training import TrainResult, TrainSettings, collect_result, prepare_run, train_loop_per_worker
+from .workdir import Workdir
+
+log = logging.getLogger("segpipe.train")
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+# Ray Train V2 is the default in Ray 2.60; set it before ray.train is imported so the V2 API is used
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def run_name(settings: TrainSettings) -> str:
+    return f"{settings.config}_fold{settings.fold}"
+
+
+def latest_checkpoint_epoch(ray_run: Path) -> int | None:
+    """The epoch of the run's latest registered checkpoint (None: nothing to resume)."""
+    try:
+        snapshot = json.loads((ray_run / SNAPSHOT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    epoch = (latest.get("metrics") or {}).get("epoch")
+    return int(epoch) if epoch is not None else None
+
+
+def _move_aside(path: Path) -> None:
+    if not path.exists():
+        return
+    target = path.with_name(path.name + ".previous")
+    if target.exists():
+        shutil.rmtree(target)
+    path.rename(target)
+    log.warning("moved the earlier run aside: %s -> %s (pass --resume to continue a run)", path, target)
+
+
+def prepare_storage(storage: Path, name: str, run_dir: Path, resume: bool) -> int | None:
+    """Decide fresh vs resumed (see module docstring); returns the epoch resumed from, or None."""
+    ray_run = storage / name
+    if resume:
+        epoch = latest_checkpoint_epoch(ray_run)
+        if epoch is None:
+            log.info("nothing to resume in %s: starting from scratch", ray_run)
+            _move_aside(ray_run)
+        else:
+            log.info("resuming %s from its checkpoint of epoch %d", name, epoch)
+        return epoch
+    if ray_run.exists() or any(run_dir.glob("model_*.pt")) or (run_dir / "metrics.csv").exists():
+        _move_aside(ray_run)
+        _move_aside(run_dir)
+    return None
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Initialise Ray unless it is already; returns whether we started it (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = dict(include_dashboard=False, configure_logging=False, log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=default_workers(), _node_ip_address="127.0.0.1", **common)
+    return True
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (WorkerGroupError -> RayTaskError -> cause)."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def fit(settings: TrainSettings) -> TrainResult:
+    """Check the inputs, then run `train_loop_per_worker` on `num_workers` Ray workers (DDP)."""
+    settings, plans, loop_config = prepare_run(settings)
+    wd = Workdir.at(settings.workdir)
+    run_dir = Path(loop_config["run_dir"])
+    storage = wd.root / "runs" / "ray"
+    name = run_name(settings)
+    resumed_from = prepare_storage(storage, name, run_dir, settings.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plans.save(run_dir / "plans.json")
+    write_json_atomic(run_dir / "train_settings.json", settings.to_json())
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = _ensure_ray(settings.ray_address)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        workers = settings.num_workers or max(1, gpus)
+        use_gpu = gpus > 0
+        per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+        if workers > (gpus if use_gpu else int(resources.get("CPU", 0))):
+            raise BadInputError(f"{workers} training workers need {workers} {'GPUs' if use_gpu else 'CPUs'}; "
+                                f"the Ray cluster has {gpus if use_gpu else int(resources.get('CPU', 0))}")
+        loop_config["settings"]["num_workers"] = workers
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=2),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        log.info("training %s fold %s on %d Ray worker(s) (%s)", settings.config, settings.fold, workers,
+                 "GPU" if use_gpu else "CPU")
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error; show the worker's own
+            cause = _root_cause(exc)
+            if isinstance(cause, SegPipeError):
+                raise cause from exc
+            raise SegPipeError(f"training failed: {type(cause).__name__}: {cause}") from exc
+    finally:
+        if started:
+            ray.shutdown()
+    return collect_result(run_dir, result.metrics, resumed_from)

@@ -1,0 +1,638 @@
+"""Training: nnU-Net's epoch loop as a Ray Train per-worker function, plus its settings and results.
+
+`run_training(settings)` is the stage's plain entry point; `pipeline.ray_train.fit` is the thin
+TorchTrainer wiring it calls. Everything a worker needs travels in `train_loop_config` as plain
+JSON (settings, plans, case lists, paths): workers open the store themselves.
+
+Two recipes:
+* `nnunet` (nnU-Net v2's trainer): SGD Nesterov momentum 0.99, lr 0.01, poly decay (exponent 0.9),
+  weight decay 3e-5, gradient norm clipped at 12, Dice + CE with deep supervision, nnU-Net's
+  augmentation, 1000 epochs of 250 iterations, 50 validation batches.
+* `lean` (the compute-budget recipe, the default of `3d_lean`): AdamW lr 3e-3 decayed to 0 over
+  the wall-clock budget (15 minutes unless told), the same loss, mirroring-only augmentation,
+  short epochs (50 iterations) so the budget is used in small steps.
+
+With a time budget the schedule follows the clock: progress = elapsed / budget (or the epoch
+fraction when that is further), the learning rate is set at each epoch start from rank 0's
+clock (broadcast, so every rank steps with the same rate) and training stops before an epoch
+that would end past the budget. `elapsed` counts the training loop only and survives resumes.
+
+Outputs in `W/runs/<config>/fold_<k>/`: `model_best.pt` (best EMA pseudo-Dice, as nnU-Net),
+`model_final.pt`, `plans.json`, `train_settings.json`, `metrics.csv`, `training_curves.png`,
+`training_log.txt`. Model files are dicts of tensors and primitives, readable with
+`torch.load(..., weights_only=True)`; `load_trained_network` rebuilds the network from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BadInputError, SegPipeError
+from .plans import Plans, write_json_atomic
+from .workdir import Workdir
+
+log = logging.getLogger("segpipe.train")
+
+EMA_WEIGHT = 0.9  # nnU-Net: ema = 0.9 * ema + 0.1 * mean foreground pseudo-Dice
+LEAN_DEFAULT_BUDGET_MIN = 15.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser, schedule, loss and augmentation of one training recipe, with its default lengths."""
+
+    name: str
+    optimizer: str  # "sgd" | "adamw"
+    lr: float
+    weight_decay: float
+    momentum: float  # SGD momentum (nesterov) / AdamW beta1
+    poly_exponent: float
+    grad_clip: float
+    loss: str  # pipeline.losses.build_loss kind
+    augmentation: str  # AugmentationConfig.for_patch preset
+    epochs: int | None
+    iterations_per_epoch: int
+    val_iterations: int
+    checkpoint_every: int
+    time_budget_min: float | None
+
+
+RECIPES = {
+    "nnunet": Recipe("nnunet", "sgd", 1e-2, 3e-5, 0.99, 0.9, 12.0, "dice_ce", "nnunet",
+                     epochs=1000, iterations_per_epoch=250, val_iterations=50, checkpoint_every=50,
+                     time_budget_min=None),
+    "lean": Recipe("lean", "adamw", 3e-3, 1e-2, 0.9, 0.9, 12.0, "dice_ce", "light",
+                   epochs=None, iterations_per_epoch=50, val_iterations=10, checkpoint_every=5,
+                   time_budget_min=LEAN_DEFAULT_BUDGET_MIN),
+}
+
+
+@dataclass
+class TrainSettings:
+    """How one model is trained; unset values (None) come from the recipe when the run starts."""
+
+    workdir: str  # the workdir holding plans.json and store.zarr
+    config: str = "3d_fullres"  # configuration in plans.json
+    fold: str = "0"  # 0..4, 'all' (train on every case) or 'holdout'
+    num_workers: int | None = None  # Ray Train workers (data-parallel ranks); None: one per GPU, else 1
+    epochs: int | None = None  # None: the recipe's (nnunet 1000; lean runs until its time budget)
+    iterations_per_epoch: int | None = None  # training batches per epoch (None: nnunet 250, lean 50)
+    val_iterations: int | None = None  # validation batches per epoch, over all ranks (None: nnunet 50, lean 10)
+    time_budget_min: float | None = None  # wall-clock budget of the training loop; the LR schedule follows it
+    resume: bool = False  # continue from the run's latest checkpoint (otherwise a fresh run)
+    ray_address: str | None = None  # an existing Ray cluster; None: a local one on 127.0.0.1
+    recipe: str | None = None  # 'nnunet' or 'lean'; None: the configuration's preset (3d_lean -> lean)
+    checkpoint_every: int | None = None  # epochs between checkpoints (None: nnunet 50, lean 5)
+    seed: int = 12345  # seeds model initialisation and every batch
+    prefetch: str = "thread"  # batch prefetch in each worker: 'thread', 'process' (DataLoader) or 'none'
+    loader_workers: int = 1  # DataLoader processes per worker when prefetch is 'process'
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainSettings:
+        """From `segpipe train`'s (or `run`'s) parsed arguments; flags the parser lacks keep their defaults."""
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        return cls(
+            workdir=str(Workdir.at(args.workdir).root), config=get("config") or "3d_fullres",
+            fold=str(get("fold", "0")), num_workers=get("num_workers"), epochs=get("epochs"),
+            iterations_per_epoch=get("iterations_per_epoch"), val_iterations=get("val_iterations"),
+            time_budget_min=get("time_budget_min"), resume=bool(get("resume", False)),
+            ray_address=get("ray_address"), recipe=get("recipe"), checkpoint_every=get("checkpoint_every"),
+            seed=get("seed") if get("seed") is not None else 12345,
+        )
+
+    def resolved(self, plans: Plans) -> TrainSettings:
+        """A copy with every recipe default filled in, checked (BadInputError on nonsense)."""
+        conf = plans.configuration(self.config)
+        recipe_name = self.recipe or ("lean" if conf.preset == "lean" or self.config.endswith("_lean") else "nnunet")
+        if recipe_name not in RECIPES:
+            raise BadInputError(f"unknown recipe {recipe_name!r} (choose from {', '.join(RECIPES)})")
+        r = RECIPES[recipe_name]
+        budget = self.time_budget_min
+        if budget is None and self.epochs is None:
+            budget = r.time_budget_min
+        out = dataclasses.replace(
+            self, recipe=recipe_name, fold=str(self.fold),
+            epochs=self.epochs if self.epochs is not None else (r.epochs if budget is None else None),
+            iterations_per_epoch=self.iterations_per_epoch or r.iterations_per_epoch,
+            val_iterations=self.val_iterations if self.val_iterations is not None else r.val_iterations,
+            checkpoint_every=self.checkpoint_every or r.checkpoint_every, time_budget_min=budget,
+        )
+        for name in ("epochs", "iterations_per_epoch", "checkpoint_every", "num_workers"):
+            value = getattr(out, name)
+            if value is not None and value < 1:
+                raise BadInputError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if out.val_iterations < 0:
+            raise BadInputError(f"val-iterations must be >= 0, got {out.val_iterations}")
+        if out.time_budget_min is not None and out.time_budget_min <= 0:
+            raise BadInputError(f"time-budget-min must be positive, got {out.time_budget_min}")
+        if out.prefetch not in ("thread", "process", "none"):
+            raise BadInputError(f"prefetch must be thread, process or none, not {out.prefetch!r}")
+        return out
+
+    @property
+    def recipe_spec(self) -> Recipe:
+        return RECIPES[self.recipe or "nnunet"]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """What a training run left behind."""
+
+    run_dir: str
+    final_model: str | None
+    best_model: str | None
+    epochs: int  # completed epochs (counted across resumes)
+    resumed_from_epoch: int | None
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    metrics_csv: str | None = None
+    curves_png: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        m = self.final_metrics
+        dice = {k[len("val_dice_"):]: v for k, v in m.items() if k.startswith("val_dice_")}
+        dice_text = " ".join(f"{k}:{_fmt(v, 3)}" for k, v in dice.items())
+        head = f"trained {self.epochs} epoch(s)" + (f" (resumed at {self.resumed_from_epoch})" if self.resumed_from_epoch else "")
+        return (f"{head}; final train loss {_fmt(m.get('train_loss'))}, val loss {_fmt(m.get('val_loss'))}, "
+                f"pseudo-Dice {dice_text or '-'} (EMA {_fmt(m.get('ema_dice'), 3)})\n"
+                f"final model: {self.final_model}\nbest model:  {self.best_model}\ncurves:      {self.curves_png}")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------- the driver side
+
+
+def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
+    """Check everything a run needs before any worker starts; returns resolved settings, plans and the
+    JSON `train_loop_config` for the workers. Creates `W/splits.json` the first time (once, here,
+    so workers never race to write it)."""
+    from .splits import get_split, load_or_create_splits
+    from .store import open_store
+
+    wd = Workdir.at(settings.workdir)
+    plans = Plans.load(wd.plans)
+    settings = settings.resolved(plans)
+    conf = plans.configuration(settings.config)
+    cstore = open_store(wd.store, "r").config(conf.data_identifier, plans.hash(settings.config))
+    available = cstore.case_ids()
+    if len(available) < 2:
+        raise BadInputError(f"{wd.store}/{conf.data_identifier} holds {len(available)} complete case(s); "
+                            "training needs at least 2 (run `segpipe preprocess`)")
+    split = get_split(load_or_create_splits(wd.splits, available), settings.fold, available)
+    global_batch = int(conf.batch_size or 2)
+    workers = settings.num_workers or 1
+    if workers > global_batch:
+        raise BadInputError(f"{workers} workers cannot share configuration {settings.config}'s batch of {global_batch} "
+                            "(each worker needs at least one sample): use --num-workers <= batch size")
+    loop_config = {
+        "settings": settings.to_json(),
+        "plans": plans.to_json(),
+        "train_cases": list(split.train),
+        "val_cases": list(split.val),
+        "store": str(wd.store),
+        "run_dir": str(wd.run_dir(settings.config, split.name)),
+        "plans_hash": plans.hash(settings.config),
+    }
+    return settings, plans, loop_config
+
+
+def run_training(settings: TrainSettings) -> TrainResult:
+    """Train one configuration and fold data-parallel with Ray Train (see `pipeline.ray_train.fit`)."""
+    from .ray_train import fit
+
+    return fit(settings)
+
+
+def collect_result(run_dir: Path, final_metrics: dict | None, resumed_from: int | None) -> TrainResult:
+    """The TrainResult of a finished run, from the files rank 0 wrote."""
+    final = run_dir / "model_final.pt"
+    if not final.is_file():
+        raise SegPipeError(f"training ended without writing {final}")
+    meta = torch.load(final, map_location="cpu", weights_only=True)
+    metrics = dict(final_metrics or {})
+    if not metrics and (run_dir / "metrics.csv").is_file():
+        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+        metrics = {k: _number(v) for k, v in rows[-1].items()} if rows else {}
+    best = run_dir / "model_best.pt"
+    curves = run_dir / "training_curves.png"
+    return TrainResult(
+        run_dir=str(run_dir), final_model=str(final), best_model=str(best) if best.is_file() else None,
+        epochs=int(meta["epoch"]), resumed_from_epoch=resumed_from,
+        final_metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None},
+        metrics_csv=str(run_dir / "metrics.csv"), curves_png=str(curves) if curves.is_file() else None,
+    )
+
+
+def _number(text: str):
+    try:
+        return float(text) if text not in ("", None) else None
+    except ValueError:
+        return text
+
+
+# ---------------------------------------------------------------- model files
+
+
+def save_model_file(path: Path, net: torch.nn.Module, *, configuration: str, epoch: int, ema_dice: float | None,
+                    num_input_channels: int, num_classes: int, label_values: list[int], plans_hash: str) -> None:
+    """A model file inference reads with `weights_only=True`: weights and the facts needed to rebuild the net."""
+    payload = {
+        "network_weights": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "configuration": configuration, "epoch": int(epoch),
+        "ema_pseudo_dice": None if ema_dice is None else float(ema_dice),
+        "num_input_channels": int(num_input_channels), "num_classes": int(num_classes),
+        "label_values": [int(v) for v in label_values], "plans_hash": plans_hash,
+    }
+    _torch_save_atomic(payload, path)
+
+
+def load_trained_network(run_dir: str | os.PathLike, which: str = "final", device: str | torch.device = "cpu"):
+    """(network in eval mode without deep supervision, plans, model-file dict) from a run folder."""
+    from .model import build_network
+
+    run_dir = Path(run_dir)
+    path = run_dir / f"model_{which}.pt"
+    if not path.is_file():
+        raise SegPipeError(f"{path} not found: train this configuration and fold first (`segpipe train`)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    plans = Plans.load(run_dir / "plans.json")
+    net = build_network(plans.configuration(payload["configuration"]), payload["num_input_channels"],
+                        payload["num_classes"], deep_supervision=False)
+    net.load_state_dict(payload["network_weights"])
+    return net.to(device).eval(), plans, payload
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
+    """nnU-Net's PolyLRScheduler as a function of training progress in [0, 1]."""
+    return base_lr * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """All rows so far, rewritten atomically (rows after a resumed checkpoint are dropped with it)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    for row in rows[1:]:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                             for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the per-worker loop
+
+
+class _Collective:
+    """torch.distributed helpers that degrade to no-ops on a single worker."""
+
+    def __init__(self, world_size: int, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist if world_size > 1 and dist.is_available() and dist.is_initialized() else None
+        self.world_size = world_size
+        # NCCL only moves tensors that live on the GPU
+        self.device = device if (self.dist and dist.get_backend() == "nccl") else torch.device("cpu")
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist is None:
+            return values
+        t = values.to(self.device, torch.float64)
+        self.dist.all_reduce(t)
+        return t.cpu()
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist is None:
+            return values
+        t = values.to(self.device, torch.float64)
+        self.dist.broadcast(t, src=0)
+        return t.cpu()
+
+    def all_gather(self, value: float) -> list[float]:
+        if self.dist is None:
+            return [float(value)]
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        self.dist.all_gather(out, t)
+        return [float(o.item()) for o in out]
+
+
+def _checksum(tensors) -> float:
+    """A cheap fingerprint of a set of tensors (their float64 sum): equal across ranks iff DDP keeps them in sync."""
+    return float(sum(t.detach().double().sum().item() for t in tensors if t is not None))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function: one data-parallel rank of the epoch loop."""
+    import ray.train
+
+    _WorkerRun(config, ray.train.get_context()).run()
+
+
+class _WorkerRun:
+    def __init__(self, config: dict, ctx):
+        import ray.train.torch
+
+        from .augmentation import AugmentationConfig
+        from .losses import build_loss
+        from .model import build_network
+        from .sampling import PatchSpec, foreground_slots, local_batch_size
+
+        self.settings = TrainSettings.from_json(config["settings"])
+        self.recipe = self.settings.recipe_spec
+        self.plans = Plans.from_json(config["plans"])
+        self.conf = self.plans.configuration(self.settings.config)
+        self.run_dir = Path(config["run_dir"])
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cuda = self.device.type == "cuda"
+        if not self.cuda:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // max(1, ctx.get_local_world_size())))
+        torch.manual_seed(self.settings.seed)
+        self.coll = _Collective(self.world, self.device)
+
+        self.num_channels = len(self.plans.channels)
+        self.label_values = list(self.plans.label_values)
+        self.num_classes = len(self.label_values)
+        self.net = build_network(self.conf, self.num_channels, self.num_classes, deep_supervision=True).to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
+        self.loss_fn = build_loss(self.recipe.loss, deep_supervision=True)
+        self.plans_hash = config["plans_hash"]
+
+        patch = tuple(int(p) for p in self.conf.patch_size)
+        global_batch = int(self.conf.batch_size or 2)
+        aug = AugmentationConfig.for_patch(patch, self.recipe.augmentation).to_json()
+        common = dict(store_path=config["store"], data_identifier=self.conf.data_identifier, patch_size=patch,
+                      seed=self.settings.seed, plans_hash=self.plans_hash)
+        self.train_spec = PatchSpec(case_ids=tuple(config["train_cases"]), rank=self.rank, augmentation=aug,
+                                    slots=foreground_slots(global_batch, 0.33, self.rank, self.world), **common)
+        self.val_spec = PatchSpec(case_ids=tuple(config["val_cases"]), rank=self.rank, augmentation=None,
+                                  slots=foreground_slots(global_batch, 0.33), **common)
+        self.local_batch = local_batch_size(global_batch, self.rank, self.world)
+
+        # the state a checkpoint carries
+        self.epoch = 0
+        self.elapsed = 0.0
+        self.ema: float | None = None
+        self.best_ema: float | None = None
+        self.rows: list[dict] = []
+        self.resumed_from: int | None = None
+        self._restore(ray.train.get_checkpoint())
+        # DDP wraps after the weights are loaded; it broadcasts rank 0's parameters anyway
+        self.model = ray.train.torch.prepare_model(self.net, move_to_device=False) if self.world > 1 else self.net
+        if self.cuda:
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------ setup pieces
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        r = self.recipe
+        if r.optimizer == "sgd":
+            return torch.optim.SGD(self.net.parameters(), lr=r.lr, momentum=r.momentum, nesterov=True,
+                                   weight_decay=r.weight_decay)
+        if r.optimizer == "adamw":
+            return torch.optim.AdamW(self.net.parameters(), lr=r.lr, betas=(r.momentum, 0.999),
+                                     weight_decay=r.weight_decay)
+        raise SegPipeError(f"unknown optimizer {r.optimizer!r}")
+
+    def _restore(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            self.net.load_state_dict(torch.load(Path(d) / "model.pt", map_location=self.device, weights_only=True))
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.elapsed = float(state["elapsed"])
+        self.ema, self.best_ema = state["ema"], state["best_ema"]
+        self.rows = list(state["metrics"])
+        torch.set_rng_state(state["torch_rng"])
+        self.resumed_from = self.epoch
+        if self.rank == 0:
+            self._log(f"resumed from the checkpoint of epoch {self.epoch} ({self.elapsed / 60:.1f} min trained)")
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "elapsed": self.elapsed, "ema": self.ema, "best_ema": self.best_ema,
+            "metrics": self.rows, "torch_rng": torch.get_rng_state(), "world_size": self.world,
+            "settings": self.settings.to_json(),
+        }
+
+    # ------------------------------------------------------------ the loop
+
+    def _progress(self) -> float:
+        s = self.settings
+        parts = []
+        if s.epochs:
+            parts.append(self.epoch / s.epochs)
+        if s.time_budget_min:
+            parts.append(self.elapsed / (s.time_budget_min * 60))
+        return max(parts) if parts else 0.0
+
+    def run(self) -> None:
+        from .sampling import TrainBatches, ValidationBatches, batch_iterator, close_iterator
+
+        s = self.settings
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log(f"training {s.config} fold {s.fold}: recipe {s.recipe}, {self.world} worker(s), "
+                      f"{len(self.train_spec.case_ids)} train / {len(self.val_spec.case_ids)} val cases, "
+                      f"batch {self.local_batch}/rank, {s.iterations_per_epoch} it/epoch, "
+                      f"epochs {s.epochs or '-'}, budget {s.time_budget_min or '-'} min")
+        train_iter = batch_iterator(TrainBatches(self.train_spec, s.iterations_per_epoch, self.epoch),
+                                    s.prefetch, s.loader_workers, pin_memory=self.cuda)
+        val_data = ValidationBatches(self.val_spec, s.val_iterations, self.world)
+        try:
+            stop = self._should_stop(last_epoch_seconds=0.0)
+            while not stop:
+                start = time.perf_counter()
+                # progress depends only on state every rank shares (epoch, rank 0's clock): one lr for all
+                lr = poly_lr(self.recipe.lr, self._progress(), self.recipe.poly_exponent)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                train_loss, grad_sum = self._train_epoch(train_iter)
+                val_loss, dice = self._validate(val_data)
+                seconds = time.perf_counter() - start
+                # rank 0's clock decides, so every rank stops at the same epoch
+                seconds = float(self.coll.broadcast(torch.tensor([seconds]))[0])
+                self.elapsed += seconds
+                self.epoch += 1
+                mean_fg = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+                if math.isfinite(mean_fg):
+                    self.ema = mean_fg if self.ema is None else EMA_WEIGHT * self.ema + (1 - EMA_WEIGHT) * mean_fg
+                row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss}
+                row.update({f"val_dice_{v}": float(d) for v, d in zip(self.label_values[1:], dice)})
+                row.update({"ema_dice": self.ema, "lr": lr, "seconds": round(seconds, 3)})
+                self.rows.append(row)
+                grad_sums = self.coll.all_gather(grad_sum)
+                param_sums = self.coll.all_gather(_checksum(self.net.parameters()))
+                improved = self.ema is not None and (self.best_ema is None or self.ema > self.best_ema)
+                if improved:
+                    self.best_ema = self.ema
+                stop = self._should_stop(seconds)
+                due = stop or self.epoch % s.checkpoint_every == 0
+                if self.rank == 0:
+                    self._epoch_outputs(row, improved, plot=due)
+                report = {**row, "grad_checksums": grad_sums, "param_checksums": param_sums,
+                          "best_ema_dice": self.best_ema, "elapsed_s": self.elapsed}
+                self._report(report, checkpoint=due)
+        finally:
+            close_iterator(train_iter)
+        if self.rank == 0:
+            self._finish()
+
+    def _should_stop(self, last_epoch_seconds: float) -> bool:
+        s = self.settings
+        if s.epochs is not None and self.epoch >= s.epochs:
+            return True
+        if s.time_budget_min is not None:
+            # do not start an epoch that would end past the budget (the last one's length is the estimate)
+            return self.elapsed + last_epoch_seconds > s.time_budget_min * 60
+        return False
+
+    def _train_epoch(self, batches) -> tuple[float, float]:
+        self.model.train()
+        total, grad_sum = 0.0, 0.0
+        n = self.settings.iterations_per_epoch
+        for it in range(n):
+            image, label = next(batches)
+            image = image.to(self.device, non_blocking=True)
+            label = label.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.cuda):
+                loss = self.loss_fn(self.model(image), label)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if it == n - 1:  # after DDP's all-reduce: identical on every rank when the sync works
+                grad_sum = _checksum(p.grad for p in self.net.parameters())
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            total += float(loss.detach())
+        mean = self.coll.all_reduce_sum(torch.tensor([total / n]))[0] / self.world
+        return float(mean), grad_sum
+
+    @torch.no_grad()
+    def _validate(self, data) -> tuple[float, np.ndarray]:
+        """Validation loss and per-class pseudo-Dice over the fixed validation batches of all ranks."""
+        from .losses import dice_from_counts, pseudo_dice
+
+        k = self.num_classes - 1
+        sums = torch.zeros(2 + 3 * k, dtype=torch.float64)
+        self.net.eval()
+        for image, label in data:
+            image, label = image.to(self.device), label.to(self.device)
+            with torch.autocast(self.device.type, enabled=self.cuda):
+                outputs = self.net(image)
+                loss = self.loss_fn(outputs, label)
+            tp, fp, fn = pseudo_dice(outputs[0], label, self.num_classes)
+            sums += torch.cat([torch.tensor([float(loss), 1.0], dtype=torch.float64),
+                               tp.double(), fp.double(), fn.double()])
+        sums = self.coll.all_reduce_sum(sums)
+        if sums[1] == 0:
+            return float("nan"), np.full(k, np.nan)
+        dice = dice_from_counts(sums[2:2 + k], sums[2 + k:2 + 2 * k], sums[2 + 2 * k:]).numpy()
+        return float(sums[0] / sums[1]), dice
+
+    # ------------------------------------------------------------ outputs
+
+    def _log(self, line: str) -> None:
+        print(line, flush=True)
+        with (self.run_dir / "training_log.txt").open("a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def _model_file(self, path: Path) -> None:
+        save_model_file(path, self.net, configuration=self.settings.config, epoch=self.epoch, ema_dice=self.ema,
+                        num_input_channels=self.num_channels, num_classes=self.num_classes,
+                        label_values=self.label_values, plans_hash=self.plans_hash)
+
+    def _epoch_outputs(self, row: dict, improved: bool, plot: bool) -> None:
+        s = self.settings
+        dice = " ".join(_fmt(row[f"val_dice_{v}"], 3) for v in self.label_values[1:])
+        self._log(f"epoch {self.epoch}{'/' + str(s.epochs) if s.epochs else ''}  train {_fmt(row['train_loss'])}  "
+                  f"val {_fmt(row['val_loss'])}  dice [{dice}]  ema {_fmt(row['ema_dice'], 3)}  lr {row['lr']:.2e}  "
+                  f"{row['seconds']:.1f}s" + ("  *best" if improved else ""))
+        write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
+        if improved:
+            self._model_file(self.run_dir / "model_best.pt")
+        if plot:
+            self._plot()
+
+    def _plot(self) -> None:
+        from .plotting import plot_training_curves
+
+        try:
+            plot_training_curves(self.run_dir / "metrics.csv", self.run_dir / "training_curves.png",
+                                 title=f"{self.settings.config} fold {self.settings.fold}")
+        except Exception as exc:  # noqa: BLE001 - a figure is never worth a training run
+            self._log(f"could not plot training curves: {type(exc).__name__}: {exc}")
+
+    def _report(self, metrics: dict, checkpoint: bool) -> None:
+        import ray.train
+
+        if not (checkpoint and self.rank == 0):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="segpipe-ckpt-") as d:
+            torch.save(self.net.state_dict(), Path(d) / "model.pt")
+            torch.save(self._checkpoint_state(), Path(d) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def _finish(self) -> None:
+        self._model_file(self.run_dir / "model_final.pt")
+        write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
+        if self.rows:
+            self._plot()
+        self._log(f"done: {self.epoch} epochs, {self.elapsed / 60:.1f} min; best EMA pseudo-Dice {_fmt(self.best_ema, 3)}")
