@@ -157,8 +157,11 @@ def _check_path(root: Path, rel: object, case: str, what: str, problems: list[Pr
         problems.append(Problem(case, f"{what} path must be a non-empty string, got {rel!r}"))
         return None
     path = root / rel
-    if os.path.isabs(rel) or ".." in Path(rel).parts or not _inside(root, path):
+    if os.path.isabs(rel) or ".." in Path(rel).parts:
         problems.append(Problem(case, f"{what} path {rel!r} escapes the dataset folder"))
+        return None
+    if not _inside(root, path):
+        problems.append(Problem(case, f"{what} path {rel!r} is a link that points outside the dataset folder"))
         return None
     return path
 
@@ -268,10 +271,12 @@ def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem
                     problems.append(Problem(case_id, f"{files[c].name} is a link that points outside the dataset folder"))
                 else:
                     paths.append(files[c])
-        if label.exists() and not _inside(root, label):
+        label_ok = case_id in label_ids
+        if label_ok and not _inside(root, label):
             problems.append(Problem(case_id, f"label {label.name} is a link that points outside the dataset folder"))
+            label_ok = False
         if len(paths) == channels and not missing:
-            cases.append(CaseFiles(case_id, tuple(paths), label if case_id in label_ids else None))
+            cases.append(CaseFiles(case_id, tuple(paths), label if label_ok else None))
     return cases
 
 
@@ -288,6 +293,8 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, [Problem(None, f"dataset.json is not valid JSON ({exc})")]
+    except OSError as exc:
+        return None, [Problem(None, f"dataset.json cannot be read ({exc})")]
     if not isinstance(meta, dict):
         return None, [Problem(None, "dataset.json must hold a JSON object")]
 
@@ -373,5 +380,6 @@ def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) 
         rounded = np.rint(raw)
         if not np.array_equal(rounded, raw):
             raise BadInputError("label holds non-integer values (e.g. 1.0000001)", cid)
-        label = to_ras(rounded.astype(dataset.label_map.value_dtype if rounded.min() >= 0 else np.int32), lg)
+        fits = rounded.size == 0 or (rounded.min() >= 0 and rounded.max() <= dataset.label_map.values[-1])
+        label = to_ras(rounded.astype(dataset.label_map.value_dtype if fits else np.int32), lg)
     return CaseData(cid, image, label, geometry, geometry.spacing)

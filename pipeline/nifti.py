@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,17 +63,23 @@ class Geometry:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
 
+def display_name(path: str | os.PathLike) -> str:
+    """A file as messages name it: with its folder, so imagesTr/x.nii.gz and labelsTr/x.nii.gz differ."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def load_header(path: Path, case: str | None = None) -> nib.Nifti1Image:
     """Open a NIfTI file lazily (header only), with errors that name the case and file."""
     path = Path(path)
     if not path.is_file():
-        raise BadInputError(f"missing file {path.name}", case)
+        raise BadInputError(f"missing file {display_name(path)}", case)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk files
-        raise BadInputError(f"unreadable NIfTI {path.name} ({type(exc).__name__}: {exc})", case) from None
+        raise BadInputError(f"unreadable NIfTI {display_name(path)} ({type(exc).__name__}: {exc})", case) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise BadInputError(f"{path.name} is not a NIfTI image", case)
+        raise BadInputError(f"{display_name(path)} is not a NIfTI image", case)
     _check_declared_size(img, path, case)
     return img
 
@@ -80,14 +87,14 @@ def load_header(path: Path, case: str | None = None) -> nib.Nifti1Image:
 def _check_declared_size(img: nib.Nifti1Image, path: Path, case: str | None) -> None:
     shape = img.shape
     if any(int(s) <= 0 for s in shape):
-        raise BadInputError(f"{path.name} declares an empty shape {tuple(shape)}", case)
+        raise BadInputError(f"{display_name(path)} declares an empty shape {tuple(shape)}", case)
     declared = int(np.prod([int(s) for s in shape], dtype=np.float64)) * img.get_data_dtype().itemsize
     size = os.path.getsize(path)
     compressed = path.name.endswith(".gz")
     limit = size * MAX_DEFLATE_RATIO if compressed else size
     if declared > limit:
         raise BadInputError(
-            f"{path.name} header declares shape {tuple(shape)} ({declared / 2**30:.1f} GiB) "
+            f"{display_name(path)} header declares shape {tuple(shape)} ({declared / 2**30:.1f} GiB) "
             f"that a {size} byte file cannot hold: truncated or forged header",
             case,
         )
@@ -97,8 +104,8 @@ def read_array(img: nib.Nifti1Image, path: Path, case: str | None = None, dtype=
     """Read the voxels, turning truncated or corrupt files into a BadInputError."""
     try:
         return np.asarray(img.dataobj, dtype=dtype)
-    except (EOFError, OSError, ValueError, gzip.BadGzipFile, MemoryError) as exc:
-        raise BadInputError(f"cannot read voxels of {Path(path).name} ({type(exc).__name__}: {exc})", case) from None
+    except (EOFError, OSError, ValueError, gzip.BadGzipFile, zlib.error, MemoryError) as exc:
+        raise BadInputError(f"cannot read voxels of {display_name(path)} ({type(exc).__name__}: {exc})", case) from None
 
 
 def spacing_of(img: nib.Nifti1Image) -> tuple[float, ...]:
@@ -155,8 +162,10 @@ def write_volume(data_ras: np.ndarray, geometry: Geometry, path: Path, reference
     if header is not None:
         img.header["scl_slope"] = 1.0 if np.issubdtype(data.dtype, np.floating) else np.nan
         img.header["scl_inter"] = 0.0 if np.issubdtype(data.dtype, np.floating) else np.nan
-        img.set_qform(affine, code=int(header["qform_code"]) or 1)
-        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+        # the reference's own codes, even 0 ("unknown"): nibabel read the affine under them, so
+        # a reader finds the same affine again, and the header stays the input's
+        img.set_qform(affine, code=int(header["qform_code"]))
+        img.set_sform(affine, code=int(header["sform_code"]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"

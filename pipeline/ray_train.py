@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from .errors import BadInputError, SegPipeError
@@ -34,6 +35,10 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run'
 # Ray Train V2 is the default in Ray 2.60; set it before ray.train is imported so the V2 API is used
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# workers print nothing to the driver (the epoch lines come from the run's log file, see _LogTail);
+# a worker group that imports torch on a busy machine may take longer than Ray's default minute to start
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
 def run_name(settings: TrainSettings) -> str:
@@ -84,12 +89,52 @@ def _ensure_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    common = dict(include_dashboard=False, configure_logging=False, log_to_driver=True, logging_level=logging.WARNING)
+    common = dict(include_dashboard=False, configure_logging=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **common)
     else:
         ray.init(num_cpus=default_workers(), _node_ip_address="127.0.0.1", **common)
     return True
+
+
+class _LogTail:
+    """Echoes the lines rank 0 appends to `training_log.txt` through this process's logger while Ray runs.
+
+    Worker output is not forwarded to the driver (it is mostly Ray's own chatter); the one readable
+    line per epoch reaches the console this way, and the file stays beside the model.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.5):
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="train-log-tail", daemon=True)
+
+    def __enter__(self) -> _LogTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._drain()
+
+    def _drain(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only; a partial one waits for the next poll
+        self.offset += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            log.info("%s", line.split(" ", 2)[-1] if line[:2].isdigit() else line)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -145,7 +190,8 @@ def fit(settings: TrainSettings) -> TrainResult:
         log.info("training %s fold %s on %d Ray worker(s) (%s)", settings.config, settings.fold, workers,
                  "GPU" if use_gpu else "CPU")
         try:
-            result = trainer.fit()
+            with _LogTail(run_dir / "training_log.txt"):
+                result = trainer.fit()
         except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error; show the worker's own
             cause = _root_cause(exc)
             if isinstance(cause, SegPipeError):

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import BadInputError, SegPipeError
 from .plans import write_json_atomic
+from .workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -84,69 +85,101 @@ def holdout_split(case_ids: list[str], num_test: int, seed: int = NNUNET_SEED) -
     return {"train": [k for k in rest if k not in set(val)], "val": val, "test": test}
 
 
-def create_splits(case_ids: list[str], seed: int = NNUNET_SEED, holdout_test_cases: int = 0) -> dict:
-    """The content of `splits.json`: `folds` (nnU-Net's list), `all`, and `holdout` when asked for."""
-    if len(set(case_ids)) != len(case_ids):
-        raise BadInputError("duplicate case ids in the split")
-    data = {"seed": seed, "cases": sorted(case_ids), "folds": kfold_splits(case_ids, seed=seed),
-            "all": all_split(case_ids, seed)}
-    if holdout_test_cases:
-        data["holdout"] = holdout_split(case_ids, holdout_test_cases, seed)
-    return data
+@dataclass
+class Splits:
+    """The content of `splits.json`: nnU-Net's `folds`, the `all` split and, when asked for, `holdout`."""
+
+    folds: list[dict[str, list[str]]]
+    all: dict[str, list[str]]
+    cases: list[str]
+    seed: int | None = NNUNET_SEED
+    holdout: dict[str, list[str]] | None = None
+
+    @classmethod
+    def create(cls, case_ids: list[str], seed: int = NNUNET_SEED, holdout_test_cases: int = 0) -> Splits:
+        if len(set(case_ids)) != len(case_ids):
+            raise BadInputError("duplicate case ids in the split")
+        return cls(folds=kfold_splits(case_ids, seed=seed), all=all_split(case_ids, seed), cases=sorted(case_ids),
+                   seed=seed, holdout=holdout_split(case_ids, holdout_test_cases, seed) if holdout_test_cases else None)
+
+    def to_json(self) -> dict:
+        d = {"seed": self.seed, "cases": self.cases, "folds": self.folds, "all": self.all}
+        if self.holdout is not None:
+            d["holdout"] = self.holdout
+        return d
+
+    @classmethod
+    def from_json(cls, data, where: str = "splits.json") -> Splits:
+        if isinstance(data, list):  # nnU-Net's own splits_final.json: a bare list of folds
+            data = {"seed": None, "folds": data}
+        if not isinstance(data, dict) or not isinstance(data.get("folds"), list):
+            raise BadInputError(f"{where} has no list of 'folds'; delete it to make a new split")
+        cases = data.get("cases") or sorted({c for f in data["folds"] for c in f["train"] + f["val"]})
+        return cls(folds=data["folds"], all=data.get("all") or all_split(cases), cases=list(cases),
+                   seed=data.get("seed"), holdout=data.get("holdout"))
+
+    def split(self, fold: int | str, available: list[str] | None = None) -> Split:
+        """Fold `0..4`, `all` or `holdout`; cases it names that are not `available` are an error."""
+        name = str(fold)
+        if name == "all":
+            entry = self.all
+        elif name == "holdout":
+            if self.holdout is None:
+                raise SegPipeError("splits.json has no 'holdout' split (create it with holdout_test_cases=N)")
+            entry = self.holdout
+        else:
+            try:
+                index = int(name)
+            except ValueError:
+                raise BadInputError(f"fold must be 0..{len(self.folds) - 1}, 'all' or 'holdout', not {fold!r}") from None
+            if not 0 <= index < len(self.folds):
+                raise BadInputError(f"fold {index} does not exist: splits.json has folds 0..{len(self.folds) - 1}")
+            entry = self.folds[index]
+        split = Split(name, tuple(entry["train"]), tuple(entry["val"]), tuple(entry.get("test", ())))
+        if available is not None:
+            have = set(available)
+            missing = sorted(c for c in split.train + split.val if c not in have)
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise BadInputError(f"fold {name} names {len(missing)} case(s) not in the store ({shown}): "
+                                    "re-run `segpipe preprocess`, or delete splits.json to split the stored cases anew")
+            unused = have - set(self.cases)
+            if unused:
+                log.warning("%d stored case(s) are in no split of splits.json and are not used", len(unused))
+        if not split.train or not split.val:
+            raise BadInputError(f"fold {name} has no training or no validation cases")
+        return split
+
+    def training_cases(self, fold: int | str) -> list[str]:
+        return list(self.split(fold).train)
+
+    def validation_cases(self, fold: int | str) -> list[str]:
+        return list(self.split(fold).val)
+
+    def test_cases(self) -> list[str]:
+        return list(self.holdout["test"]) if self.holdout else []
 
 
-def load_or_create_splits(path: str | os.PathLike, case_ids: list[str], holdout_test_cases: int = 0) -> dict:
-    """Read `splits.json`, or create it from `case_ids` (written atomically, then reused as it is).
+def load_or_create_splits(where: Workdir | str | os.PathLike, case_ids: list[str],
+                          holdout_test_cases: int = 0) -> Splits:
+    """Read `splits.json` (a Workdir, a folder or the file itself), or create it from `case_ids`.
 
-    An existing file is never reshuffled. A holdout split asked for but missing is added to it.
+    An existing file is never reshuffled; a holdout split asked for but missing is added to it.
     """
-    path = Path(path)
+    path = where.splits if isinstance(where, Workdir) else Path(where)
+    if path.is_dir():
+        path = path / "splits.json"
     if not path.is_file():
-        data = create_splits(case_ids, holdout_test_cases=holdout_test_cases)
-        write_json_atomic(path, data)
-        log.info("created %d-fold split of %d cases -> %s", NUM_FOLDS, len(case_ids), path)
-        return data
+        splits = Splits.create(list(case_ids), holdout_test_cases=holdout_test_cases)
+        write_json_atomic(path, splits.to_json())
+        log.info("created a %d-fold split of %d cases -> %s", NUM_FOLDS, len(splits.cases), path)
+        return splits
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BadInputError(f"{path} is not valid JSON ({exc}); delete it to make a new split") from exc
-    if isinstance(data, list):  # nnU-Net's own splits_final.json: a bare list of folds
-        data = {"seed": None, "cases": sorted({c for f in data for c in f["train"] + f["val"]}), "folds": data}
-    if "folds" not in data:
-        raise BadInputError(f"{path} has no 'folds'; delete it to make a new split")
-    data.setdefault("all", all_split(data.get("cases") or case_ids))
-    if holdout_test_cases and "holdout" not in data:
-        data["holdout"] = holdout_split(data.get("cases") or case_ids, holdout_test_cases)
-        write_json_atomic(path, data)
-    return data
-
-
-def get_split(splits: dict, fold: int | str, available: list[str] | None = None) -> Split:
-    """Fold `0..4`, `all` or `holdout` of `splits`; cases it names that are not `available` are an error."""
-    name = str(fold)
-    if name in ("all", "holdout"):
-        if name not in splits:
-            raise SegPipeError(f"splits.json has no {name!r} split")
-        entry = splits[name]
-    else:
-        try:
-            index = int(name)
-        except ValueError:
-            raise BadInputError(f"fold must be 0..{len(splits['folds']) - 1}, 'all' or 'holdout', not {fold!r}") from None
-        if not 0 <= index < len(splits["folds"]):
-            raise BadInputError(f"fold {index} does not exist: splits.json has folds 0..{len(splits['folds']) - 1}")
-        entry = splits["folds"][index]
-    split = Split(name, tuple(entry["train"]), tuple(entry["val"]), tuple(entry.get("test", ())))
-    if available is not None:
-        have = set(available)
-        missing = sorted(c for c in split.train + split.val if c not in have)
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise BadInputError(f"fold {name} names {len(missing)} case(s) not in the store ({shown}): "
-                                "re-run `segpipe preprocess`, or delete splits.json to split the stored cases anew")
-        unused = have - set(splits.get("cases") or (split.train + split.val + split.test))
-        if unused:
-            log.warning("%d stored case(s) are in no split of splits.json and are not used", len(unused))
-    if not split.train or not split.val:
-        raise BadInputError(f"fold {name} has no training or no validation cases")
-    return split
+    splits = Splits.from_json(data, str(path))
+    if holdout_test_cases and splits.holdout is None:
+        splits.holdout = holdout_split(splits.cases, holdout_test_cases, splits.seed or NNUNET_SEED)
+        write_json_atomic(path, splits.to_json())
+    return splits

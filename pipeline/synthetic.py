@@ -167,10 +167,12 @@ def make_case(seed: int, index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE
     organ_centre = rng.uniform(-0.06, 0.06, 3) * extent
     organ = _ellipsoid(points, organ_centre, organ_axes, organ_rot)
 
-    # Lesion: inside the organ (offset within 35% of its semi-axes, then clipped to it).
+    # Lesion: well inside the organ. In the organ's normalised frame its centre is within 0.2 of the
+    # organ's and its extent below 0.5, leaving a margin wider than one thick slice: organ tissue
+    # always surrounds it, so it never touches the background.
     direction = _unit(rng.normal(size=3))
-    lesion_centre = organ_centre + organ_rot @ (direction * organ_axes * rng.uniform(0.0, 0.35))
-    lesion_axes = rng.uniform(0.40, 0.55, 3) * organ_axes.min()
+    lesion_centre = organ_centre + organ_rot @ (direction * organ_axes * rng.uniform(0.0, 0.2))
+    lesion_axes = rng.uniform(0.35, 0.5, 3) * organ_axes.min()
     lesion = _ellipsoid(points, lesion_centre, lesion_axes, Rotation.random(random_state=rng).as_matrix()) & organ
 
     # Distractor: a smaller ellipsoid centred just outside the organ's surface, so the two touch.

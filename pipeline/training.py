@@ -195,7 +195,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     """Check everything a run needs before any worker starts; returns resolved settings, plans and the
     JSON `train_loop_config` for the workers. Creates `W/splits.json` the first time (once, here,
     so workers never race to write it)."""
-    from .splits import get_split, load_or_create_splits
+    from .splits import load_or_create_splits
     from .store import open_store
 
     wd = Workdir.at(settings.workdir)
@@ -207,7 +207,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     if len(available) < 2:
         raise BadInputError(f"{wd.store}/{conf.data_identifier} holds {len(available)} complete case(s); "
                             "training needs at least 2 (run `segpipe preprocess`)")
-    split = get_split(load_or_create_splits(wd.splits, available), settings.fold, available)
+    split = load_or_create_splits(wd, available).split(settings.fold, available)
     global_batch = int(conf.batch_size or 2)
     workers = settings.num_workers or 1
     if workers > global_batch:
@@ -298,6 +298,19 @@ def _torch_save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def supervision_weights(n: int, ddp: bool) -> list[float]:
+    """nnU-Net's deep-supervision weights; under DDP (uncompiled) the lowest output keeps 1e-6 instead
+    of 0 so its head still receives a gradient (DDP refuses parameters without one, as nnU-Net found)."""
+    from .model import deep_supervision_weights
+
+    weights = deep_supervision_weights(n)
+    if ddp and n > 1:
+        raw = [1 / 2**i for i in range(n)]
+        raw[-1] = 1e-6
+        weights = [w / sum(raw) for w in raw]
+    return weights
+
+
 def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
     """nnU-Net's PolyLRScheduler as a function of training progress in [0, 1]."""
     return base_lr * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
@@ -374,7 +387,7 @@ class _WorkerRun:
         import ray.train.torch
 
         from .augmentation import AugmentationConfig
-        from .losses import build_loss
+        from .losses import DeepSupervisionLoss, build_loss
         from .model import build_network
         from .sampling import PatchSpec, foreground_slots, local_batch_size
 
@@ -398,7 +411,8 @@ class _WorkerRun:
         self.net = build_network(self.conf, self.num_channels, self.num_classes, deep_supervision=True).to(self.device)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
-        self.loss_fn = build_loss(self.recipe.loss, deep_supervision=True)
+        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False),
+                                           supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda))
         self.plans_hash = config["plans_hash"]
 
         patch = tuple(int(p) for p in self.conf.patch_size)
@@ -589,7 +603,7 @@ class _WorkerRun:
     # ------------------------------------------------------------ outputs
 
     def _log(self, line: str) -> None:
-        print(line, flush=True)
+        print(line, flush=True)  # the worker's own log; the driver echoes training_log.txt
         with (self.run_dir / "training_log.txt").open("a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 

@@ -18,8 +18,6 @@ from pipeline.inference import (
     window_slices,
 )
 
-torch.set_num_threads(1)
-
 
 class ThresholdNet(torch.nn.Module):
     """A position-wise 'segmenter': class k where the first channel lies in [k, k+1). Any window
@@ -33,6 +31,17 @@ class ThresholdNet(torch.nn.Module):
     def forward(self, x):
         label = x[:, 0].floor().clamp(0, self.num_classes - 1).long()
         return torch.nn.functional.one_hot(label, self.num_classes).movedim(-1, 1).float() * self.scale
+
+
+class SignNet(ThresholdNet):
+    """Foreground where the (normalised) first channel is positive."""
+
+    def __init__(self):
+        super().__init__(num_classes=2)
+
+    def forward(self, x):
+        fg = (x[:, :1] > 0).float()
+        return torch.cat([1 - fg, fg], 1) * self.scale
 
 
 def _volume(shape, num_classes=3, seed=0):
@@ -177,3 +186,225 @@ def test_zarr_accumulation_equals_memory_accumulation(tmp_path):
 
     gc.collect()
     assert list(tmp_path.iterdir()) == []  # the temporary array goes with its last reference
+
+
+# ---------------------------------------------------------------- real data, end to end
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+
+from pipeline.cli import main as cli_main  # noqa: E402
+from pipeline.dataset import CaseFiles, LabelMap, load_dataset  # noqa: E402
+from pipeline.errors import BadInputError, SegPipeError  # noqa: E402
+from pipeline.inference import Predictor, group_input_files, predict_case, predict_folder  # noqa: E402
+from pipeline.workdir import Workdir  # noqa: E402
+
+CONFIG = "3d_lean"  # the smallest real topology: the tests run on 2 CPU cores
+
+
+def make_model(workdir, dataset_path, num_cases=2, config=CONFIG, favour_class=None):
+    """A model folder as training leaves it, holding an untrained network built from a real plan."""
+    from pipeline.fingerprint import compute_fingerprint
+    from pipeline.model import build_network
+    from pipeline.planning import plan_experiment
+    from pipeline.training import save_model_file
+
+    dataset = load_dataset(dataset_path)
+    dataset = dataclasses.replace(dataset, cases=dataset.cases[:num_cases])
+    plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
+    # a quarter of the planned width: the same topology, patch and strides, four times faster on a CPU
+    conf = plans.configurations[config]
+    conf.features_per_stage = [max(4, f // 4) for f in plans.configuration(config).features_per_stage]
+    wd = Workdir.at(workdir)
+    plans.save(wd.plans)
+    run_dir = wd.run_dir(config, "0")
+    plans.save(run_dir / "plans.json")
+    torch.manual_seed(0)
+    net = build_network(plans.configuration(config), len(plans.channels), len(plans.label_values))
+    if favour_class is not None:  # make one class win wherever the image is (outside it is background)
+        with torch.no_grad():
+            net.seg_layers[-1].bias[favour_class] = 1e4
+    save_model_file(run_dir / "model_final.pt", net, configuration=config, epoch=0, ema_dice=None,
+                    num_input_channels=len(plans.channels), num_classes=len(plans.label_values),
+                    label_values=list(plans.label_values), plans_hash=plans.hash(config))
+    return wd, plans
+
+
+def link_inputs(folder, paths, channel_suffix=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        stem = p.name[: -len(".nii.gz")]
+        os.symlink(p, folder / (f"{stem}_0000.nii.gz" if channel_suffix else p.name))
+    return folder
+
+
+# header fields a label map legitimately changes: its data type and intensity scaling
+_DTYPE_FIELDS = {"datatype", "bitpix", "scl_slope", "scl_inter", "cal_min", "cal_max", "glmin", "glmax", "vox_offset"}
+
+
+def assert_same_geometry(out_path, in_path):
+    out, ref = nib.load(out_path), nib.load(in_path)
+    assert out.shape == ref.shape[:3]
+    np.testing.assert_array_equal(out.affine, ref.affine)
+    for key in ref.header.keys():
+        if key in _DTYPE_FIELDS or key == "dim" or key == "pixdim":
+            continue
+        np.testing.assert_array_equal(out.header[key], ref.header[key], err_msg=f"header field {key}")
+    np.testing.assert_array_equal(out.header["pixdim"][:4], ref.header["pixdim"][:4])
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(ref.affine)
+
+
+@pytest.fixture(scope="module")
+def sct_model(tmp_path_factory, spinalcord):
+    return make_model(tmp_path_factory.mktemp("sct_model"), spinalcord, num_cases=3)
+
+
+@pytest.fixture(scope="module")
+def hippo_model(tmp_path_factory, hippocampus):
+    return make_model(tmp_path_factory.mktemp("hippo_model"), hippocampus, num_cases=2)
+
+
+@pytest.mark.parametrize("case", ["sct_t1w", "sct_t2", "sct_t2s"])  # RAS, PSR, LAS (0.5 x 0.5 x 7.5 mm)
+def test_prediction_lands_on_the_input_grid_in_its_own_orientation(case, sct_model, spinalcord, tmp_path):
+    # Feed the reference label in as the image and segment it by thresholding: the prediction must
+    # come back as that label, voxel for voxel in the file's own axis order, through preprocessing
+    # (reorient, transpose, crop, normalise, resample), sliding window and export.
+    wd, plans = sct_model
+    label_file = spinalcord / "labelsTr" / f"{case}.nii.gz"
+    predictor = Predictor(SignNet(), plans, CONFIG, LabelMap((0, 1)))
+    (tmp_path / "in").mkdir()
+    os.symlink(label_file, tmp_path / "in" / f"{case}.nii.gz")
+    files = CaseFiles(case, (tmp_path / "in" / f"{case}.nii.gz",), None)
+    label, probs = predict_case(predictor, files, tmp_path / "out" / f"{case}.nii.gz", save_probabilities=True)
+    reference = np.asarray(nib.load(label_file).dataobj)
+    assert label.shape == reference.shape
+    if case == "sct_t2s":
+        # resampled to 1 mm in-plane and back, the thin gray-matter mask blurs (Dice ~0.76), but any
+        # axis left flipped would score far lower
+        dice = lambda a, b: 2 * np.sum((a == 1) & (b == 1)) / (np.sum(a == 1) + np.sum(b == 1))  # noqa: E731
+        assert dice(label, reference) > 0.7
+        assert all(dice(label, np.flip(reference, axis)) < 0.5 for axis in range(3))
+    else:
+        np.testing.assert_array_equal(label, reference)
+    written = nib.load(tmp_path / "out" / f"{case}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(written.dataobj), label)
+    assert_same_geometry(tmp_path / "out" / f"{case}.nii.gz", label_file)
+    npz = np.load(tmp_path / "out" / f"{case}.npz")
+    assert npz["probabilities"].dtype == np.float16 and list(npz["labels"]) == [0, 1]
+    assert npz["probabilities"].shape == (2, *nib.as_closest_canonical(written).shape)
+    np.testing.assert_allclose(npz["probabilities"].astype(np.float32), probs, atol=1e-3)
+
+
+def test_predict_folder_writes_every_case_in_the_inputs_geometry_and_resumes(sct_model, hippo_model, spinalcord,
+                                                                          hippocampus, tmp_path):
+    wd, plans = hippo_model
+    images = sorted((hippocampus / "imagesTr").iterdir())[:2] + [spinalcord / "imagesTr" / "sct_t2.nii.gz"]
+    inputs = link_inputs(tmp_path / "in", images)
+    out = tmp_path / "out"
+    report = predict_folder(wd, inputs, out, config=CONFIG, tta=False, progress=False)
+    ids = [p.name[: -len(".nii.gz")] for p in images]
+    assert report.predicted == sorted(ids) and report.skipped == [] and report.failed == []
+    for p in images:
+        assert_same_geometry(out / p.name, p)
+        values = set(np.unique(np.asarray(nib.load(out / p.name).dataobj)).tolist())
+        assert values <= {0, 1, 2}
+    assert sorted(f.name for f in out.iterdir()) == sorted(p.name for p in images)  # no temporary leftovers
+    assert "predicted 3 case(s)" in str(report) and report.to_json()["seconds_per_case"].keys() == set(ids)
+
+    # resume: written cases are skipped; a removed one is redone
+    stamp = (out / images[0].name).stat().st_mtime_ns
+    (out / images[1].name).unlink()
+    again = predict_folder(wd, inputs, out, config=CONFIG, tta=False, progress=False)
+    assert again.predicted == [ids[1]] and sorted(again.skipped) == sorted([ids[0], ids[2]])
+    assert (out / images[0].name).stat().st_mtime_ns == stamp
+
+
+def test_tta_and_channel_suffixed_inputs(hippo_model, hippocampus, tmp_path):
+    wd, _ = hippo_model
+    image = sorted((hippocampus / "imagesTr").iterdir())[0]
+    inputs = link_inputs(tmp_path / "in", [image], channel_suffix=True)  # CASE_0000.nii.gz (nnU-Net v2)
+    report = predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, tta=True, save_probabilities=True,
+                            progress=False)
+    case = image.name[: -len(".nii.gz")]
+    assert report.predicted == [case] and report.tta
+    assert_same_geometry(tmp_path / "out" / image.name, image)
+    npz = np.load(tmp_path / "out" / f"{case}.npz")
+    probs = npz["probabilities"].astype(np.float32)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=5e-3)
+    label_ras = np.asarray(nib.as_closest_canonical(nib.load(tmp_path / "out" / image.name)).dataobj)
+    assert np.mean(npz["labels"][probs.argmax(0)] == label_ras) > 0.99  # float16 rounding may flip near-ties
+
+
+def test_non_contiguous_label_values_are_written_back(tmp_path, totalseg):
+    values = load_dataset(totalseg).label_map.values
+    last = len(values) - 1
+    assert values[last] > last  # non-contiguous: TotalSegmentator's values run up to 117
+    wd, plans = make_model(tmp_path / "w", totalseg, num_cases=1, favour_class=last)
+    image = totalseg / "imagesTr" / "totalseg_ct_sm.nii.gz"
+    inputs = link_inputs(tmp_path / "in", [image])
+    predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, tta=False, progress=False)
+    written = np.asarray(nib.load(tmp_path / "out" / image.name).dataobj)
+    assert set(np.unique(written).tolist()) <= set(values)
+    assert values[last] in written  # the last training index came back as the dataset's own value
+    assert_same_geometry(tmp_path / "out" / image.name, image)
+
+
+def test_missing_model_names_the_training_command(hippo_model, hippocampus, tmp_path):
+    wd, _ = hippo_model
+    inputs = link_inputs(tmp_path / "in", sorted((hippocampus / "imagesTr").iterdir())[:1])
+    with pytest.raises(SegPipeError, match=r"segpipe train --workdir .* --config 3d_lean --fold 3"):
+        predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, fold="3", progress=False)
+    with pytest.raises(SegPipeError, match=r"--fold 1"):
+        predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, fold="0,1", progress=False)
+    assert cli_main(["predict", "--workdir", str(wd.root), str(inputs), str(tmp_path / "out"),
+                     "--config", CONFIG, "--fold", "3"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_channel_count_is_bad_input_naming_the_case(hippo_model, hippocampus, tmp_path):
+    wd, _ = hippo_model
+    image = sorted((hippocampus / "imagesTr").iterdir())[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    os.symlink(image, inputs / "two_0000.nii.gz")
+    os.symlink(image, inputs / "two_0001.nii.gz")
+    img = nib.load(image)
+    four_d = np.stack([np.asarray(img.dataobj)] * 2, axis=-1)
+    nib.save(nib.Nifti1Image(four_d, img.affine), inputs / "fourd.nii.gz")
+    with pytest.raises(BadInputError) as err:
+        group_input_files(inputs, 1)
+    assert {p.case for p in err.value.problems} == {"two", "fourd"}
+    assert "expects 1 channel" in str(err.value)
+    code = cli_main(["predict", "--workdir", str(wd.root), str(inputs), str(tmp_path / "out"), "--config", CONFIG])
+    assert code == 2
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_input_grouping(tmp_path, hippocampus):
+    image = sorted((hippocampus / "imagesTr").iterdir())[0]
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "scan_2019.nii.gz", ".hidden.nii.gz"):
+        os.symlink(image, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    cases = {c.case_id: c for c in group_input_files(tmp_path, 2)} if False else None
+    with pytest.raises(BadInputError) as err:  # b and scan_2019 have one channel, the model two
+        group_input_files(tmp_path, 2)
+    assert {p.case for p in err.value.problems} == {"b", "scan_2019"}
+    (tmp_path / "a_0001.nii.gz").unlink()
+    cases = {c.case_id: c for c in group_input_files(tmp_path, 1)}
+    assert sorted(cases) == ["a", "b", "scan_2019"]
+    assert [p.name for p in cases["a"].images] == ["a_0000.nii.gz"]
+
+
+def test_ray_workers_predict_like_the_sequential_path(ray_session, hippo_model, hippocampus, tmp_path):
+    wd, _ = hippo_model
+    images = sorted((hippocampus / "imagesTr").iterdir())[:2]
+    inputs = link_inputs(tmp_path / "in", images)
+    report = predict_folder(wd, inputs, tmp_path / "ray", config=CONFIG, tta=False, num_workers=2, progress=False)
+    assert report.workers == 2 and sorted(report.predicted) == sorted(p.name[:-7] for p in images)
+    assert ray_session.is_initialized()  # the session's Ray is reused, not shut down
+    predict_folder(wd, inputs, tmp_path / "seq", config=CONFIG, tta=False, progress=False)
+    for p in images:
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "ray" / p.name).dataobj),
+                                      np.asarray(nib.load(tmp_path / "seq" / p.name).dataobj))
