@@ -72,19 +72,20 @@ def _emit(args, payload: dict, human: str | None = None) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .validation import validate_dataset
+    from .validation import check_dataset
 
-    problems = validate_dataset(args.dataset)
-    _emit(args, {"dataset": str(args.dataset), "ok": not problems, "problems": [str(p) for p in problems]})
-    if problems:
-        if not args.json:
-            for p in problems:
-                print(f"{_color('error', '31')} {p}", file=sys.stderr)
-            print(f"{len(problems)} problem(s) in {args.dataset}", file=sys.stderr)
-        return 2
+    report = check_dataset(args.dataset)
+    _emit(args, report.to_json())
     if not args.json:
-        print(f"{args.dataset}: ok")
-    return 0
+        for w in report.warnings:
+            print(f"{_color('warning', '33')} {w}", file=sys.stderr)
+        for p in report.problems:
+            print(f"{_color('error', '31')} {p}", file=sys.stderr)
+        if report.problems:
+            print(f"{len(report.problems)} problem(s) in {args.dataset}", file=sys.stderr)
+        else:
+            print(f"{args.dataset}: ok ({report.num_cases} cases, {len(report.warnings)} warning(s), {report.seconds:.1f}s)")
+    return 2 if report.problems else 0
 
 
 def _load_valid_dataset(path):

@@ -23,7 +23,7 @@ import json
 import os
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,6 @@ class Fingerprint:
     foreground_intensity_properties: list[IntensityStats]  # per channel, from the pooled samples
     samples_per_case: int = 0
     schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
 
     @property
     def spacings(self) -> np.ndarray:
@@ -199,13 +198,23 @@ def sample_indices(population: int, size: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct label values and their voxel counts (bincount: no sort of a whole CT volume)."""
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi >= 1 << 16:
+        return np.unique(label, return_counts=True)
+    counts = np.bincount(label.ravel().astype(np.intp, copy=False), minlength=hi + 1)
+    values = np.flatnonzero(counts)
+    return values, counts[values]
+
+
 def fingerprint_case(dataset: Dataset, case: CaseFiles, index: int, num_samples: int) -> CaseOutcome:
     """Read one case and summarise it. Never raises for bad data: the problem comes back named."""
     try:
         return CaseOutcome(index, *_fingerprint_case(dataset, case, num_samples))
     except BadInputError as exc:
-        return CaseOutcome(index, problem=exc.problems[0] if len(exc.problems) == 1
-                           else Problem(case.case_id, str(exc)))
+        message = "; ".join(p.message for p in exc.problems)
+        return CaseOutcome(index, problem=Problem(case.case_id, message))
     except MemoryError:
         return CaseOutcome(index, problem=Problem(case.case_id, "out of memory reading this case"))
     except Exception as exc:  # anything else is reported against the case, not as a crash
@@ -221,7 +230,7 @@ def _fingerprint_case(dataset: Dataset, case: CaseFiles, num_samples: int):
     if not np.isfinite(image).all():
         raise BadInputError("image contains NaN or infinite values", cid)
 
-    values, counts = np.unique(label, return_counts=True)
+    values, counts = _value_counts(label)
     undeclared = sorted(set(values.tolist()) - set(dataset.labels))
     if undeclared:
         raise BadInputError(f"label values {undeclared[:10]} are not declared in dataset.json", cid)

@@ -153,31 +153,59 @@ class _MemoryAccumulator:
 
 
 class _ZarrAccumulator:
-    """Weighted sums in uncompressed Zarr arrays on local disk (one writer: this process)."""
+    """Weighted sums over a slab of the first axis in memory; finished rows go to a Zarr array.
+
+    Windows come ordered by their start on the first axis (`window_slices`), so once a window
+    starts at row s no later one touches rows before s: those are normalised and written out
+    (uncompressed, chunked by patch, one writer: this process) and the slab moves on. Memory is
+    (K + 1) x patch[0] x the other axes (one slice for 2d patches), whatever the first axis' length.
+    """
 
     def __init__(self, num_classes: int, spatial: Sequence[int], patch_size: Sequence[int], directory: str):
         import zarr
         from zarr.storage import LocalStore
 
         chunks = (1,) * (len(spatial) - len(patch_size)) + tuple(patch_size)
-        self.directory = directory
-        root = zarr.open_group(LocalStore(directory), mode="w")
-        self.probs = root.create_array("probabilities", shape=(num_classes, *spatial), chunks=(num_classes, *chunks),
+        self.shape = tuple(spatial)
+        self.depth = chunks[0]
+        self.probs = zarr.create_array(LocalStore(directory), shape=(num_classes, *spatial),
+                                       chunks=(num_classes, *(min(c, s) for c, s in zip(chunks, spatial))),
                                        dtype="float32", fill_value=0.0, compressors=None)
-        self.weights = root.create_array("weights", shape=tuple(spatial), chunks=chunks, dtype="float32",
-                                         fill_value=0.0, compressors=None)
-        self.chunks = chunks
+        self.slab = np.zeros((num_classes, self.depth, *spatial[1:]), dtype=np.float32)
+        self.slab_weights = np.zeros((self.depth, *spatial[1:]), dtype=np.float32)
+        self.lo = 0  # first-axis row of slab row 0
+
+    def _flush(self, upto: int) -> None:
+        """Write rows [lo, upto) out, normalised, and shift the slab to start at `upto`."""
+        n = min(upto, self.shape[0]) - self.lo
+        if n <= 0:
+            return
+        self.probs[:, self.lo:self.lo + n] = self.slab[:, :n] / self.slab_weights[None, :n]
+        keep = self.depth - n
+        if keep > 0:
+            self.slab[:, :keep] = self.slab[:, n:]
+            self.slab_weights[:keep] = self.slab_weights[n:]
+        self.slab[:, max(keep, 0):] = 0
+        self.slab_weights[max(keep, 0):] = 0
+        self.lo += n
 
     def add(self, index: tuple, weighted: np.ndarray, weight: np.ndarray) -> None:
-        full = (slice(None), *index)
-        self.probs[full] = self.probs[full] + weighted
-        self.weights[index] = self.weights[index] + weight
+        first = index[0]
+        start = first if isinstance(first, int) else first.start
+        if start < self.lo:
+            raise ValueError("windows must come ordered by their start on the first axis")
+        self._flush(start)
+        rows = slice(start - self.lo, start - self.lo + 1) if isinstance(first, int) else \
+            slice(start - self.lo, first.stop - self.lo)
+        local = (rows, *index[1:])
+        if isinstance(first, int):  # a 2d window lacks the first axis
+            weighted, weight = weighted[:, None], weight[None]
+        self.slab[(slice(None), *local)] += weighted
+        self.slab_weights[local] += weight
 
     def result(self):
-        """Normalise in place, one chunk at a time; the returned Zarr array reads like a NumPy one."""
-        for block in itertools.product(*(range(0, s, c) for s, c in zip(self.weights.shape, self.chunks))):
-            index = tuple(slice(b, b + c) for b, c in zip(block, self.chunks))
-            self.probs[(slice(None), *index)] = self.probs[(slice(None), *index)] / self.weights[index][None]
+        """Everything written and normalised; the returned Zarr array reads like a NumPy one."""
+        self._flush(self.shape[0])
         return self.probs
 
 
@@ -233,6 +261,7 @@ def sliding_window_predict(
     data = data.astype(np.float32, copy=False)
     if data.ndim - 1 not in (len(patch_size), len(patch_size) + 1):
         raise ValueError(f"image of shape {data.shape} does not match patch {patch_size}")
+    original_spatial = data.shape[1:]
     data, crop = pad_to_patch(data, patch_size)
     spatial = data.shape[1:]
     windows = window_slices(spatial, patch_size, step)
@@ -275,10 +304,10 @@ def sliding_window_predict(
     finally:
         network.train(was_training)
 
-    full = (slice(None), *crop)
+    padded = data.shape[1:] != original_spatial
     if tmp is None:
-        return result[full] if any(c.start or c.stop != s for c, s in zip(crop, spatial)) else result
-    if all(c.start == 0 and c.stop == s for c, s in zip(crop, spatial)):
+        return np.ascontiguousarray(result[(slice(None), *crop)]) if padded else result
+    if not padded:
         weakref.finalize(result, shutil.rmtree, tmp, True)
         return result
     return _crop_zarr(result, crop, tmp, zarr_dir)
@@ -310,12 +339,12 @@ class _NoBar:
         return False
 
 
-def _progress(total: int, enabled: bool, desc: str = "windows"):
+def _progress(total: int, enabled: bool, desc: str = "windows", unit: str = "win"):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=unit != "win")
 
 
 # ---------------------------------------------------------------- a trained model
@@ -492,16 +521,18 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
                             case.case_id)
     case = dataclasses.replace(case, label=None)
     pre = preprocess_case(case, predictor.plans, predictor.config_name, predictor.label_map)
-    store_probs = predictor.store_probabilities(pre.image, progress=progress)
-    del pre.image
+    meta, image = pre.meta, pre.image
+    del pre
+    store_probs = predictor.store_probabilities(image, progress=progress)
+    del image
     label_map = predictor.label_map
     probabilities = None
     if save_probabilities or isinstance(store_probs, np.ndarray):
-        probabilities = restore_probabilities(np.asarray(store_probs[...]), pre.meta)
+        probabilities = restore_probabilities(np.asarray(store_probs[...]), meta)
         del store_probs
         label = label_map.to_values(probabilities.argmax(0))
     else:  # too large for memory: argmax chunk by chunk in the store frame, restore the label only
-        label = restore_label(_argmax_chunked(store_probs, label_map.index_dtype), pre.meta, label_map)
+        label = restore_label(_argmax_chunked(store_probs, label_map.index_dtype), meta, label_map)
         del store_probs
     if predictor.rule is not None:
         label = apply_postprocessing(label, predictor.rule)
@@ -510,7 +541,7 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
         if save_probabilities:
             save_probabilities_npz(probabilities, label_map.values, _npz_path(output_path))
         write_prediction(label, case.geometry, output_path, reference)
-    return from_ras(label, case.geometry), probabilities if save_probabilities else None
+    return label, probabilities if save_probabilities else None
 
 
 def _as_predictor(model) -> Predictor:
@@ -715,7 +746,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
     elif todo:
         predictor = Predictor.from_spec(spec)
         results = []
-        with _progress(len(todo), progress and len(todo) > 1, desc="predict") as bar:
+        with _progress(len(todo), progress and len(todo) > 1, desc="predict", unit="case") as bar:
             for case in todo:
                 results.append(predict_one(predictor, case, output_dir, save_probabilities,
                                            progress=progress and len(todo) == 1))
@@ -730,7 +761,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
         else:
             report.failed.append({"case": r.case_id, "message": r.message})
     report.seconds = time.perf_counter() - start
-    log.info("%s", report)
+    log.debug("%s", report)
     if report.failed:
         from .errors import Problem
 

@@ -316,15 +316,16 @@ def _plan_configuration(name: str, spacing, median_shape, n_voxels_dataset: floa
     explain["spacing"] = "(set by the caller)"
     explain["median_shape"] = (f"median over cases of the shape after cropping, resampled to the target spacing: "
                                f"{_fmt(median_shape)} (store axes)")
-    shrink = (f"; the estimate {first_estimate:,} for padded patch {_fmt(first_padded)} exceeded the budget, so the "
-              f"axis largest relative to the median shape was reduced {steps} time(s) by its pooling multiple"
-              if steps else f"; the padded patch fits the budget ({current:,} <= budget x {reference_batch}/{MIN_BATCH})")
+    shrink = (f"; at batch {MIN_BATCH} its estimate {first_estimate:,} exceeded the budget, so the axis largest "
+              f"relative to the median shape was reduced {steps} time(s) by its pooling multiple"
+              if steps else f"; at batch {MIN_BATCH} it fits the budget")
     explain["patch_size"] = (
         f"initial patch with aspect 1/spacing and the volume of {round(initial_voxels ** (1 / dim))}^{dim} voxels = "
         f"{_fmt(scaled)}, clipped to the median shape -> {_fmt(initial)}, padded to a multiple of 2^pools "
         f"{_fmt(first_padded)}{shrink} -> {_fmt(patch)}; memory: {current:,} feature-map voxels "
-        f"(conv outputs of the U-Net at this patch) vs budget {budget:,.0f} = {REFERENCE_VOXELS_2D if dim == 2 else REFERENCE_VOXELS_3D:,} "
-        f"x {gpu_memory_gb:g} GB / {REFERENCE_GB:g} GB at batch {reference_batch}")
+        f"(conv outputs of the U-Net at this patch, nnU-Net's estimate) x {MIN_BATCH}/{reference_batch} vs budget "
+        f"{budget:,.0f} = {REFERENCE_VOXELS_2D if dim == 2 else REFERENCE_VOXELS_3D:,} x {gpu_memory_gb:g} GB / "
+        f"{REFERENCE_GB:g} GB (nnU-Net's reference at batch {reference_batch})")
     explain["strides"] = (f"{topo.num_stages - 1} poolings: an axis is pooled while its feature map stays >= "
                           f"{2 * FEATUREMAP_MIN_EDGE} voxels (one axis alone: >= {3 * FEATUREMAP_MIN_EDGE}) and its spacing is "
                           f"within 2x of the finest poolable axis; pools per axis {_fmt([int(math.log2(d)) for d in topo.divisible_by])}, "
@@ -362,7 +363,7 @@ def _add_common(conf: ConfigurationPlan, normalization: list[ChannelNormalizatio
     conf.anisotropy_threshold = ANISO_THRESHOLD
     e = conf.explanations
     e["normalization_schemes"] = "; ".join(norm_texts)
-    e["use_mask_for_norm"] = "per channel, see normalization_schemes: " + _fmt([int(n.use_nonzero_mask) for n in normalization])
+    e["use_mask_for_norm"] = "per channel, see normalization_schemes: " + _fmt([n.use_nonzero_mask for n in normalization])
     e["image_order"] = f"images are resampled with cubic splines (order {IMAGE_ORDER}), as nnU-Net"
     e["label_order"] = (f"labels are resampled one-hot with linear interpolation (order {LABEL_ORDER}) and the argmax "
                         "kept, as nnU-Net")
@@ -416,7 +417,7 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
             configurations["3d_lowres"] = lowres
             plans_text["cascade"] = ("nnU-Net would also train 3d_cascade_fullres (3d_fullres fed with 3d_lowres "
                                      "predictions as extra input channels); this pipeline does not plan the cascade")
-        configurations["3d_lean"] = _plan_lean(full, n_voxels_dataset)
+        configurations["3d_lean"] = _plan_lean(full, n_voxels_dataset, num_classes, gpu_memory_gb)
     else:
         plans_text["3d_fullres"] = (f"no 3D configuration: the median image has a single slice along the first "
                                     f"store axis ({_fmt(median_shape)})")
@@ -481,12 +482,17 @@ def _plan_lowres(full: ConfigurationPlan, median_shape: np.ndarray, num_cases: i
     return lowres, f"3d_lowres created (first stage of nnU-Net's cascade): {lowres.explanations['spacing']}"
 
 
-def _plan_lean(full: ConfigurationPlan, n_voxels_dataset: float) -> ConfigurationPlan:
-    """The compute-budget preset: same data and patch as 3d_fullres, a quarter-width network."""
+def _plan_lean(full: ConfigurationPlan, n_voxels_dataset: float, num_classes: int,
+               gpu_memory_gb: float) -> ConfigurationPlan:
+    """The compute-budget preset: same data and patch as 3d_fullres, a thinner network, batch 4
+    (fewer if the memory budget or the 5 % rule says so, never below 2)."""
     feats = features_per_stage(full.num_stages, LEAN_BASE_FEATURES, LEAN_MAX_FEATURES)
     patch_voxels = float(np.prod(full.patch_size, dtype=np.float64))
     from_coverage = round(n_voxels_dataset * MAX_DATASET_COVERED / patch_voxels)
-    batch = max(min(LEAN_BATCH, from_coverage), MIN_BATCH)
+    estimate = feature_map_voxels(full.patch_size, full.strides, feats, num_classes)
+    budget = REFERENCE_VOXELS_3D * (gpu_memory_gb / REFERENCE_GB)
+    from_budget = round(budget / estimate * REFERENCE_BATCH_3D)
+    batch = max(min(LEAN_BATCH, from_budget, from_coverage), MIN_BATCH)
     return ConfigurationPlan(
         name="3d_lean",
         inherits_from="3d_fullres",
@@ -497,10 +503,11 @@ def _plan_lean(full: ConfigurationPlan, n_voxels_dataset: float) -> Configuratio
         explanations={
             "data_identifier": "3d_fullres: same spacing, patch and normalisation, so it trains from the same store",
             "features_per_stage": (f"{LEAN_BASE_FEATURES} doubling per stage, capped at {LEAN_MAX_FEATURES}: {_fmt(feats)} "
-                                   f"(nnU-Net: {_fmt(full.features_per_stage)}); about 1/4-1/8 of the compute per step"),
-            "batch_size": (f"lean batch {LEAN_BATCH}, capped by 5% of the dataset's {n_voxels_dataset:,.0f} voxels / patch "
-                           f"{patch_voxels:,.0f} = {from_coverage}, at least {MIN_BATCH} -> {batch}; the thinner net at "
-                           f"batch {LEAN_BATCH} needs less memory than nnU-Net's at batch {full.batch_size}"),
+                                   f"(nnU-Net: {_fmt(full.features_per_stage)}), a fraction of the compute per step"),
+            "batch_size": (f"lean batch {LEAN_BATCH}, capped by the memory budget (round({budget:,.0f} / {estimate:,} "
+                           f"feature-map voxels x {REFERENCE_BATCH_3D}) = {from_budget}) and by 5% of the dataset's "
+                           f"{n_voxels_dataset:,.0f} voxels / patch {patch_voxels:,.0f} = {from_coverage}, "
+                           f"at least {MIN_BATCH} -> {batch}"),
             "patch_size": f"inherited from 3d_fullres ({_fmt(full.patch_size)}): the same store serves both",
             "preset": ("lean: for CPUs and small time budgets. Measured on hippocampus (2 CPU cores): nnU-Net's default "
                        "32..320 recipe reached Dice 0.16 after 30 CPU-minutes, a 16..128 net reached 0.84 in 15"),

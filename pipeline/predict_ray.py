@@ -28,8 +28,8 @@ def ray_runtime(num_workers: int | None, ray_address: str | None) -> Iterator[No
     if ray_address:
         ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_workers or None, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False, log_to_driver=False)
+        ray.init(num_cpus=max(num_workers or 1, os.cpu_count() or 1), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -60,17 +60,21 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
 
     with ray_runtime(num_workers, ray_address):
         resources = ray.cluster_resources()
-        workers = max(1, min(len(cases), num_workers or int(resources.get("CPU", 1))))
+        cpus = max(1, int(resources.get("CPU", 1)))
+        # one CPU slot per actor, so every actor gets scheduled; torch threads share out the cores
+        workers = max(1, min(len(cases), num_workers or cpus, cpus))
+        node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+        threads = max(1, min(cpus // workers, node_cpus))
         gpus = resources.get("GPU", 0.0)
         options = {"num_cpus": 1}
         if gpus and not (spec.device or "").startswith("cpu"):  # share the GPUs; an actor without one uses its CPU
             options["num_gpus"] = min(1.0, gpus / workers)
         actor_cls = ray.remote(_PredictorActor).options(**options)
-        actors = [actor_cls.remote(spec, threads=1) for _ in range(workers)]
+        actors = [actor_cls.remote(spec, threads=threads) for _ in range(workers)]
         try:
             pool = ActorPool(actors)
             results = []
-            with _progress(len(cases), progress, desc=f"predict ({workers} Ray workers)") as bar:
+            with _progress(len(cases), progress, desc=f"predict ({workers} Ray workers)", unit="case") as bar:
                 for result in pool.map_unordered(
                         lambda actor, case: actor.predict.remote(case, str(output_dir), save_probabilities), cases):
                     results.append(result)

@@ -63,9 +63,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_cases: int = 24, seed: int
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is an ordinary folder
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
     try:
         _write_dataset(tmp, params)
         _move_into_place(tmp, out, params)
@@ -81,7 +79,10 @@ def _is_complete(out: Path, params: dict) -> bool:
         return False
     if not isinstance(meta, dict) or meta.get("synthetic") != params:
         return False
-    return all((out / e[k]).is_file() for e in meta.get("training", []) for k in ("image", "label"))
+    try:
+        return all((out / e[k]).is_file() for e in meta["training"] for k in ("image", "label"))
+    except (KeyError, TypeError):
+        return False
 
 
 def _replaceable(out: Path) -> bool:
@@ -124,11 +125,13 @@ def _write_dataset(root: Path, params: dict) -> None:
     for i in range(params["num_cases"]):
         case_id = f"phantom_{i:03d}"
         image, label, affine = make_case(params["seed"], i, tuple(params["shape"]))
+        header = nib.Nifti1Header()
+        header.set_qform(affine, code=1)  # scanner coordinates, as both forms of a real scan
+        header.set_sform(affine, code=1)
+        header.set_xyzt_units("mm", "sec")
         for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
-            img = nib.Nifti1Image(data, affine)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-            img.header.set_xyzt_units("mm", "sec")
+            img = nib.Nifti1Image(data, affine, header)
+            img.set_data_dtype(data.dtype)  # a header passed in would impose its own (float32)
             nib.save(img, str(root / folder / f"{case_id}.nii.gz"))
         training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
     meta = {
@@ -217,5 +220,6 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def _ellipsoid(points: np.ndarray, centre, semi_axes, rotation: np.ndarray) -> np.ndarray:
     """Voxels whose centres lie inside the ellipsoid (semi-axes along the columns of `rotation`)."""
-    local = (points - centre) @ rotation  # coordinates along the ellipsoid's own axes
-    return ((local / semi_axes) ** 2).sum(axis=-1) <= 1.0
+    flat = points.reshape(-1, 3) - centre
+    local = flat @ (rotation / np.asarray(semi_axes))  # along the ellipsoid's own axes, in semi-axis units
+    return (np.einsum("ij,ij->i", local, local) <= 1.0).reshape(points.shape[:-1])

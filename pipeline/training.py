@@ -195,6 +195,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     """Check everything a run needs before any worker starts; returns resolved settings, plans and the
     JSON `train_loop_config` for the workers. Creates `W/splits.json` the first time (once, here,
     so workers never race to write it)."""
+    from .model import build_network
     from .splits import load_or_create_splits
     from .store import open_store
 
@@ -208,6 +209,8 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
         raise BadInputError(f"{wd.store}/{conf.data_identifier} holds {len(available)} complete case(s); "
                             "training needs at least 2 (run `segpipe preprocess`)")
     split = load_or_create_splits(wd, available).split(settings.fold, available)
+    with torch.device("meta"):  # a plan the network cannot be built from fails here, not in every worker
+        build_network(conf, len(plans.channels), len(plans.label_values))
     global_batch = int(conf.batch_size or 2)
     workers = settings.num_workers or 1
     if workers > global_batch:
@@ -247,9 +250,13 @@ def collect_result(run_dir: Path, final_metrics: dict | None, resumed_from: int 
     return TrainResult(
         run_dir=str(run_dir), final_model=str(final), best_model=str(best) if best.is_file() else None,
         epochs=int(meta["epoch"]), resumed_from_epoch=resumed_from,
-        final_metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None},
+        final_metrics={k: v for k, v in metrics.items() if _is_json_value(v)},
         metrics_csv=str(run_dir / "metrics.csv"), curves_png=str(curves) if curves.is_file() else None,
     )
+
+
+def _is_json_value(v) -> bool:
+    return v is None or isinstance(v, (int, float, str)) or (isinstance(v, list) and all(_is_json_value(x) for x in v))
 
 
 def _number(text: str):

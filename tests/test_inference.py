@@ -138,11 +138,13 @@ def test_image_smaller_than_the_patch_is_padded_and_cropped_back():
     np.testing.assert_array_equal(probs.argmax(0), label)
 
 
-def test_2d_patch_predicts_slice_by_slice():
+@pytest.mark.parametrize("accumulate", ["memory", "zarr"])
+def test_2d_patch_predicts_slice_by_slice(accumulate, tmp_path):
     image, label = _volume((6, 41, 23), seed=2)
-    probs = sliding_window_predict(ThresholdNet(dims=2), image, (16, 16), 3, tta_mirror=True, batch_size=4)
+    probs = sliding_window_predict(ThresholdNet(dims=2), image, (16, 16), 3, tta_mirror=True, batch_size=4,
+                                   accumulate=accumulate, zarr_dir=tmp_path)
     assert probs.shape == (3, 6, 41, 23)
-    np.testing.assert_array_equal(probs.argmax(0), label)
+    np.testing.assert_array_equal(np.asarray(probs[...]).argmax(0), label)
 
 
 def test_tta_of_a_mirror_equivariant_net_equals_no_tta():
@@ -198,7 +200,7 @@ import nibabel as nib  # noqa: E402
 from pipeline.cli import main as cli_main  # noqa: E402
 from pipeline.dataset import CaseFiles, LabelMap, load_dataset  # noqa: E402
 from pipeline.errors import BadInputError, SegPipeError  # noqa: E402
-from pipeline.inference import Predictor, group_input_files, predict_case, predict_folder  # noqa: E402
+from pipeline.inference import ModelSpec, Predictor, group_input_files, predict_case, predict_folder  # noqa: E402
 from pipeline.workdir import Workdir  # noqa: E402
 
 CONFIG = "3d_lean"  # the smallest real topology: the tests run on 2 CPU cores
@@ -266,18 +268,21 @@ def hippo_model(tmp_path_factory, hippocampus):
     return make_model(tmp_path_factory.mktemp("hippo_model"), hippocampus, num_cases=2)
 
 
-@pytest.mark.parametrize("case", ["sct_t1w", "sct_t2", "sct_t2s"])  # RAS, PSR, LAS (0.5 x 0.5 x 7.5 mm)
-def test_prediction_lands_on_the_input_grid_in_its_own_orientation(case, sct_model, spinalcord, tmp_path):
+# RAS, PSR, LAS (0.5 x 0.5 x 7.5 mm); "zarr": the out-of-memory path (chunked argmax, label restored alone)
+@pytest.mark.parametrize("case,accumulate", [("sct_t1w", "memory"), ("sct_t2", "memory"), ("sct_t2s", "memory"),
+                                             ("sct_t2", "zarr"), ("sct_t2s", "zarr")])
+def test_prediction_lands_on_the_input_grid_in_its_own_orientation(case, accumulate, sct_model, spinalcord, tmp_path):
     # Feed the reference label in as the image and segment it by thresholding: the prediction must
     # come back as that label, voxel for voxel in the file's own axis order, through preprocessing
     # (reorient, transpose, crop, normalise, resample), sliding window and export.
     wd, plans = sct_model
     label_file = spinalcord / "labelsTr" / f"{case}.nii.gz"
-    predictor = Predictor(SignNet(), plans, CONFIG, LabelMap((0, 1)))
+    predictor = Predictor(SignNet(), plans, CONFIG, LabelMap((0, 1)), spec=ModelSpec((), accumulate=accumulate))
     (tmp_path / "in").mkdir()
     os.symlink(label_file, tmp_path / "in" / f"{case}.nii.gz")
     files = CaseFiles(case, (tmp_path / "in" / f"{case}.nii.gz",), None)
-    label, probs = predict_case(predictor, files, tmp_path / "out" / f"{case}.nii.gz", save_probabilities=True)
+    with_probs = accumulate == "memory"
+    label, probs = predict_case(predictor, files, tmp_path / "out" / f"{case}.nii.gz", save_probabilities=with_probs)
     reference = np.asarray(nib.load(label_file).dataobj)
     assert label.shape == reference.shape
     if case == "sct_t2s":
@@ -291,6 +296,9 @@ def test_prediction_lands_on_the_input_grid_in_its_own_orientation(case, sct_mod
     written = nib.load(tmp_path / "out" / f"{case}.nii.gz")
     np.testing.assert_array_equal(np.asarray(written.dataobj), label)
     assert_same_geometry(tmp_path / "out" / f"{case}.nii.gz", label_file)
+    if not with_probs:
+        assert probs is None and not (tmp_path / "out" / f"{case}.npz").exists()
+        return
     npz = np.load(tmp_path / "out" / f"{case}.npz")
     assert npz["probabilities"].dtype == np.float16 and list(npz["labels"]) == [0, 1]
     assert npz["probabilities"].shape == (2, *nib.as_closest_canonical(written).shape)
@@ -387,7 +395,6 @@ def test_input_grouping(tmp_path, hippocampus):
     for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "scan_2019.nii.gz", ".hidden.nii.gz"):
         os.symlink(image, tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
-    cases = {c.case_id: c for c in group_input_files(tmp_path, 2)} if False else None
     with pytest.raises(BadInputError) as err:  # b and scan_2019 have one channel, the model two
         group_input_files(tmp_path, 2)
     assert {p.case for p in err.value.problems} == {"b", "scan_2019"}
@@ -408,3 +415,42 @@ def test_ray_workers_predict_like_the_sequential_path(ray_session, hippo_model, 
     for p in images:
         np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "ray" / p.name).dataobj),
                                       np.asarray(nib.load(tmp_path / "seq" / p.name).dataobj))
+
+
+def test_fold_ensemble_averages_probabilities(tmp_path):
+    from pipeline.inference import _Ensemble
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(1, 30, 22, 17)).astype(np.float32)
+    a, b = _conv_net(3, 1, 3, symmetric=False, seed=1), _conv_net(3, 1, 3, symmetric=False, seed=2)
+    both = sliding_window_predict(_Ensemble([a, b]), image, (16, 16, 8), 3, tta_mirror=False)
+    each = [sliding_window_predict(n, image, (16, 16, 8), 3, tta_mirror=False) for n in (a, b)]
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, atol=1e-6)
+
+
+def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model, hippocampus, tmp_path):
+    import shutil
+
+    from pipeline.postprocessing import PostprocessingRule, keep_largest
+    from scipy import ndimage
+
+    wd = Workdir.at(tmp_path / "w")
+    shutil.copytree(hippo_model[0].root, wd.root)
+    image = sorted((hippocampus / "imagesTr").iterdir())[1]
+    inputs = link_inputs(tmp_path / "in", [image])
+    read = lambda d: np.asarray(nib.load(tmp_path / d / image.name).dataobj)  # noqa: E731
+    predict_folder(wd, inputs, tmp_path / "single", config=CONFIG, tta=False, progress=False)
+
+    shutil.copytree(wd.run_dir(CONFIG, "0"), wd.run_dir(CONFIG, "1"))  # the same weights twice
+    report = predict_folder(wd, inputs, tmp_path / "pair", config=CONFIG, fold="0,1", tta=False, progress=False)
+    assert report.folds == ["0", "1"]
+    np.testing.assert_array_equal(read("pair"), read("single"))
+
+    single = read("single")
+    components = lambda a: ndimage.label(a, np.ones((3, 3, 3)))[1]  # noqa: E731
+    assert components(single == 2) > 1  # the untrained net leaves specks
+    rule = PostprocessingRule(labels=(1, 2), keep_largest_per_class=(2,))
+    rule.save(wd.run_dir(CONFIG, "0") / "postprocessing.json")
+    predict_folder(wd, inputs, tmp_path / "post", config=CONFIG, tta=False, progress=False)
+    np.testing.assert_array_equal(read("post"), keep_largest(single, [2]))
+    assert components(read("post") == 2) == 1

@@ -1,10 +1,10 @@
 """The planner reproduces nnU-Net v2's default ExperimentPlanner.
 
-Reference values: nnunetv2 2.8.1 (dynamic-network-architectures 0.4.4), run by
-`nnUNetv2_plan_and_preprocess -d 4 501 502 -c 2d 3d_fullres --verify_dataset_integrity`
-on the shared datasets converted to nnU-Net raw layout (TotalSegmentator's labels relabelled
-0..40), and `nnUNetv2_plan_experiment -d 900 901` on two synthetic fingerprints (no images);
-see /work/nnunet_ref/NOTES.md and tests/reference/.
+Reference values: nnunetv2 2.8.1 (dynamic-network-architectures 0.4.4, torch 2.13.0 CPU), from
+`nnUNetv2_plan_and_preprocess -d 4 501 502 --verify_dataset_integrity -c 2d 3d_fullres -np 2` on the
+shared datasets converted to nnU-Net's raw layout (channel names MRI / MRI / CT; TotalSegmentator's
+labels relabelled 0..41), and `nnUNetv2_plan_experiment -d 900 901` on two hand-written synthetic
+fingerprints; recorded with provenance in tests/reference/nnunet_v2_plans.json.
 
 Axes: nnU-Net plans in the axis order SimpleITK reads each file in, (z, y, x) of the voxel array,
 without reorienting. Our store order is RAS permuted by transpose_forward, coarsest axis first and
@@ -143,6 +143,38 @@ def test_sct_differs_from_nnunet_only_by_its_frame(sct_plans):
     assert theirs.features_per_stage == [32, 64, 128, 256]
     theirs_2d = _plan_configuration("2d", [1.0, 1.0], [55, 42], n_voxels, 2, 8.0, {})
     assert theirs_2d.patch_size == [56, 48] and theirs_2d.batch_size == 9
+
+
+REFERENCE = Path(__file__).parent / "reference" / "nnunet_v2_plans.json"
+
+
+@pytest.mark.parametrize("name", ["Task04_Hippocampus", "TotalSegmentator_CT"])
+def test_every_field_matches_the_recorded_nnunet_plans(name, hippo_plans, totalseg_planned):
+    """Field by field against nnU-Net's plans file, for the RAS-stored datasets (identical frames:
+    nnU-Net's transpose [0, 1, 2] of (z, y, x) is our [2, 1, 0] of RAS)."""
+    if not REFERENCE.is_file():
+        pytest.skip(f"{REFERENCE} not found")
+    import json
+
+    ref = json.loads(REFERENCE.read_text())[name]
+    plans = {"Task04_Hippocampus": hippo_plans, "TotalSegmentator_CT": totalseg_planned}[name][2]
+    assert ref["transpose_forward"] == [0, 1, 2] and plans.transpose_forward == [2, 1, 0]
+    schemes = {"ZScoreNormalization": "zscore", "CTNormalization": "ct"}
+    for config in ("3d_fullres", "2d"):
+        theirs, ours = ref["configurations"][config], plans.configuration(config)
+        assert ours.spacing == pytest.approx(theirs["spacing"])
+        assert ours.patch_size == theirs["patch_size"]
+        assert ours.batch_size == theirs["batch_size"]
+        assert ours.median_shape == [round(m) for m in theirs["median_image_size_in_voxels"]]
+        assert ours.strides == theirs["strides"] and ours.kernel_sizes == theirs["kernel_sizes"]
+        assert ours.features_per_stage == theirs["features_per_stage"]
+        assert [ours.n_conv_per_stage] * ours.num_stages == theirs["n_conv_per_stage"]
+        assert ours.normalization_schemes == [schemes[s] for s in theirs["normalization_schemes"]]
+        assert ours.use_mask_for_norm == theirs["use_mask_for_norm"]
+        assert (ours.image_order, ours.label_order, ours.order_z) == (
+            theirs["resampling_fn_data_kwargs"]["order"], theirs["resampling_fn_seg_kwargs"]["order"],
+            theirs["resampling_fn_data_kwargs"]["order_z"])
+    assert ("3d_lowres" in plans.configurations) == ref["has_3d_lowres"]
 
 
 # ------------------------------------------------------------------ synthetic fingerprints

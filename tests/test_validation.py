@@ -198,6 +198,16 @@ def forged_huge_shape(root):
         f.write(np.random.default_rng(0).bytes(100_000))
 
 
+def gzip_bomb(root):
+    """A small, valid header followed by a stream that inflates far past what the header declares."""
+    header = nib.load(_image(root)).header.copy()
+    header.set_data_dtype(np.uint8)  # same shape as the label: 70 KB declared
+    with gzip.open(_image(root), "wb", compresslevel=9) as f:
+        f.write(header.binaryblock + b"\0" * 4)
+        for _ in range(64):
+            f.write(bytes(2**20))  # 64 MiB of zeros: a ~64 KB file
+
+
 DEFECTS = [
     # (break it, the case blamed, a phrase the message must hold)
     (missing_image, VICTIM, "missing file"),
@@ -221,6 +231,7 @@ DEFECTS = [
     (path_escapes, "outside", "escapes the dataset folder"),
     (symlink_outside, VICTIM, "points outside the dataset folder"),
     (forged_huge_shape, VICTIM, "forged header"),
+    (gzip_bomb, VICTIM, "beyond what its header declares"),
 ]
 
 
@@ -251,15 +262,16 @@ def test_dataset_json_problems_are_reported_for_the_dataset(small, edit, phrase)
     assert any(p.case is None and phrase in p.message for p in problems), problems
 
 
-def test_forged_header_is_refused_without_allocating_its_shape(small):
-    forged_huge_shape(small)
+@pytest.mark.parametrize("defect", [forged_huge_shape, gzip_bomb])
+def test_forged_sizes_are_refused_without_allocating_them(small, defect):
+    defect(small)
     tracemalloc.start()
     try:
         validate_dataset(small)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 64 * 2**20  # the header claims 238 GiB
+    assert peak < 16 * 2**20  # the forged header claims 238 GiB; the bomb inflates to 64 MiB
 
 
 def test_every_problem_of_a_dataset_comes_in_one_report(small):
@@ -287,6 +299,36 @@ def test_nnunet_v2_layout_defects(hippocampus, tmp_path):
     problems = validate_dataset(root)
     found = {(p.case, key) for p in problems for key in ("missing channel", "spacing", "_XXXX") if key in p.message}
     assert found == {(CASES[0], "missing channel"), (VICTIM, "spacing"), ("stray", "_XXXX")}, problems
+
+
+def test_v2_label_linked_from_outside_is_reported_and_not_read(hippocampus, tmp_path):
+    from test_dataset import nnunet_v2_from_hippocampus
+
+    root = nnunet_v2_from_hippocampus(hippocampus, tmp_path / "v2", cases=CASES)
+    outside = tmp_path / "secret.nii.gz"
+    outside.write_text("not even an image")  # reading it would add an 'unreadable' problem
+    _label(root).unlink()
+    os.symlink(outside, _label(root))
+    problems = validate_dataset(root)
+    assert [(p.case, "points outside" in p.message) for p in problems] == [(VICTIM, True)], problems
+
+
+def test_uncompressed_nii_files_are_read_and_truncation_caught(hippocampus, tmp_path):
+    root = tmp_path / "nii"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for case in CASES:
+        for folder, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+            img = nib.load(hippocampus / folder / f"{case}.nii.gz")
+            nib.save(img, root / folder / f"{case}{suffix}.nii")
+    _set_meta(root, {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "p": 2},
+                     "file_ending": ".nii"})
+    assert check_dataset(root).ok
+    path = root / "labelsTr" / f"{VICTIM}.nii"
+    path.write_bytes(path.read_bytes()[:-100])
+    problems = validate_dataset(root)
+    assert [p.case for p in problems] == [VICTIM]
+    assert "cannot hold" in problems[0].message or "truncated" in problems[0].message
 
 
 @pytest.mark.parametrize("name", ["hippocampus", "spinalcord", "totalseg"])

@@ -1,0 +1,275 @@
+"""Training-step throughput on CPU: forward + deep-supervised Dice+CE + backward + SGD, samples per second.
+
+The plan is nnU-Net's own 3d_fullres for Task04_Hippocampus (tests/reference/nnunet_v2_plans.json when
+present, else the same values written below). Variants, each in its own subprocess with a timeout so that
+a slow `torch.compile` cannot eat the budget: float32 default layout, channels_last_3d, bfloat16 autocast,
+torch.compile (inductor). Also timed: one batch of nnU-Net-default augmentation (pipeline.augmentation).
+
+Implementations are pluggable (`IMPLEMENTATIONS`): `seg-pipeline` is ours; `nnunet` builds
+dynamic_network_architectures' PlainConvUNet with nnunetv2's DC_and_CE_loss + DeepSupervisionWrapper, and
+needs an interpreter where those are installed: `--nnunet-python /path/to/venv/bin/python` adds it.
+
+    .venv/bin/python benchmarks/train_step.py [--batch 2] [--budget 270] [--full-batch] [--nnunet-python PY]
+
+Per-sample cost on CPU is close to linear in the batch, so the variants run at a small batch (default 2)
+to fit the time budget; `--full-batch` adds a float32 run at the plan's batch size (nnU-Net: 7).
+Results: benchmarks/results/train_step.{json,md}. Timings on a shared 2-core machine are noisy: the
+load average is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+REFERENCE = REPO / "tests" / "reference" / "nnunet_v2_plans.json"
+FALLBACK_PLAN = {  # nnU-Net v2 3d_fullres, Task04_Hippocampus
+    "patch_size": [40, 56, 40], "batch_size": 7, "kernel_sizes": [[3, 3, 3]] * 4,
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "features_per_stage": [32, 64, 128, 256], "n_conv_per_stage": 2,
+}
+NUM_CLASSES = 3  # background, anterior, posterior
+NNUNET_NOTE_S_PER_IT = 13.3  # nnU-Net's own figure for this plan on this 2-core CPU, batch 7 (from the task notes)
+VARIANTS = {
+    "fp32": dict(memory_format="contiguous", autocast=None, compile=False),
+    "channels_last_3d": dict(memory_format="channels_last_3d", autocast=None, compile=False),
+    "bf16_autocast": dict(memory_format="contiguous", autocast="bfloat16", compile=False),
+    "torch_compile": dict(memory_format="contiguous", autocast=None, compile=True),
+}
+
+
+def load_plan() -> tuple[dict, str]:
+    if REFERENCE.is_file():
+        conf = json.loads(REFERENCE.read_text())["Task04_Hippocampus"]["configurations"]["3d_fullres"]
+        n_conv = conf["n_conv_per_stage"]
+        plan = {k: conf[k] for k in ("patch_size", "batch_size", "kernel_sizes", "strides", "features_per_stage")}
+        plan["n_conv_per_stage"] = n_conv[0] if isinstance(n_conv, list) else n_conv
+        return plan, str(REFERENCE.relative_to(REPO))
+    return dict(FALLBACK_PLAN), "built-in copy of nnU-Net's Task04 3d_fullres plan"
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations: each returns (network, loss_fn) for the plan
+
+
+def _build_ours(plan: dict):
+    from pipeline.losses import build_loss
+    from pipeline.model import build_network
+    from pipeline.plans import ConfigurationPlan
+
+    conf = ConfigurationPlan(name="3d_fullres", **{k: v for k, v in plan.items() if k != "batch_size"})
+    return build_network(conf, 1, NUM_CLASSES), build_loss("dice_ce")
+
+
+def _build_nnunet(plan: dict):
+    import numpy as np
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from torch import nn
+
+    n = len(plan["strides"])
+    net = PlainConvUNet(1, n, plan["features_per_stage"], nn.Conv3d, plan["kernel_sizes"], plan["strides"],
+                        [plan["n_conv_per_stage"]] * n, NUM_CLASSES, [plan["n_conv_per_stage"]] * (n - 1), conv_bias=True,
+                        norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                        nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    net.apply(InitWeights_He(1e-2))
+    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    weights = np.array([1 / 2**i for i in range(n - 1)])
+    weights[-1] = 0
+    loss = DeepSupervisionWrapper(loss, weights / weights.sum())
+
+    def loss_fn(outputs, target):  # nnU-Net feeds a list of targets, downsampled by its data loader
+        import torch.nn.functional as F
+
+        t = target[:, None].float()
+        targets = [F.interpolate(t, size=o.shape[2:], mode="nearest-exact") for o in outputs]
+        return loss(outputs, targets)
+
+    return net, loss_fn
+
+
+IMPLEMENTATIONS = {"seg-pipeline": _build_ours, "nnunet": _build_nnunet}
+
+
+# ------------------------------------------------------------------------------------------------
+# worker: one (implementation, variant, batch) measurement, printed as one JSON line
+
+
+def worker(impl: str, variant: str, batch: int, threads: int, min_time: float, max_steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    plan, _ = load_plan()
+    v = VARIANTS[variant]
+    net, loss_fn = IMPLEMENTATIONS[impl](plan)
+    fmt = torch.channels_last_3d if v["memory_format"] == "channels_last_3d" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    model = torch.compile(net) if v["compile"] else net
+    x = torch.randn(batch, 1, *plan["patch_size"]).to(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (batch, *plan["patch_size"]))
+    dtype = getattr(torch, v["autocast"]) if v["autocast"] else None
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+        loss = loss_fn(out, y)  # losses compute in float32
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    t0 = time.perf_counter()
+    first_loss = step()  # includes oneDNN primitive creation / compilation
+    first = time.perf_counter() - t0
+    times = []
+    while len(times) < max_steps and (sum(times) < min_time or not times):
+        t = time.perf_counter()
+        last_loss = step()
+        times.append(time.perf_counter() - t)
+    s_per_step = sum(times) / len(times)
+    return {"impl": impl, "variant": variant, "batch": batch, "threads": threads, **v,
+            "first_step_s": round(first, 3), "steps_timed": len(times), "s_per_step": round(s_per_step, 3),
+            "samples_per_s": round(batch / s_per_step, 4), "loss_first": round(first_loss, 4), "loss_last": round(last_loss, 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+
+
+def run_one(python: str, impl: str, variant: str, batch: int, args, timeout: float) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", impl, variant, str(batch),
+           "--threads", str(args.threads), "--min-time", str(args.min_time), "--max-steps", str(args.max_steps)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = {"impl": impl, "variant": variant, "batch": batch, "threads": args.threads}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"did not finish within {timeout:.0f} s (budget)"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**base, "error": err[:300]}
+    return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - t, 1)}
+
+
+def time_augmentation(plan: dict, batch: int) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from pipeline.augmentation import AugmentationConfig, Augmenter
+
+    rows = []
+    image = np.random.default_rng(0).normal(size=(batch, 1, *plan["patch_size"])).astype(np.float32)
+    label = np.random.default_rng(1).integers(0, NUM_CLASSES, (batch, *plan["patch_size"])).astype(np.uint8)
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name, config in (("nnunet", AugmentationConfig.for_patch(plan["patch_size"])), ("light", AugmentationConfig.light())):
+            aug, rng = Augmenter(config), np.random.default_rng(0)
+            aug(image, label, rng)
+            n, t = 0, time.perf_counter()
+            while n < 30 and (time.perf_counter() - t) < 5:
+                aug(image, label, rng)
+                n += 1
+            rows.append({"config": name, "threads": threads, "batch": batch,
+                         "ms_per_batch": round((time.perf_counter() - t) / n * 1000, 1)})
+    torch.set_num_threads(before)
+    return rows
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = ["# Training step on CPU (forward + Dice/CE deep supervision + backward + SGD)", "",
+             f"Plan: {result['plan_source']} — patch {result['plan']['patch_size']}, features "
+             f"{result['plan']['features_per_stage']}, {len(result['plan']['strides'])} stages. "
+             f"Machine: {result['machine']['cpu_count']} CPUs, torch {result['machine']['torch']}, "
+             f"load average {result['machine']['load_before']} before / {result['machine']['load_after']} after "
+             "(other jobs shared the cores: compare rows with each other, not across runs).", "",
+             "| impl | variant | batch | threads | s/step | samples/s | s/step scaled to batch 7 | first step s | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['threads']} | – | – | – | – | {r['error']} |")
+        else:
+            lines.append(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['threads']} | {r['s_per_step']} | "
+                         f"{r['samples_per_s']} | {r['s_per_step'] / r['batch'] * 7:.1f} | {r['first_step_s']} | "
+                         f"{r['steps_timed']} steps timed |")
+    lines += ["", f"nnU-Net's own figure for this plan on this CPU: {NNUNET_NOTE_S_PER_IT} s/iteration at batch 7 "
+              "(from the task notes, not re-measured here; `--nnunet-python` measures it side by side).", "",
+              "## Augmentation (pipeline.augmentation, one batch)", "", "| config | threads | batch | ms/batch |", "|---|---|---|---|"]
+    lines += [f"| {a['config']} | {a['threads']} | {a['batch']} | {a['ms_per_batch']} |" for a in result["augmentation"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=2, help="batch size for the variant comparison")
+    ap.add_argument("--full-batch", action="store_true", help="add a float32 run at the plan's batch size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds for all training-step runs together")
+    ap.add_argument("--min-time", type=float, default=10.0, help="time at least this long per variant (after warm-up)")
+    ap.add_argument("--max-steps", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--nnunet-python", help="interpreter with nnunetv2 installed: adds nnU-Net's network + loss")
+    args = ap.parse_args()
+
+    if args.worker:
+        impl, variant, batch = args.worker
+        print(json.dumps(worker(impl, variant, int(batch), args.threads, args.min_time, args.max_steps)))
+        return
+
+    import torch
+
+    plan, source = load_plan()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    start = time.perf_counter()
+    jobs = [(sys.executable, "seg-pipeline", v, args.batch) for v in args.variants.split(",")]
+    if args.nnunet_python:
+        jobs.insert(1, (args.nnunet_python, "nnunet", "fp32", args.batch))
+    if args.full_batch:
+        jobs.append((sys.executable, "seg-pipeline", "fp32", plan["batch_size"]))
+    runs = []
+    for python, impl, variant, batch in jobs:
+        left = args.budget - (time.perf_counter() - start)
+        if left < 5:
+            runs.append({"impl": impl, "variant": variant, "batch": batch, "threads": args.threads, "error": "skipped: budget spent"})
+            continue
+        r = run_one(python, impl, variant, batch, args, left)
+        runs.append(r)
+        print(json.dumps(r), flush=True)
+    augmentation = time_augmentation(plan, plan["batch_size"])
+    for a in augmentation:
+        print(json.dumps(a))
+    result = {
+        "benchmark": "train_step", "plan": plan, "plan_source": source, "num_classes": NUM_CLASSES,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()]},
+        "runs": runs, "augmentation": augmentation,
+        "reference": {"nnunet_s_per_iteration_batch7": NNUNET_NOTE_S_PER_IT, "source": "task notes (not re-measured)"},
+        "total_s": round(time.perf_counter() - start, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, writer in (("train_step.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n")),
+                         ("train_step.md", lambda p: write_markdown(result, p))):
+        tmp = RESULTS / f".{name}.tmp"
+        writer(tmp)
+        os.replace(tmp, RESULTS / name)
+    print((RESULTS / "train_step.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
