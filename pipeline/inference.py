@@ -294,7 +294,7 @@ def sliding_window_predict(
                     raise ValueError(f"network predicts {probs.shape[1]} classes, expected {num_classes}")
                 weighted = (probs * gaussian_dev).cpu().numpy()
                 for w, pred in zip(chunk, weighted):
-                    acc.add(w, pred, gaussian)
+                    acc.add(w, pred, np.ones_like(gaussian))
                 bar.update(len(chunk))
         result = acc.result()
     except BaseException:
@@ -541,7 +541,7 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
         if save_probabilities:
             save_probabilities_npz(probabilities, label_map.values, _npz_path(output_path))
         write_prediction(label, case.geometry, output_path, reference)
-    return label, probabilities if save_probabilities else None
+    return from_ras(label, case.geometry), probabilities if save_probabilities else None
 
 
 def _as_predictor(model) -> Predictor:
