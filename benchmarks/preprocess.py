@@ -9,7 +9,7 @@ temporary store for
   with spacings varied per case (0.5 mm +- 10%), so the planner's median target spacing makes
   every case resample (order 3 image, one-hot order 1 label) - the cost profile of a large CT/MRI.
 
-Memory is sampled in a thread every 50 ms from /proc/<pid>/status (VmRSS) for every process in
+Memory and CPU time are sampled in a thread every 100 ms from /proc/<pid>/status (VmRSS) for every process in
 this process's tree: peak per worker process and peak of the whole tree (scheduler, nannies and
 workers included). With ``--with-nnunet VENV`` the same data goes through ``nnUNetv2_preprocess
 -c 3d_fullres -np N`` of that venv (the raw and plans folders of /work/nnunet_ref, preprocessed
@@ -69,6 +69,20 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """user + system CPU time of one process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def _tree(root: int) -> list[int]:
     """`root` and all its descendants, from /proc/*/stat parent links."""
     children: dict[int, list[int]] = {}
@@ -91,25 +105,47 @@ def _tree(root: int) -> list[int]:
 
 
 class RssSampler:
-    """Peak VmRSS per process and of the whole tree under `root`, sampled in a thread."""
+    """Peak VmRSS per process and of the whole tree under `root`, and the tree's CPU time, sampled in a thread.
 
-    def __init__(self, root: int, interval: float = 0.05):
+    CPU time is robust where wall-clock is not (a shared machine): it is summed over every process
+    of the tree, counted from the start of the sampling, minus the sampler thread's own CPU.
+    """
+
+    def __init__(self, root: int, interval: float = 0.1):
         self.root, self.interval = root, interval
         self.peak_per_pid: dict[int, int] = {}
         self.peak_tree = 0
+        self._cpu_start = {pid: _cpu_seconds(pid) or 0.0 for pid in _tree(root)}
+        self._cpu_last: dict[int, float] = dict(self._cpu_start)
+        self._own_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        total = 0
+        for pid in _tree(self.root):
+            rss = _rss_kib(pid)
+            total += rss
+            if rss > self.peak_per_pid.get(pid, 0):
+                self.peak_per_pid[pid] = rss
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self._cpu_last[pid] = cpu
+        self.peak_tree = max(self.peak_tree, total)
+
     def _run(self) -> None:
+        start = time.thread_time()
         while not self._stop.is_set():
-            total = 0
-            for pid in _tree(self.root):
-                rss = _rss_kib(pid)
-                total += rss
-                if rss > self.peak_per_pid.get(pid, 0):
-                    self.peak_per_pid[pid] = rss
-            self.peak_tree = max(self.peak_tree, total)
+            self._sample()
+            self._own_cpu = time.thread_time() - start
             self._stop.wait(self.interval)
+        self._sample()
+        self._own_cpu = time.thread_time() - start
+
+    @property
+    def cpu_seconds(self) -> float:
+        used = sum(last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items())
+        return used - self._own_cpu
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -148,6 +184,7 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     return {"tool": "seg-pipeline", "workers": workers or 0, "mode": "in-process" if workers is None else "dask",
             "cases": len(report.done), "seconds": seconds, "cases_per_s": len(report.done) / seconds,
+            "cpu_s_per_case": sampler.cpu_seconds / max(1, len(report.done)),
             "peak_rss_per_worker_MiB": [p / 1024 for p in worker_peaks],
             "peak_rss_tree_MiB": sampler.peak_tree / 1024, "store_MB": size / 1e6}
 
@@ -174,7 +211,7 @@ def run_nnunet(venv: Path, dataset_id: int, dataset_name: str, workers: int, tmp
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(pre, ignore_errors=True)
     return {"tool": "nnU-Net v2", "workers": workers, "mode": f"nnUNetv2_preprocess -np {workers}", "cases": cases,
-            "seconds": seconds, "cases_per_s": cases / seconds,
+            "seconds": seconds, "cases_per_s": cases / seconds, "cpu_s_per_case": sampler.cpu_seconds / max(1, cases),
             "peak_rss_per_worker_MiB": sorted((k / 1024 for k in children.values()), reverse=True)[:workers],
             "peak_rss_tree_MiB": sampler.peak_tree / 1024, "store_MB": size / 1e6}
 
@@ -210,15 +247,18 @@ def make_large_dataset(source, root: Path, count: int, size: int, seed: int = 0)
 
 def markdown(results: dict) -> str:
     lines = ["# Preprocessing throughput (benchmarks/preprocess.py)", "",
-             f"Machine: {results['machine']}. Wall-clock; the machine may be shared with other work, "
-             "so compare rows of one run. RSS = VmRSS sampled every 50 ms.", ""]
+             f"Machine: {results['machine']}; load average at start {results['load_average']}. cases/s is "
+             "wall-clock and suffers when the machine is shared; CPU s/case (user + system of every process "
+             "of the run: workers, nannies, scheduler, client) does not. RSS = VmRSS sampled every 100 ms; "
+             "the in-process row's RSS includes the benchmark's own interpreter.", ""]
     for name, info in results["sets"].items():
         lines += [f"## {name}: {info['cases']} case(s), {info['description']}", "",
-                  "| tool | mode | cases | seconds | cases/s | peak RSS per worker (MiB) | peak RSS tree (MiB) | output MB |",
-                  "|---|---|---:|---:|---:|---|---:|---:|"]
+                  "| tool | mode | cases | seconds | cases/s | CPU s/case | peak RSS per worker (MiB) | peak RSS tree (MiB) | output MB |",
+                  "|---|---|---:|---:|---:|---:|---|---:|---:|"]
         for r in info["runs"]:
             per = ", ".join(f"{p:.0f}" for p in r["peak_rss_per_worker_MiB"])
             lines.append(f"| {r['tool']} | {r['mode']} | {r['cases']} | {r['seconds']:.1f} | {r['cases_per_s']:.2f} | "
+                         f"{r['cpu_s_per_case']:.2f} | "
                          f"{per} | {r['peak_rss_tree_MiB']:.0f} | {r['store_MB']:.1f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -238,7 +278,7 @@ def main(argv=None) -> int:
 
     results = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU(s), "
                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-               "sets": {}}
+               "load_average": [round(x, 1) for x in os.getloadavg()], "sets": {}}
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:
         tmp = Path(tmp_name)
         hippo = load_dataset(SHARED / "Task04_Hippocampus")
@@ -259,6 +299,7 @@ def main(argv=None) -> int:
                 row = run_ours(dataset, plans, workers, tmp)
                 info["runs"].append(row)
                 print(f"{name}: {row['mode']} {row['workers']} worker(s): {row['cases_per_s']:.2f} cases/s, "
+                      f"{row['cpu_s_per_case']:.2f} CPU s/case, "
                       f"peak RSS/worker {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
             if args.with_nnunet and name == "Task04_Hippocampus":
                 raw = NNUNET_REF / "raw"
@@ -267,7 +308,8 @@ def main(argv=None) -> int:
                 for workers in args.workers:
                     row = run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw)
                     info["runs"].append(row)
-                    print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, tree {row['peak_rss_tree_MiB']:.0f} MiB")
+                    print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
+                          f"peak RSS {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
             results["sets"][name] = info
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,7 @@ def worker(impl: str, variant: str, batch: int, threads: int, min_time: float, m
         loss = loss_fn(out, y)  # losses compute in float32
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     t0 = time.perf_counter()
     first_loss = step()  # includes oneDNN primitive creation / compilation

@@ -256,7 +256,10 @@ def sliding_window_predict(
     folder (under `zarr_dir` when given) that is deleted when the array is garbage collected.
     """
     patch_size = tuple(int(p) for p in patch_size)
-    device = torch.device(device) if device is not None else next(network.parameters()).device
+    if device is None:
+        param = next(iter(network.parameters()), None)
+        device = param.device if param is not None else "cpu"
+    device = torch.device(device)
     data = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     data = data.astype(np.float32, copy=False)
     if data.ndim - 1 not in (len(patch_size), len(patch_size) + 1):
@@ -294,7 +297,7 @@ def sliding_window_predict(
                     raise ValueError(f"network predicts {probs.shape[1]} classes, expected {num_classes}")
                 weighted = (probs * gaussian_dev).cpu().numpy()
                 for w, pred in zip(chunk, weighted):
-                    acc.add(w, pred, np.ones_like(gaussian))
+                    acc.add(w, pred, gaussian)
                 bar.update(len(chunk))
         result = acc.result()
     except BaseException:

@@ -2,9 +2,10 @@
 
 `preprocess_case` follows nnU-Net v2's DefaultPreprocessor step by step - transpose to the store
 axis order, crop to the nonzero region, normalise, resample to the target spacing - and then does
-what nnU-Net leaves to its data loader: it pads to at least the patch size (the store's chunks
-*are* patches, so a case smaller than a patch would otherwise have no whole chunk to read) and
-samples foreground locations for oversampling. Everything needed to undo it is recorded in
+two things nnU-Net leaves to its data loader: it pads to at least the patch size (centred, with 0,
+as nnU-Net pads at sampling time; stored padded so that every patch-sized read stays inside the
+array and the chunk grid = patch grid holds for small cases too) and samples foreground locations
+for oversampling. Everything needed to undo it is recorded in
 `CaseMeta` (see `pipeline.export`).
 
 `run_preprocessing` runs one task per case on a Dask client (or in-process when client is None):
@@ -20,6 +21,7 @@ import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -287,6 +289,8 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
     if tuple(LabelMap(plans.label_values).values) != tuple(dataset.label_map.values):
         raise BadInputError(f"the plans declare labels {list(plans.label_values)} but the dataset "
                             f"declares {list(dataset.label_map.values)}: re-run `segpipe plan`")
+    if "://" not in str(store_path):
+        store_path = Path(store_path).absolute()  # workers may run elsewhere than this cwd
     store = open_store(store_path, "a", dataset_name=plans.dataset_name)
     report = PreprocessReport(str(store_path), config, conf.data_identifier)
     with store.lock():
@@ -311,9 +315,10 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
             for future in as_completed(futures):
                 try:
                     results.append(future.result())
-                except Exception as exc:  # the worker died (memory limit) or the task could not run
+                except Exception as exc:  # the worker died (e.g. over its memory limit) or the task could not run
                     results.append({"case_id": futures[future], "ok": False,
-                                    "message": f"worker failed ({type(exc).__name__}: {exc})"})
+                                    "message": f"the Dask worker failed on this case, e.g. over its memory "
+                                               f"limit ({type(exc).__name__}: {exc})"})
                 future.release()
                 bar.update()
         bar.close()

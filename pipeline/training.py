@@ -98,8 +98,8 @@ class TrainSettings:
     recipe: str | None = None  # 'nnunet' or 'lean'; None: the configuration's preset (3d_lean -> lean)
     checkpoint_every: int | None = None  # epochs between checkpoints (None: nnunet 50, lean 5)
     seed: int = 12345  # seeds model initialisation and every batch
-    prefetch: str = "thread"  # batch prefetch in each worker: 'thread', 'process' (DataLoader) or 'none'
-    loader_workers: int = 1  # DataLoader processes per worker when prefetch is 'process'
+    prefetch: str = "auto"  # batch prefetch per worker: 'thread', 'process' (DataLoader), 'none'; auto: thread on CPU, process on GPU
+    loader_workers: int | None = None  # DataLoader processes per worker with 'process' (None: its CPUs - 1, at least 1)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -139,8 +139,8 @@ class TrainSettings:
             raise BadInputError(f"val-iterations must be >= 0, got {out.val_iterations}")
         if out.time_budget_min is not None and out.time_budget_min <= 0:
             raise BadInputError(f"time-budget-min must be positive, got {out.time_budget_min}")
-        if out.prefetch not in ("thread", "process", "none"):
-            raise BadInputError(f"prefetch must be thread, process or none, not {out.prefetch!r}")
+        if out.prefetch not in ("auto", "thread", "process", "none"):
+            raise BadInputError(f"prefetch must be auto, thread, process or none, not {out.prefetch!r}")
         return out
 
     @property
@@ -406,9 +406,10 @@ class _WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cuda = self.device.type == "cuda"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cores = max(1, cores // max(1, ctx.get_local_world_size()))  # this worker's share of the node
         if not self.cuda:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(max(1, cores // max(1, ctx.get_local_world_size())))
+            torch.set_num_threads(self.cores)
         torch.manual_seed(self.settings.seed)
         self.coll = _Collective(self.world, self.device)
 
@@ -506,8 +507,12 @@ class _WorkerRun:
                       f"{len(self.train_spec.case_ids)} train / {len(self.val_spec.case_ids)} val cases, "
                       f"batch {self.local_batch}/rank, {s.iterations_per_epoch} it/epoch, "
                       f"epochs {s.epochs or '-'}, budget {s.time_budget_min or '-'} min")
+        # measured (benchmarks/loader.py): on CPU loading is ~1-3% of a step, so one thread hides it
+        # without a second interpreter; a GPU step is fast enough to need loader processes
+        prefetch = s.prefetch if s.prefetch != "auto" else ("process" if self.cuda else "thread")
+        loader_workers = s.loader_workers or max(1, self.cores - 1)
         train_iter = batch_iterator(TrainBatches(self.train_spec, s.iterations_per_epoch, self.epoch),
-                                    s.prefetch, s.loader_workers, pin_memory=self.cuda)
+                                    prefetch, loader_workers, pin_memory=self.cuda)
         val_data = ValidationBatches(self.val_spec, s.val_iterations, self.world)
         try:
             stop = self._should_stop(last_epoch_seconds=0.0)
