@@ -440,7 +440,6 @@ class _WorkerRun:
         self.ema: float | None = None
         self.best_ema: float | None = None
         self.rows: list[dict] = []
-        self.resumed_from: int | None = None
         self._restore(ray.train.get_checkpoint())
         # DDP wraps after the weights are loaded; it broadcasts rank 0's parameters anyway
         self.model = ray.train.torch.prepare_model(self.net, move_to_device=False) if self.world > 1 else self.net
@@ -473,7 +472,6 @@ class _WorkerRun:
         self.ema, self.best_ema = state["ema"], state["best_ema"]
         self.rows = list(state["metrics"])
         torch.set_rng_state(state["torch_rng"])
-        self.resumed_from = self.epoch
         if self.rank == 0:
             self._log(f"resumed from the checkpoint of epoch {self.epoch} ({self.elapsed / 60:.1f} min trained)")
 
@@ -616,6 +614,7 @@ class _WorkerRun:
 
     def _log(self, line: str) -> None:
         print(line, flush=True)  # the worker's own log; the driver echoes training_log.txt
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "training_log.txt").open("a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
