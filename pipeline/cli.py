@@ -245,6 +245,11 @@ def _add_train(p):
     p.add_argument("--time-budget-min", type=float, default=None, help="wall-clock budget; the LR schedule follows it")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster")
+    p.add_argument("--recipe", choices=("nnunet", "lean"), default=None,
+                   help="optimiser/schedule/augmentation recipe (default: the configuration's preset; 3d_lean -> lean)")
+    p.add_argument("--val-iterations", type=int, default=None, help="validation batches per epoch")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints")
+    p.add_argument("--seed", type=int, default=None, help="seeds model initialisation and every batch (default 12345)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ the thread.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import queue
 import threading
@@ -126,31 +125,15 @@ def read_patch(array, lower: Sequence[int], size: Sequence[int], out: np.ndarray
     out[lead + tuple(dst)] = array[lead + tuple(src)]
 
 
-class _CaseReader:
-    """The store group, opened on first use in the process that reads (workers never inherit handles)."""
-
-    def __init__(self, spec: PatchSpec):
-        from .store import open_store
-
-        self.group = open_store(spec.store_path, "r").config(spec.data_identifier, plans_hash=spec.plans_hash)
-
-    def image(self, case_id: str):
-        return self.group.image(case_id)
-
-    def label(self, case_id: str):
-        return self.group.label(case_id)
-
-    def locations(self, case_id: str) -> np.ndarray:
-        return np.asarray(self.group.locations(case_id)[...])
-
-
 class BatchSampler:
-    """Makes one batch from its key; holds the store handle and nothing per case."""
+    """Makes one batch from its key; holds the store handle (opened lazily, so workers never inherit
+    one) and nothing per case."""
 
     def __init__(self, spec: PatchSpec):
         self.spec = spec
         self.crop = spec.crop_size()
-        self._reader: _CaseReader | None = None
+        self._group = None  # the store's ConfigStore, opened on first use in the process that reads
+        self._channels: int | None = None
         self._augmenter = None
         if spec.augmentation is not None or self.crop != tuple(spec.patch_size):
             from .augmentation import AugmentationConfig, Augmenter
@@ -159,22 +142,25 @@ class BatchSampler:
             self._augmenter = Augmenter(config, spec.patch_size)
 
     @property
-    def reader(self) -> _CaseReader:
-        if self._reader is None:
-            self._reader = _CaseReader(self.spec)
-        return self._reader
+    def group(self):
+        if self._group is None:
+            from .store import open_store
+
+            self._group = open_store(self.spec.store_path, "r").config(self.spec.data_identifier,
+                                                                      plans_hash=self.spec.plans_hash)
+        return self._group
 
     def _sample_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
                     image_out: np.ndarray, label_out: np.ndarray) -> None:
-        image = self.reader.image(case_id)
-        label = self.reader.label(case_id)
+        image = self.group.image(case_id)
+        label = self.group.label(case_id)
         shape = label.shape
         # 2d: a patch (1, h, w) through the volume, as nnU-Net's 2d loader picks a slice
         crop = (1, *self.crop) if self.spec.is_2d else self.crop
         final = (1, *self.spec.patch_size) if self.spec.is_2d else self.spec.patch_size
         center = None
         if force_fg:
-            locations = self.reader.locations(case_id)
+            locations = self.group.locations(case_id)
             if len(locations):
                 classes = np.unique(locations[:, 0])
                 rows = locations[locations[:, 0] == rng.choice(classes)]
@@ -191,10 +177,10 @@ class BatchSampler:
     def batch(self, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `key`: image float32 (B, C, *patch), label int64 (B, *patch)."""
         rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, *key]))
-        first = self.reader.image(self.spec.case_ids[0])
-        channels = first.shape[0]
+        if self._channels is None:
+            self._channels = int(self.group.image(self.spec.case_ids[0]).shape[0])
         b = self.spec.batch_size
-        image = np.zeros((b, channels, *self.crop), dtype=np.float32)
+        image = np.zeros((b, self._channels, *self.crop), dtype=np.float32)
         label = np.zeros((b, *self.crop), dtype=np.int64)
         cases = rng.integers(len(self.spec.case_ids), size=b)
         for j, (case, force_fg) in enumerate(zip(cases, self.spec.slots)):
@@ -335,7 +321,3 @@ def close_iterator(it) -> None:
         it.close()
     elif hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
-
-
-def replace_spec(spec: PatchSpec, **changes) -> PatchSpec:
-    return dataclasses.replace(spec, **changes)

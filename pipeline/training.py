@@ -305,6 +305,21 @@ def _torch_save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_progress(epoch: int, epochs: int | None, elapsed_s: float, budget_min: float | None) -> float:
+    """How far training is, in [0, 1]: the epoch fraction or the share of the time budget spent, whichever is further."""
+    parts = [epoch / epochs] if epochs else []
+    if budget_min:
+        parts.append(elapsed_s / (budget_min * 60))
+    return min(1.0, max(parts)) if parts else 0.0
+
+
+def should_stop(epoch: int, epochs: int | None, elapsed_s: float, last_epoch_s: float, budget_min: float | None) -> bool:
+    """Stop after the last epoch, or before an epoch that would end past the budget (estimated by the last one)."""
+    if epochs is not None and epoch >= epochs:
+        return True
+    return budget_min is not None and elapsed_s + last_epoch_s > budget_min * 60
+
+
 def supervision_weights(n: int, ddp: bool) -> list[float]:
     """nnU-Net's deep-supervision weights; under DDP (uncompiled) the lowest output keeps 1e-6 instead
     of 0 so its head still receives a gradient (DDP refuses parameters without one, as nnU-Net found)."""
@@ -488,12 +503,7 @@ class _WorkerRun:
 
     def _progress(self) -> float:
         s = self.settings
-        parts = []
-        if s.epochs:
-            parts.append(self.epoch / s.epochs)
-        if s.time_budget_min:
-            parts.append(self.elapsed / (s.time_budget_min * 60))
-        return max(parts) if parts else 0.0
+        return training_progress(self.epoch, s.epochs, self.elapsed, s.time_budget_min)
 
     def run(self) -> None:
         from .sampling import TrainBatches, ValidationBatches, batch_iterator, close_iterator
@@ -553,12 +563,7 @@ class _WorkerRun:
 
     def _should_stop(self, last_epoch_seconds: float) -> bool:
         s = self.settings
-        if s.epochs is not None and self.epoch >= s.epochs:
-            return True
-        if s.time_budget_min is not None:
-            # do not start an epoch that would end past the budget (the last one's length is the estimate)
-            return self.elapsed + last_epoch_seconds > s.time_budget_min * 60
-        return False
+        return should_stop(self.epoch, s.epochs, self.elapsed, last_epoch_seconds, s.time_budget_min)
 
     def _train_epoch(self, batches) -> tuple[float, float]:
         self.model.train()

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import affine_transform
 
 from pipeline.dataset import load_dataset, read_case
 from pipeline.errors import BadInputError
@@ -189,6 +190,21 @@ def test_undeclared_label_value_is_bad_input_naming_the_case(hippo4):
     label[0, 0, 0] = 7
     with pytest.raises(BadInputError, match=case.case_id + ".*7"):
         preprocess_case(dataclasses.replace(case, label=label), planned(hippo4), "3d_fullres", hippo4.label_map)
+
+
+def test_separable_resampling_equals_scipys_spline_on_nnunets_grid(hippo4):
+    """nnU-Net resizes with skimage (scipy zoom, align_corners=False, edge mode); ours must match it."""
+    image = read_case(hippo4, hippo4.cases[0]).image
+    for new_shape in ((50, 30, 41), (17, 80, 35)):
+        scale = [n / m for n, m in zip(image.shape[1:], new_shape)]
+        reference = affine_transform(image[0], scale, [0.5 * s - 0.5 for s in scale], output_shape=new_shape,
+                                     order=3, mode="nearest")
+        ours = resample_image(image, new_shape, order=3)[0]
+        np.testing.assert_allclose(ours, reference, atol=1e-5 * np.abs(reference).max())
+        linear = affine_transform(image[0], scale, [0.5 * s - 0.5 for s in scale], output_shape=new_shape,
+                                  order=1, mode="nearest")
+        np.testing.assert_allclose(resample_image(image, new_shape, order=1)[0], linear,
+                                   atol=1e-5 * np.abs(linear).max())
 
 
 def test_resampling_keeps_constants_and_undoes_integer_upsampling():

@@ -22,7 +22,9 @@ from pipeline.training import (
     poly_lr,
     prepare_run,
     run_training,
+    should_stop,
     supervision_weights,
+    training_progress,
 )
 from test_sampling import make_tiny_workdir
 
@@ -34,10 +36,12 @@ def tiny(tmp_path_factory, hippocampus):
 
 def test_settings_come_from_the_train_command_line(tmp_path):
     args = build_parser().parse_args(["train", "--workdir", str(tmp_path), "--config", "3d_lean", "--fold", "all",
-                                      "--num-workers", "2", "--iterations-per-epoch", "7", "--resume"])
+                                      "--num-workers", "2", "--iterations-per-epoch", "7", "--resume",
+                                      "--recipe", "nnunet", "--seed", "3", "--checkpoint-every", "2"])
     s = TrainSettings.from_args(args)
     assert (s.workdir, s.config, s.fold, s.num_workers, s.iterations_per_epoch, s.resume) == \
         (str(tmp_path), "3d_lean", "all", 2, 7, True)
+    assert (s.recipe, s.seed, s.checkpoint_every, s.val_iterations, s.epochs) == ("nnunet", 3, 2, None, None)
     assert TrainSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
 
 
@@ -63,6 +67,15 @@ def test_schedule_and_deep_supervision_weights_follow_nnunet():
     assert supervision_weights(3, ddp=False) == pytest.approx([2 / 3, 1 / 3, 0.0])
     ddp = supervision_weights(3, ddp=True)
     assert ddp[-1] > 0 and ddp[-1] < 1e-5 and sum(ddp) == pytest.approx(1.0)
+
+
+def test_a_time_budget_drives_the_schedule_and_the_end():
+    assert training_progress(0, None, 450, 15) == 0.5  # the clock: half of 15 minutes spent
+    assert training_progress(5, 10, 60, 15) == 0.5  # the epochs are further along
+    assert training_progress(12, 10, 0, None) == 1.0
+    assert not should_stop(3, None, 800, 60, 15)  # the next epoch ends at 860 s < 900 s
+    assert should_stop(3, None, 850, 60, 15)  # ... at 910 s: not started
+    assert should_stop(10, 10, 0, 0, None) and not should_stop(9, 10, 1e6, 1, None)
 
 
 def test_a_run_is_checked_before_any_worker_starts(tiny):
