@@ -7,10 +7,12 @@ first N cases of the 208 hippocampus cases. 2080 cases: a synthetic store holdin
 times under new ids (copied chunk files), so the case list is ten times the real one.
 
 Expected: flat (within 10%), because the sampler reads patches on demand and keeps nothing per case.
+A single process's peak RSS varies by about +-5% from run to run (allocator and thread timing), so
+every size runs `--repeats` times, interleaved, and the median is compared.
 For scale, the column "all cases in RAM" is what holding the decoded cases (float32 image + int64
 label, as training consumes them) would take instead.
 
-    .venv/bin/python benchmarks/train_memory.py [--workdir W] [--config 3d_lean] [--epochs 2] [--iterations 10]
+    .venv/bin/python benchmarks/train_memory.py [--workdir W] [--config 3d_lean] [--epochs 2] [--iterations 4] [--repeats 2]
 
 Results: benchmarks/results/train_memory.{json,md}.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,9 +92,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="a workdir with plans.json and the 208-case store")
     parser.add_argument("--config", default="3d_lean")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--val-iterations", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--val-iterations", type=int, default=2)
     parser.add_argument("--sizes", default="20,100,208,2080")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("WORKDIR", "CASES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -108,34 +112,41 @@ def main() -> None:
         args.workdir = build_workdir(Path(tmp.name) / "real")
     data_id = Plans.load(args.workdir / "plans.json").configuration(args.config).data_identifier
     load_before = os.getloadavg()[0]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    tenfold = Path(tmp.name) / "tenfold"
+    if max(sizes) > 208:
+        tenfold_store(args.workdir, tenfold, data_id)
+    workdir_for = lambda size: args.workdir if size <= 208 else tenfold  # noqa: E731
+    runs: dict[int, list[dict]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):
+        for size in sizes:
+            cmd = [sys.executable, __file__, "--child", str(workdir_for(size)), str(size), "--config", args.config,
+                   "--epochs", str(args.epochs), "--iterations", str(args.iterations),
+                   "--val-iterations", str(args.val_iterations)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                sys.exit(f"child for {size} cases failed:\n{out.stderr[-3000:]}")
+            runs[size].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(runs[size][-1], flush=True)
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        workdir = args.workdir
-        if size > 208:
-            workdir = Path(tmp.name) / "tenfold"
-            if not workdir.exists():
-                tenfold_store(args.workdir, workdir, data_id)
-        cmd = [sys.executable, __file__, "--child", str(workdir), str(size), "--config", args.config,
-               "--epochs", str(args.epochs), "--iterations", str(args.iterations),
-               "--val-iterations", str(args.val_iterations)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"child for {size} cases failed:\n{out.stderr[-3000:]}")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["all_cases_in_ram_mb"] = round(decoded_bytes(workdir, data_id, size) / 2**20, 1)
-        rows.append(row)
-        print(row, flush=True)
+    for size in sizes:
+        peaks = sorted(r["peak_rss_mb"] for r in runs[size])
+        rows.append({"cases": size, "peak_rss_mb": round(statistics.median(peaks), 1), "runs_mb": peaks,
+                     "seconds": round(statistics.median(r["seconds"] for r in runs[size]), 1),
+                     "all_cases_in_ram_mb": round(decoded_bytes(workdir_for(size), data_id, size) / 2**20, 1)})
     peaks = [r["peak_rss_mb"] for r in rows]
     spread = (max(peaks) - min(peaks)) / min(peaks)
-    result = {"config": args.config, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
+    result = {"config": args.config, "epochs": args.epochs, "iterations_per_epoch": args.iterations, "repeats": args.repeats,
               "cpus": len(os.sched_getaffinity(0)), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
               "rows": rows, "spread": round(spread, 3), "flat_within_10_percent": spread <= 0.10}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Peak RSS of one training worker vs dataset size ({args.config}, {args.epochs} epochs x "
              f"{args.iterations} iterations, Ray Train local mode)", "",
-             "| cases | peak RSS MB | all cases in RAM would be MB | seconds |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['cases']} | {r['peak_rss_mb']} | {r['all_cases_in_ram_mb']} | {r['seconds']} |" for r in rows]
+             "| cases | peak RSS MB (median) | runs MB | all cases in RAM would be MB | seconds |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['cases']} | {r['peak_rss_mb']} | {', '.join(map(str, r['runs_mb']))} | {r['all_cases_in_ram_mb']} "
+              f"| {r['seconds']} |" for r in rows]
     lines += ["", f"Spread (max - min) / min: {100 * spread:.1f}% "
                   f"({'flat within 10%' if spread <= 0.10 else 'NOT flat within 10%'})."]
     (RESULTS / "train_memory.md").write_text("\n".join(lines) + "\n")

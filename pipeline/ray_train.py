@@ -15,6 +15,7 @@ worker failure: `FailureConfig(max_failures=2)`). So:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from .errors import BadInputError, SegPipeError
 from .parallel import default_workers
 from .plans import write_json_atomic
-from .training import TrainResult, TrainSettings, collect_result, prepare_run, train_loop_per_worker
+from .training import TrainResult, TrainSettings, check_workers, collect_result, prepare_run, train_loop_per_worker
 from .workdir import Workdir
 
 log = logging.getLogger("segpipe.train")
@@ -159,10 +160,6 @@ def fit(settings: TrainSettings) -> TrainResult:
     run_dir = Path(loop_config["run_dir"])
     storage = wd.root / "runs" / "ray"
     name = run_name(settings)
-    resumed_from = prepare_storage(storage, name, run_dir, settings.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plans.save(run_dir / "plans.json")
-    write_json_atomic(run_dir / "train_settings.json", settings.to_json())
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -178,7 +175,13 @@ def fit(settings: TrainSettings) -> TrainResult:
         if workers > (gpus if use_gpu else int(resources.get("CPU", 0))):
             raise BadInputError(f"{workers} training workers need {workers} {'GPUs' if use_gpu else 'CPUs'}; "
                                 f"the Ray cluster has {gpus if use_gpu else int(resources.get('CPU', 0))}")
-        loop_config["settings"]["num_workers"] = workers
+        check_workers(plans, settings.config, workers)
+        settings = dataclasses.replace(settings, num_workers=workers)
+        loop_config["settings"] = settings.to_json()
+        resumed_from = prepare_storage(storage, name, run_dir, settings.resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plans.save(run_dir / "plans.json")
+        write_json_atomic(run_dir / "train_settings.json", settings.to_json())
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,

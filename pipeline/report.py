@@ -41,8 +41,8 @@ def _overlay_png(image_path: Path, ref_path: Path, pred_path: Path, out: Path, t
         if lab is not None:
             sl = np.rot90(lab[:, :, z])
             rgba = np.zeros((*sl.shape, 4))
-            for i, v in enumerate(np.unique(sl[sl > 0])):
-                rgba[sl == v] = (*cmap(i % 10)[:3], 0.45)
+            for v in np.unique(sl[sl > 0]):  # colour by label value, so reference and prediction agree
+                rgba[sl == v] = (*cmap(int(v) % 10)[:3], 0.45)
             ax.imshow(rgba)
         ax.set_title(name)
         ax.axis("off")

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
-import logging
 import math
 import os
 import tempfile
@@ -42,10 +40,8 @@ import numpy as np
 import torch
 
 from .errors import BadInputError, SegPipeError
-from .plans import Plans, write_json_atomic
+from .plans import Plans
 from .workdir import Workdir
-
-log = logging.getLogger("segpipe.train")
 
 EMA_WEIGHT = 0.9  # nnU-Net: ema = 0.9 * ema + 0.1 * mean foreground pseudo-Dice
 LEAN_DEFAULT_BUDGET_MIN = 15.0
@@ -211,11 +207,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     split = load_or_create_splits(wd, available).split(settings.fold, available)
     with torch.device("meta"):  # a plan the network cannot be built from fails here, not in every worker
         build_network(conf, len(plans.channels), len(plans.label_values))
-    global_batch = int(conf.batch_size or 2)
-    workers = settings.num_workers or 1
-    if workers > global_batch:
-        raise BadInputError(f"{workers} workers cannot share configuration {settings.config}'s batch of {global_batch} "
-                            "(each worker needs at least one sample): use --num-workers <= batch size")
+    check_workers(plans, settings.config, settings.num_workers or 1)
     loop_config = {
         "settings": settings.to_json(),
         "plans": plans.to_json(),
@@ -226,6 +218,14 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
         "plans_hash": plans.hash(settings.config),
     }
     return settings, plans, loop_config
+
+
+def check_workers(plans: Plans, config: str, workers: int) -> None:
+    """Data parallelism splits the configured batch: every worker needs at least one sample of it."""
+    global_batch = int(plans.configuration(config).batch_size or 2)
+    if workers > global_batch:
+        raise BadInputError(f"{workers} workers cannot share configuration {config}'s batch of {global_batch} "
+                            "(each worker needs at least one sample): use --num-workers <= batch size")
 
 
 def run_training(settings: TrainSettings) -> TrainResult:
