@@ -261,6 +261,10 @@ def markdown(results: dict) -> str:
                          f"{r['cpu_s_per_case']:.2f} | "
                          f"{per} | {r['peak_rss_tree_MiB']:.0f} | {r['store_MB']:.1f} |")
         lines.append("")
+    if any(r["tool"] != "seg-pipeline" for info in results["sets"].values() for r in info["runs"]):
+        lines += ["nnU-Net rows: per-worker RSS is the largest -np processes of its tree; its tree peak comes from "
+                  "about 8 short-lived ~250 MiB processes it starts after the preprocessing pool has finished, "
+                  "whatever -np (seen with ps), plus its ~400 MiB main process.", ""]
     return "\n".join(lines) + "\n"
 
 

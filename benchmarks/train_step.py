@@ -221,7 +221,9 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{r['samples_per_s']} | {r['s_per_step'] / r['batch'] * 7:.1f} | {r['first_step_s']} | "
                          f"{r['steps_timed']} steps timed |")
     lines += ["", f"nnU-Net's own figure for this plan on this CPU: {NNUNET_NOTE_S_PER_IT} s/iteration at batch 7 "
-              "(from the task notes, not re-measured here; `--nnunet-python` measures it side by side).", "",
+              "(from the task notes); rows `nnunet` (with `--nnunet-python`) run nnU-Net's network and loss here, "
+              "side by side. bf16 without native instructions and torch.compile's first step (compilation) "
+              "may not fit their time caps.", "",
               "## Augmentation (pipeline.augmentation, one batch)", "", "| config | threads | batch | ms/batch |", "|---|---|---|---|"]
     lines += [f"| {a['config']} | {a['threads']} | {a['batch']} | {a['ms_per_batch']} |" for a in result["augmentation"]]
     path.write_text("\n".join(lines) + "\n")
