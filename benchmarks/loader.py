@@ -71,7 +71,7 @@ def make_worker(workdir: Path, config: str, world: int = 2):
     cases = tuple(open_store(workdir / "store.zarr", "r").config(conf.data_identifier).case_ids())
     patch = tuple(conf.patch_size)
     spec = PatchSpec(str(workdir / "store.zarr"), conf.data_identifier, cases, patch,
-                     foreground_slots(int(conf.batch_size), 0.33, 0, world),
+                     foreground_slots(int(conf.batch_size), rank=0, world_size=world),
                      augmentation=AugmentationConfig.for_patch(patch, recipe.augmentation).to_json())
     return net, opt, loss_fn, spec, recipe
 

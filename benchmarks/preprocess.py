@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="hippocampus cases (default: all 208)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-in-process", action="store_true")
+    parser.add_argument("--skip-hippocampus", action="store_true", help="only the synthetic set")
     parser.add_argument("--synthetic-cases", type=int, default=4, help="0 to skip the large synthetic set")
     parser.add_argument("--synthetic-size", type=int, default=256)
     parser.add_argument("--with-nnunet", type=Path, default=None, metavar="VENV",
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
         hippo = load_dataset(SHARED / "Task04_Hippocampus")
         if args.cases:
             hippo = replace(hippo, cases=hippo.cases[: args.cases])
-        sets = [("Task04_Hippocampus", hippo, "real 1 mm MRI, about 36x50x35 voxels")]
+        sets = [] if args.skip_hippocampus else [("Task04_Hippocampus", hippo, "real 1 mm MRI, about 36x50x35 voxels")]
         if args.synthetic_cases:
             large = load_dataset(make_large_dataset(hippo, tmp / "large", args.synthetic_cases, args.synthetic_size))
             sets.append((f"synthetic {args.synthetic_size}^3", large,

@@ -1,9 +1,9 @@
 """Training and validation batches streamed from the Zarr store, as nnU-Net's data loader makes them.
 
 Each batch draws its cases at random (with replacement) from the fold's case list and crops one
-patch per case; the last third of every batch (`oversample_foreground` = 0.33, nnU-Net's
-"last XX percent" rule) is centred on a stored foreground location of a random class present in
-the case, so rare structures are seen. A patch may extend beyond the image (nnU-Net pads): only
+patch per case (augmented as a batch, in the loader); the last third of every batch
+(`OVERSAMPLE_FOREGROUND`, nnU-Net's 0.33 and its "last XX percent" rule) is centred on a stored
+foreground location of a random class present in the case, so rare structures are seen. A patch may extend beyond the image (nnU-Net pads): only
 the part inside is read, the rest is 0 in the image and background in the label. Reading a zarr
 slice decodes only the chunks the slice touches, so a patch costs a few chunk reads, never a case.
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 TRAIN_STREAM = 0
 VAL_STREAM = 1
+OVERSAMPLE_FOREGROUND = 0.33  # nnU-Net's oversample_foreground_percent
 
 
 def local_batch_size(global_batch: int, rank: int, world_size: int) -> int:
@@ -41,7 +42,8 @@ def local_batch_size(global_batch: int, rank: int, world_size: int) -> int:
     return global_batch // world_size + (1 if rank < global_batch % world_size else 0)
 
 
-def foreground_slots(global_batch: int, oversample: float, rank: int = 0, world_size: int = 1) -> tuple[bool, ...]:
+def foreground_slots(global_batch: int, oversample: float = OVERSAMPLE_FOREGROUND, rank: int = 0,
+                     world_size: int = 1) -> tuple[bool, ...]:
     """Which samples of this rank's batch are centred on foreground.
 
     nnU-Net forces the last `batch - round(batch * (1 - p))` positions of a batch; under data

@@ -94,7 +94,7 @@ class TrainSettings:
     recipe: str | None = None  # 'nnunet' or 'lean'; None: the configuration's preset (3d_lean -> lean)
     checkpoint_every: int | None = None  # epochs between checkpoints (None: nnunet 50, lean 5)
     seed: int = 12345  # seeds model initialisation and every batch
-    prefetch: str = "auto"  # batch prefetch per worker: 'thread', 'process' (DataLoader), 'none'; auto: thread on CPU, process on GPU
+    prefetch: str = "auto"  # per-worker batch prefetch: thread, process (DataLoader), none; auto: thread on CPU, process on GPU
     loader_workers: int | None = None  # DataLoader processes per worker with 'process' (None: its CPUs - 1, at least 1)
 
     @classmethod
@@ -172,7 +172,8 @@ class TrainResult:
         m = self.final_metrics
         dice = {k[len("val_dice_"):]: v for k, v in m.items() if k.startswith("val_dice_")}
         dice_text = " ".join(f"{k}:{_fmt(v, 3)}" for k, v in dice.items())
-        head = f"trained {self.epochs} epoch(s)" + (f" (resumed at {self.resumed_from_epoch})" if self.resumed_from_epoch else "")
+        resumed = f" (resumed at {self.resumed_from_epoch})" if self.resumed_from_epoch else ""
+        head = f"trained {self.epochs} epoch(s){resumed}"
         return (f"{head}; final train loss {_fmt(m.get('train_loss'))}, val loss {_fmt(m.get('val_loss'))}, "
                 f"pseudo-Dice {dice_text or '-'} (EMA {_fmt(m.get('ema_dice'), 3)})\n"
                 f"final model: {self.final_model}\nbest model:  {self.best_model}\ncurves:      {self.curves_png}")
@@ -434,8 +435,8 @@ class _WorkerRun:
         self.net = build_network(self.conf, self.num_channels, self.num_classes, deep_supervision=True).to(self.device)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
-        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False),
-                                           supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda))
+        weights = supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda)
+        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False), weights)
         self.plans_hash = config["plans_hash"]
 
         patch = tuple(int(p) for p in self.conf.patch_size)
@@ -444,9 +445,9 @@ class _WorkerRun:
         common = dict(store_path=config["store"], data_identifier=self.conf.data_identifier, patch_size=patch,
                       seed=self.settings.seed, plans_hash=self.plans_hash)
         self.train_spec = PatchSpec(case_ids=tuple(config["train_cases"]), rank=self.rank, augmentation=aug,
-                                    slots=foreground_slots(global_batch, 0.33, self.rank, self.world), **common)
+                                    slots=foreground_slots(global_batch, rank=self.rank, world_size=self.world), **common)
         self.val_spec = PatchSpec(case_ids=tuple(config["val_cases"]), rank=self.rank, augmentation=None,
-                                  slots=foreground_slots(global_batch, 0.33), **common)
+                                  slots=foreground_slots(global_batch), **common)
         self.local_batch = local_batch_size(global_batch, self.rank, self.world)
 
         # the state a checkpoint carries
