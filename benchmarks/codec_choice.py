@@ -15,13 +15,12 @@ dtype, in the store's chunking (chunk = patch). Measured:
 
     .venv/bin/python benchmarks/codec_choice.py [--hippocampus-cases 60] [--reads 300]
 
-Writes benchmarks/results/codec_choice.{json,md}.
+Writes benchmarks/results/codec_choice.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,13 +37,15 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness import RESULTS, SHARED, machine_info, machine_line, write_results  # noqa: E402
+
 from pipeline.dataset import load_dataset, read_case  # noqa: E402
 from pipeline.fingerprint import compute_fingerprint  # noqa: E402
 from pipeline.planning import plan_experiment  # noqa: E402
 from pipeline.preprocessing import preprocess_case  # noqa: E402
 
-SHARED = Path(os.environ.get("SEGPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = REPO / "benchmarks" / "results"
 
 # name -> (numcodecs codec for the pure codec timing, zarr v3 codecs for the store)
 CODECS = {
@@ -193,7 +194,8 @@ def measure(name: str, cases, patch, reads: int, repeats: int, tmp: Path) -> lis
 
 def markdown(results: dict) -> str:
     lines = ["# Store codec and image dtype (benchmarks/codec_choice.py)", "",
-             f"Machine: {os.cpu_count()} CPU(s), shared with other work, so throughputs are per CPU-second of this "
+             f"Machine: {machine_line(results['machine'])}.", "",
+             f"{os.cpu_count()} CPU(s), shared with other work, so throughputs are per CPU-second of this "
              "process (time.process_time, blosc on one thread), best of the repeats; page cache warm, so reads "
              "measure decode cost. Every chain ends with crc32c. Ratios are deterministic.", ""]
     for name, info in results["datasets"].items():
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="best of N (the machine may be shared)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    results: dict = {"datasets": {}, "rows": []}
+    results: dict = {"datasets": {}, "rows": [], "machine": machine_info()}
     with tempfile.TemporaryDirectory(prefix="codec_choice_") as tmp:
         for name, limit in (("Task04_Hippocampus", args.hippocampus_cases), ("SCT_spinalcord", None),
                             ("TotalSegmentator_CT", None)):
@@ -239,12 +241,31 @@ def main(argv=None) -> int:
                       f"enc {r['encode_MBps']:7.0f} dec {r['decode_MBps']:7.0f} MB/s  "
                       f"zarr {r.get('zarr_patches_per_s', float('nan')):6.0f} patches/s")
             print(name, "float16:", results["datasets"][name]["float16"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "codec_choice.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "codec_choice.md").write_text(markdown(results))
-    print(f"-> {out / 'codec_choice.md'}")
+    results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    paths = write_results("codec_choice", results, markdown(results), lambda nf: plot(results, nf), args.out)
+    print(f"-> {paths['md']}")
     return 0
+
+
+def plot(results: dict, new_figure):
+    """Compression ratio against decode speed of the image codecs, one panel per dataset."""
+    names = list(results["datasets"])
+    if not names:
+        return None
+    fig, axes = new_figure(5 * len(names), 4, 1, len(names))
+    for ax, name in zip(axes[0], names):
+        for dtype, marker in (("float32", "o"), ("float16", "s")):
+            rows = [r for r in results["rows"] if r["dataset"] == name and r["array"] == "image"
+                    and r["dtype"] == dtype and r["codec"] != "none"]
+            ax.scatter([r["decode_MBps"] for r in rows], [r["ratio_vs_float32"] for r in rows], marker=marker, label=dtype)
+            for r in rows:
+                ax.annotate(r["codec"], (r["decode_MBps"], r["ratio_vs_float32"]), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("decode MB/s (one thread)")
+        ax.set_ylabel("ratio vs float32 raw")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=8)
+    return fig
 
 
 if __name__ == "__main__":

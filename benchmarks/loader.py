@@ -8,7 +8,7 @@ thread):
 * end to end: iterations/s of the real loop (next batch, then step) with each prefetch mode -
   `none` (load in the loop), `thread` (one producer thread, queue of 2), `process` (DataLoader,
   1 worker process) - which is what decides the default on a 2-core machine.
-Target: loader >= 5x the step's consumption. Results: benchmarks/results/loader.{json,md}.
+Target: loader >= 5x the step's consumption. Results: benchmarks/results/loader.{json,md,png}.
 
     .venv/bin/python benchmarks/loader.py [--workdir W] [--batches 12] [--steps 3]
 
@@ -19,7 +19,6 @@ Timings on a shared machine are noisy: the load average is recorded beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,8 +29,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SEGPIPE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "Task04_Hippocampus"
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import SHARED, bar_panel, machine_info, machine_line, write_results  # noqa: E402
+
+DATA = SHARED / "Task04_Hippocampus"
 
 
 def build_workdir(root: Path) -> Path:
@@ -130,12 +132,12 @@ def main() -> None:
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="segpipe-loader-bench-")
         args.workdir = build_workdir(Path(tmp.name))
+    machine = machine_info()
     load_before = os.getloadavg()[0]
     rows = [bench_config(args.workdir, c, args.batches, args.steps) for c in args.configs.split(",")]
     result = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": 1,
-              "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "target_ratio": 5, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
+              "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "target_ratio": 5, "rows": rows,
+              "machine": machine}
     lines = [f"# Patch loader vs train step ({result['cpus']} CPUs, 1 torch thread per worker as with 2 Ray workers; "
              f"load average {result['load_average'][0]} -> {result['load_average'][1]})", "",
              "| config | aug | batch/rank | crop | loader patches/s | loader CPU s/batch | step patches/s | "
@@ -145,8 +147,30 @@ def main() -> None:
         lines.append(f"| {r['config']} | {r['augmentation']} | {r['batch_per_rank']} | {'x'.join(map(str, r['crop']))} "
                      f"| {r['loader_patches_per_s']} | {r['loader_cpu_s_per_batch']} | {r['step_patches_per_s']} "
                      f"| {r['ratio']}x | {e['none']} | {e['thread']} | {e['process']} |")
-    lines += ["", "Target: loader >= 5x the step. `it/s` columns: the real loop (next batch + step) per prefetch mode."]
-    (RESULTS / "loader.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Target: loader >= 5x the step. `it/s` columns: the real loop (next batch + step) per prefetch mode.",
+              "", f"Machine: {machine_line(machine | {'load_after': [round(x, 2) for x in os.getloadavg()]})}"]
+
+    def plot(new_figure):
+        fig, axes = new_figure(9, 3.4, 1, 2)
+        labels = [r["config"] for r in rows]
+        ax = axes[0][0]
+        width = 0.38
+        xs = range(len(rows))
+        ax.bar([x - width / 2 for x in xs], [r["loader_patches_per_s"] for r in rows], width, label="loader makes")
+        ax.bar([x + width / 2 for x in xs], [r["step_patches_per_s"] for r in rows], width, label="train step consumes")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("patches/s (1 thread)")
+        ax.legend(fontsize=8)
+        ax.set_title("loader vs step", fontsize=10)
+        modes = ["none", "thread", "process"]
+        bar_panel(axes[0][1], [f"{r['config']} {m}" for r in rows for m in modes],
+                  [r["end_to_end_it_per_s"][m] for r in rows for m in modes], ylabel="iterations/s",
+                  title="real loop per prefetch mode")
+        return fig
+
+    write_results("loader", result, "\n".join(lines), plot)
     print("\n".join(lines))
     if tmp is not None:
         tmp.cleanup()

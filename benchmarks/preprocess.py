@@ -9,16 +9,19 @@ temporary store for
   with spacings varied per case (0.5 mm +- 10%), so the planner's median target spacing makes
   every case resample (order 3 image, one-hot order 1 label) - the cost profile of a large CT/MRI.
 
-Memory and CPU time are sampled in a thread every 100 ms from /proc/<pid>/status (VmRSS) for every process in
-this process's tree: peak per worker process and peak of the whole tree (scheduler, nannies and
-workers included). With ``--with-nnunet VENV`` the same data goes through ``nnUNetv2_preprocess
--c 3d_fullres -np N`` of that venv (the raw and plans folders of /work/nnunet_ref, preprocessed
-output into a temporary folder so nothing there is overwritten).
+Memory and CPU time are sampled by the harness (benchmarks/harness.py: VmRSS and user+system time
+of every process in this process's tree, every 20 ms): peak per worker process and peak of the
+whole tree (scheduler, nannies and workers included). With ``--with-nnunet VENV`` the same cases
+go through ``nnUNetv2_preprocess -c 3d_fullres -np N`` of that venv, run as a child process measured
+by `harness.run_command`: the raw data and plans come from ``--nnunet-ref`` (default
+../nnunet_ref: raw/ and preprocessed/ with nnU-Net's own fingerprint and plans), a subset of
+``--cases`` cases is linked into a scratch raw folder, and the output goes to a temporary folder so
+nothing there is overwritten.
 
     .venv/bin/python benchmarks/preprocess.py [--cases 208] [--workers 1 2] [--synthetic-cases 4]
-        [--with-nnunet /work/nnunet_ref/venv]
+        [--with-nnunet ../nnunet_ref/venv] [--nnunet-ref ../nnunet_ref]
 
-Writes benchmarks/results/preprocess.{json,md}.
+Writes benchmarks/results/preprocess.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,12 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,118 +42,18 @@ from scipy.ndimage import zoom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from harness import (MIB, RESULTS, SHARED, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
+                     python_env, run_command, subset_dataset, write_results)
 from pipeline.dataset import load_dataset, read_case  # noqa: E402
 from pipeline.fingerprint import compute_fingerprint  # noqa: E402
 from pipeline.parallel import dask_client  # noqa: E402
 from pipeline.planning import plan_experiment  # noqa: E402
 from pipeline.preprocessing import run_preprocessing  # noqa: E402
 
-SHARED = Path(os.environ.get("SEGPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = REPO / "benchmarks" / "results"
-NNUNET_REF = Path("/work/nnunet_ref")
+NNUNET_REF = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 CONFIG = "3d_fullres"
-
-
-# ---------------------------------------------------------------- memory sampling
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """user + system CPU time of one process (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc/*/stat parent links."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-class RssSampler:
-    """Peak VmRSS per process and of the whole tree under `root`, and the tree's CPU time, sampled in a thread.
-
-    CPU time is robust where wall-clock is not (a shared machine): it is summed over every process
-    of the tree, counted from the start of the sampling, minus the sampler thread's own CPU.
-    """
-
-    def __init__(self, root: int, interval: float = 0.1):
-        self.root, self.interval = root, interval
-        self.peak_per_pid: dict[int, int] = {}
-        self.peak_tree = 0
-        self._cpu_start = {pid: _cpu_seconds(pid) or 0.0 for pid in _tree(root)}
-        self._cpu_last: dict[int, float] = dict(self._cpu_start)
-        self._own_cpu = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        total = 0
-        for pid in _tree(self.root):
-            rss = _rss_kib(pid)
-            total += rss
-            if rss > self.peak_per_pid.get(pid, 0):
-                self.peak_per_pid[pid] = rss
-            cpu = _cpu_seconds(pid)
-            if cpu is not None:
-                self._cpu_last[pid] = cpu
-        self.peak_tree = max(self.peak_tree, total)
-
-    def _run(self) -> None:
-        start = time.thread_time()
-        while not self._stop.is_set():
-            self._sample()
-            self._own_cpu = time.thread_time() - start
-            self._stop.wait(self.interval)
-        self._sample()
-        self._own_cpu = time.thread_time() - start
-
-    @property
-    def cpu_seconds(self) -> float:
-        used = sum(last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items())
-        return used - self._own_cpu
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ---------------------------------------------------------------- runs
@@ -164,7 +64,7 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
     store = tmp / f"store-{workers}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     if workers is None:
-        with RssSampler(os.getpid()) as sampler:
+        with TreeSampler(os.getpid()) as sampler:
             start = time.perf_counter()
             report = run_preprocessing(dataset, plans, CONFIG, store, progress=False)
             seconds = time.perf_counter() - start
@@ -173,7 +73,7 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
         with dask_client(workers=workers) as client:
             worker_pids = sorted(client.run(os.getpid).values())
             client.run(lambda: __import__("pipeline.preprocessing"))  # imports are not preprocessing time
-            with RssSampler(os.getpid()) as sampler:
+            with TreeSampler(os.getpid()) as sampler:
                 start = time.perf_counter()
                 report = run_preprocessing(dataset, plans, CONFIG, store, client=client, progress=False)
                 seconds = time.perf_counter() - start
@@ -185,35 +85,77 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
     return {"tool": "seg-pipeline", "workers": workers or 0, "mode": "in-process" if workers is None else "dask",
             "cases": len(report.done), "seconds": seconds, "cases_per_s": len(report.done) / seconds,
             "cpu_s_per_case": sampler.cpu_seconds / max(1, len(report.done)),
-            "peak_rss_per_worker_MiB": [p / 1024 for p in worker_peaks],
-            "peak_rss_tree_MiB": sampler.peak_tree / 1024, "store_MB": size / 1e6}
+            "peak_rss_per_worker_MiB": [p / MIB for p in worker_peaks],
+            "peak_rss_tree_MiB": sampler.peak_tree / MIB, "store_MB": size / 1e6}
 
 
-def run_nnunet(venv: Path, dataset_id: int, dataset_name: str, workers: int, tmp: Path, raw: Path) -> dict:
-    """nnUNetv2_preprocess on the same raw data; plans and fingerprint copied into a scratch folder."""
+def run_cli(dataset, plans, workers: int, tmp: Path) -> dict:
+    """`segpipe preprocess --workers N` as a user runs it (validation, Dask start-up, preprocessing, shutdown),
+    measured by the harness as a child process: the end-to-end figure to set beside nnUNetv2_preprocess."""
+    wd = tmp / f"cli-{workers}"
+    shutil.rmtree(wd, ignore_errors=True)
+    wd.mkdir(parents=True)
+    plans.save(wd / "plans.json")  # so the command preprocesses only (no fingerprint / plan)
+    data = subset_dataset(dataset.root, [c.case_id for c in dataset.cases], tmp / f"cli-data-{workers}")
+    cmd = [sys.executable, "-m", "pipeline.cli", "preprocess", str(data), "--workdir", str(wd), "--config", CONFIG,
+           "--workers", str(workers), "--json"]
+    run = run_command(cmd, env=python_env())
+    if not run.ok:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run.error()})")
+    cases = len(dataset.cases)
+    size = sum(f.stat().st_size for f in (wd / "store.zarr").rglob("*") if f.is_file())
+    workers_rss = [p["peak_rss_mib"] for p in run.top_processes if p["pid"] != run.pid and p["peak_rss_mib"] > 50]
+    shutil.rmtree(wd, ignore_errors=True)
+    return {"tool": "seg-pipeline", "workers": workers, "mode": f"segpipe preprocess --workers {workers} (CLI)",
+            "cases": cases, "seconds": run.wall_s, "cases_per_s": cases / run.wall_s,
+            "cpu_s_per_case": run.cpu_s / max(1, cases), "peak_rss_per_worker_MiB": sorted(workers_rss, reverse=True)[:workers],
+            "peak_rss_tree_MiB": run.peak_rss_tree_mib, "store_MB": size / 1e6, "processes": run.processes}
+
+
+def nnunet_subset_raw(raw: Path, dataset_name: str, case_ids: list[str], dest: Path) -> Path:
+    """A raw folder holding only `case_ids` of `raw/dataset_name` (symlinks), so both tools see the same cases."""
+    src, dst = raw / dataset_name, dest / dataset_name
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    meta = json.loads((src / "dataset.json").read_text())
+    ending = meta.get("file_ending", ".nii.gz")
+    for case in case_ids:
+        for image in sorted((src / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
+            os.symlink(image, dst / "imagesTr" / image.name)
+        os.symlink(src / "labelsTr" / f"{case}{ending}", dst / "labelsTr" / f"{case}{ending}")
+    meta["numTraining"] = len(case_ids)
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return dest
+
+
+def run_nnunet(venv: Path, dataset_id: int, dataset_name: str, workers: int, tmp: Path, raw: Path,
+               ref: Path = NNUNET_REF) -> dict:
+    """nnUNetv2_preprocess on the same raw data; plans and fingerprint copied into a scratch folder.
+
+    The command runs as a child measured by the harness: its tree (the -np pool and the export
+    processes nnU-Net starts afterwards) is sampled like our Dask workers.
+    """
     pre = tmp / f"nnunet_pre-{workers}"
     shutil.rmtree(pre, ignore_errors=True)
     (pre / dataset_name).mkdir(parents=True)
     for name in ("dataset.json", "dataset_fingerprint.json", "nnUNetPlans.json"):
-        shutil.copy(NNUNET_REF / "preprocessed" / dataset_name / name, pre / dataset_name / name)
+        shutil.copy(ref / "preprocessed" / dataset_name / name, pre / dataset_name / name)
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp / "nnunet_results"),
                PATH=f"{venv / 'bin'}:{os.environ['PATH']}", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [str(venv / "bin" / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", CONFIG, "-np", str(workers)]
-    with RssSampler(os.getpid()) as sampler:
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    run = run_command(cmd, env=env)
+    if not run.ok:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run.error()}):\n{run.stderr_tail[-2000:]}")
     out = pre / dataset_name / f"nnUNetPlans_{CONFIG}"
     cases = len(list(out.glob("*.pkl")))
-    children = {pid: kib for pid, kib in sampler.peak_per_pid.items() if pid != os.getpid()}
+    children = [p["peak_rss_mib"] for p in run.top_processes if p["pid"] != run.pid]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(pre, ignore_errors=True)
     return {"tool": "nnU-Net v2", "workers": workers, "mode": f"nnUNetv2_preprocess -np {workers}", "cases": cases,
-            "seconds": seconds, "cases_per_s": cases / seconds, "cpu_s_per_case": sampler.cpu_seconds / max(1, cases),
-            "peak_rss_per_worker_MiB": sorted((k / 1024 for k in children.values()), reverse=True)[:workers],
-            "peak_rss_tree_MiB": sampler.peak_tree / 1024, "store_MB": size / 1e6}
+            "seconds": run.wall_s, "cases_per_s": cases / run.wall_s, "cpu_s_per_case": run.cpu_s / max(1, cases),
+            "peak_rss_per_worker_MiB": sorted(children, reverse=True)[:workers],
+            "peak_rss_tree_MiB": run.peak_rss_tree_mib, "store_MB": size / 1e6, "processes": run.processes}
 
 
 # ---------------------------------------------------------------- synthetic large cases
@@ -247,9 +189,10 @@ def make_large_dataset(source, root: Path, count: int, size: int, seed: int = 0)
 
 def markdown(results: dict) -> str:
     lines = ["# Preprocessing throughput (benchmarks/preprocess.py)", "",
-             f"Machine: {results['machine']}; load average at start {results['load_average']}. cases/s is "
+             f"Machine: {machine_line(results['machine'])}. cases/s is "
              "wall-clock and suffers when the machine is shared; CPU s/case (user + system of every process "
-             "of the run: workers, nannies, scheduler, client) does not. RSS = VmRSS sampled every 100 ms; "
+             "of the run: workers, nannies, scheduler, client) does not. RSS = VmRSS of every process of the tree, "
+             "sampled every 20 ms by benchmarks/harness.py; "
              "the in-process row's RSS includes the benchmark's own interpreter.", ""]
     for name, info in results["sets"].items():
         lines += [f"## {name}: {info['cases']} case(s), {info['description']}", "",
@@ -262,7 +205,9 @@ def markdown(results: dict) -> str:
                          f"{per} | {r['peak_rss_tree_MiB']:.0f} | {r['store_MB']:.1f} |")
         lines.append("")
     if any(r["tool"] != "seg-pipeline" for info in results["sets"].values() for r in info["runs"]):
-        lines += ["nnU-Net rows: per-worker RSS is the largest -np processes of its tree; its tree peak comes from "
+        lines += ["CLI and nnU-Net rows are whole commands measured from outside (start-up, workers and shutdown "
+                  "included); the in-process and dask rows time `run_preprocessing` alone on a running cluster.", "",
+                  "nnU-Net rows: per-worker RSS is the largest -np processes of its tree; its tree peak comes from "
                   "about 8 short-lived ~250 MiB processes it starts after the preprocessing pool has finished, "
                   "whatever -np (seen with ps), plus its ~400 MiB main process.", ""]
     return "\n".join(lines) + "\n"
@@ -273,17 +218,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="hippocampus cases (default: all 208)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-in-process", action="store_true")
+    parser.add_argument("--no-cli", action="store_true",
+                        help="skip the end-to-end `segpipe preprocess` rows (hippocampus, one per --workers)")
     parser.add_argument("--skip-hippocampus", action="store_true", help="only the synthetic set")
     parser.add_argument("--synthetic-cases", type=int, default=4, help="0 to skip the large synthetic set")
     parser.add_argument("--synthetic-size", type=int, default=256)
     parser.add_argument("--with-nnunet", type=Path, default=None, metavar="VENV",
-                        help="also run nnUNetv2_preprocess from this venv (e.g. /work/nnunet_ref/venv)")
+                        help="also run nnUNetv2_preprocess from this venv (e.g. ../nnunet_ref/venv)")
+    parser.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF,
+                        help="folder with nnU-Net's raw/ and preprocessed/ (plans, fingerprint) of Dataset004_Hippocampus")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    results = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU(s), "
-                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-               "load_average": [round(x, 1) for x in os.getloadavg()], "sets": {}}
+    results = {"machine": machine_info(), "load_average": [round(x, 1) for x in os.getloadavg()], "sets": {}}
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:
         tmp = Path(tmp_name)
         hippo = load_dataset(SHARED / "Task04_Hippocampus")
@@ -306,22 +253,45 @@ def main(argv=None) -> int:
                 print(f"{name}: {row['mode']} {row['workers']} worker(s): {row['cases_per_s']:.2f} cases/s, "
                       f"{row['cpu_s_per_case']:.2f} CPU s/case, "
                       f"peak RSS/worker {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
-            if args.with_nnunet and name == "Task04_Hippocampus":
-                raw = NNUNET_REF / "raw"
-                if args.cases:
-                    print("note: nnU-Net runs on all cases of its raw folder; use --cases only without --with-nnunet")
+            if not args.no_cli and name == "Task04_Hippocampus":
                 for workers in args.workers:
-                    row = run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw)
+                    row = run_cli(dataset, plans, workers, tmp)
+                    info["runs"].append(row)
+                    print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
+                          f"tree {row['peak_rss_tree_MiB']:.0f} MiB")
+            if args.with_nnunet and name == "Task04_Hippocampus":
+                raw = args.nnunet_ref / "raw"
+                if args.cases:  # the same cases as ours
+                    raw = nnunet_subset_raw(raw, "Dataset004_Hippocampus", [c.case_id for c in dataset.cases],
+                                            tmp / "nnunet_raw_subset")
+                for workers in args.workers:
+                    row = run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw, args.nnunet_ref)
                     info["runs"].append(row)
                     print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
                           f"peak RSS {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
             results["sets"][name] = info
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preprocess.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "preprocess.md").write_text(markdown(results))
-    print(f"-> {out / 'preprocess.md'}")
+    results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    paths = write_results("preprocess", results, markdown(results), lambda nf: plot(results, nf), args.out)
+    print(f"-> {paths['md']}")
     return 0
+
+
+def plot(results: dict, new_figure):
+    """cases/s and peak RSS of the tree per run, one row of panels per case set."""
+    sets = list(results["sets"].items())
+    if not sets:
+        return None
+    fig, axes = new_figure(10, 3.4 * len(sets), len(sets), 2)
+    for row, (name, info) in zip(axes, sets):
+        labels = [f"{'ours' if r['tool'] == 'seg-pipeline' else 'nnU-Net'} "
+                  f"{'in-process' if r['mode'] == 'in-process' else str(r['workers']) + ' w'}"
+                  f"{' CLI' if 'CLI' in r['mode'] else ''}" for r in info["runs"]]
+        colors = ["tab:blue" if r["tool"] == "seg-pipeline" else "tab:orange" for r in info["runs"]]
+        bar_panel(row[0], labels, [r["cases_per_s"] for r in info["runs"]], ylabel="cases/s", colors=colors,
+                  title=f"{name}: throughput")
+        bar_panel(row[1], labels, [r["peak_rss_tree_MiB"] for r in info["runs"]], ylabel="MiB", colors=colors,
+                  title="peak RSS of the whole process tree")
+    return fig
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ label, as training consumes them) would take instead.
 
     .venv/bin/python benchmarks/train_memory.py [--workdir W] [--config 3d_lean] [--epochs 2] [--iterations 4] [--repeats 2]
 
-Results: benchmarks/results/train_memory.{json,md}.
+Each child runs under the harness (benchmarks/harness.py), which also records the peak RSS of the
+child's whole process tree (Ray's local-mode helpers included) beside the child's own ru_maxrss.
+`memory_curve` is the reusable part (benchmarks/scaling.py draws the curve over more sizes).
+
+Results: benchmarks/results/train_memory.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import machine_info, machine_line, python_env, run_command, write_results  # noqa: E402
 
 
 def child(workdir: Path, config: str, num_cases: int, epochs: int, iterations: int, val_iterations: int) -> dict:
@@ -87,6 +91,60 @@ def decoded_bytes(workdir: Path, data_identifier: str, num_cases: int) -> int:
     return sum(int(np.prod(cs.image(c).shape)) * 4 + int(np.prod(cs.label(c).shape)) * 8 for c in ids)
 
 
+def memory_curve(workdir: Path, config: str, sizes: list[int], repeats: int, epochs: int, iterations: int,
+                 val_iterations: int, scratch: Path, log=print) -> list[dict]:
+    """Peak RSS of one training worker per case count: `repeats` fresh child processes per size, interleaved.
+
+    Sizes above the store's case count use a store listing every case ten times (built in `scratch`).
+    """
+    from pipeline.plans import Plans
+    from pipeline.store import open_store
+
+    data_id = Plans.load(workdir / "plans.json").configuration(config).data_identifier
+    stored = len(open_store(workdir / "store.zarr", "r").config(data_id).case_ids())
+    tenfold = scratch / "tenfold"
+    if max(sizes) > stored and not tenfold.exists():
+        if max(sizes) > 10 * stored:
+            raise ValueError(f"at most {10 * stored} cases (the store holds {stored})")
+        tenfold_store(workdir, tenfold, data_id)
+    workdir_for = lambda size: workdir if size <= stored else tenfold  # noqa: E731
+    runs: dict[int, list[dict]] = {size: [] for size in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            cmd = [sys.executable, __file__, "--child", str(workdir_for(size)), str(size), "--config", config,
+                   "--epochs", str(epochs), "--iterations", str(iterations), "--val-iterations", str(val_iterations)]
+            run = run_command(cmd, env=python_env())
+            if not run.ok or run.output is None:
+                raise RuntimeError(f"child for {size} cases failed ({run.error()}):\n{run.stderr_tail[-3000:]}")
+            runs[size].append({**run.output, "peak_rss_tree_mb": round(run.peak_rss_tree_mib, 1),
+                               "cpu_s": round(run.cpu_s, 1), "processes": run.processes})
+            log(runs[size][-1])
+    rows = []
+    for size in sizes:
+        peaks = sorted(r["peak_rss_mb"] for r in runs[size])
+        rows.append({"cases": size, "peak_rss_mb": round(statistics.median(peaks), 1), "runs_mb": peaks,
+                     "peak_rss_tree_mb": round(statistics.median(r["peak_rss_tree_mb"] for r in runs[size]), 1),
+                     "seconds": round(statistics.median(r["seconds"] for r in runs[size]), 1),
+                     "all_cases_in_ram_mb": round(decoded_bytes(workdir_for(size), data_id, size) / 2**20, 1)})
+    return rows
+
+
+def plot_curve(rows: list[dict], new_figure, title: str):
+    fig, axes = new_figure(6.5, 3.6)
+    ax = axes[0][0]
+    xs = [r["cases"] for r in rows]
+    ax.plot(xs, [r["peak_rss_mb"] for r in rows], "o-", label="training worker peak RSS (median)")
+    for r in rows:
+        ax.scatter([r["cases"]] * len(r["runs_mb"]), r["runs_mb"], s=8, color="gray")
+    ax.plot(xs, [r["all_cases_in_ram_mb"] for r in rows], "s--", label="all cases decoded in RAM would be")
+    ax.set_xscale("log")
+    ax.set_xlabel("training cases")
+    ax.set_ylabel("MB")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="a workdir with plans.json and the 208-case store")
@@ -105,51 +163,31 @@ def main() -> None:
 
     from loader import build_workdir
 
-    from pipeline.plans import Plans
-
+    machine = machine_info()
     tmp = tempfile.TemporaryDirectory(prefix="segpipe-mem-bench-")
     if args.workdir is None:
         args.workdir = build_workdir(Path(tmp.name) / "real")
-    data_id = Plans.load(args.workdir / "plans.json").configuration(args.config).data_identifier
     load_before = os.getloadavg()[0]
     sizes = [int(x) for x in args.sizes.split(",")]
-    tenfold = Path(tmp.name) / "tenfold"
-    if max(sizes) > 208:
-        tenfold_store(args.workdir, tenfold, data_id)
-    workdir_for = lambda size: args.workdir if size <= 208 else tenfold  # noqa: E731
-    runs: dict[int, list[dict]] = {size: [] for size in sizes}
-    for _ in range(args.repeats):
-        for size in sizes:
-            cmd = [sys.executable, __file__, "--child", str(workdir_for(size)), str(size), "--config", args.config,
-                   "--epochs", str(args.epochs), "--iterations", str(args.iterations),
-                   "--val-iterations", str(args.val_iterations)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                sys.exit(f"child for {size} cases failed:\n{out.stderr[-3000:]}")
-            runs[size].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(runs[size][-1], flush=True)
-    rows = []
-    for size in sizes:
-        peaks = sorted(r["peak_rss_mb"] for r in runs[size])
-        rows.append({"cases": size, "peak_rss_mb": round(statistics.median(peaks), 1), "runs_mb": peaks,
-                     "seconds": round(statistics.median(r["seconds"] for r in runs[size]), 1),
-                     "all_cases_in_ram_mb": round(decoded_bytes(workdir_for(size), data_id, size) / 2**20, 1)})
+    rows = memory_curve(args.workdir, args.config, sizes, args.repeats, args.epochs, args.iterations,
+                        args.val_iterations, Path(tmp.name), log=lambda r: print(r, flush=True))
     peaks = [r["peak_rss_mb"] for r in rows]
     spread = (max(peaks) - min(peaks)) / min(peaks)
     result = {"config": args.config, "epochs": args.epochs, "iterations_per_epoch": args.iterations, "repeats": args.repeats,
               "cpus": len(os.sched_getaffinity(0)), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-              "rows": rows, "spread": round(spread, 3), "flat_within_10_percent": spread <= 0.10}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+              "rows": rows, "spread": round(spread, 3), "flat_within_10_percent": spread <= 0.10, "machine": machine}
     lines = [f"# Peak RSS of one training worker vs dataset size ({args.config}, {args.epochs} epochs x "
              f"{args.iterations} iterations, Ray Train local mode)", "",
-             "| cases | peak RSS MB (median) | runs MB | all cases in RAM would be MB | seconds |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['cases']} | {r['peak_rss_mb']} | {', '.join(map(str, r['runs_mb']))} | {r['all_cases_in_ram_mb']} "
-              f"| {r['seconds']} |" for r in rows]
+             "| cases | peak RSS MB (median) | runs MB | process tree peak MB | all cases in RAM would be MB | seconds |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['cases']} | {r['peak_rss_mb']} | {', '.join(map(str, r['runs_mb']))} | {r['peak_rss_tree_mb']} "
+              f"| {r['all_cases_in_ram_mb']} | {r['seconds']} |" for r in rows]
     lines += ["", f"Spread (max - min) / min: {100 * spread:.1f}% "
-                  f"({'flat within 10%' if spread <= 0.10 else 'NOT flat within 10%'})."]
-    (RESULTS / "train_memory.md").write_text("\n".join(lines) + "\n")
+                  f"({'flat within 10%' if spread <= 0.10 else 'NOT flat within 10%'}). Peak RSS: the child's own "
+                  "ru_maxrss; process tree: the harness's sampled peak of the child and its descendants.", "",
+              f"Machine: {machine_line(machine | {'load_after': [round(x, 2) for x in os.getloadavg()]})}"]
+    write_results("train_memory", result, "\n".join(lines),
+                  lambda nf: plot_curve(rows, nf, f"training worker memory vs cases ({args.config})"))
     print("\n".join(lines))
     tmp.cleanup()
 

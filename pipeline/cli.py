@@ -31,6 +31,7 @@ EXAMPLES = {
     "demo": "segpipe demo --workdir demo_workdir",
     "import-msd": "segpipe import-msd Task04_Hippocampus.tar --dest data/",
     "convert": "segpipe convert data/Task04_Hippocampus data/Dataset004_Hippocampus --to nnunetv2",
+    "verify": "segpipe verify work/hippo/store.zarr",
 }
 
 
@@ -89,12 +90,14 @@ def cmd_validate(args) -> int:
 
 
 def _load_valid_dataset(path):
-    from .validation import validate_dataset
+    from .validation import check_dataset
     from .dataset import load_dataset
 
-    problems = validate_dataset(path)
-    if problems:
-        raise BadInputError(problems)
+    report = check_dataset(path)
+    if report.problems:
+        raise BadInputError(report.problems)
+    for w in report.warnings:  # legal input the run goes on with (a constant image, an empty label)
+        log.warning("%s %s", _color("warning", "33"), w)
     return load_dataset(path)
 
 
@@ -227,6 +230,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Read every chunk of every complete case: a flipped bit fails its CRC32C and is named here."""
+    from .store import open_store, verify_store
+
+    problems = verify_store(args.store)
+    store = open_store(args.store, "r")
+    configs = store.config_names()
+    cases = sum(len(store.config(name).case_ids()) for name in configs)
+    _emit(args, {"store": args.store, "ok": not problems, "configurations": configs, "cases": cases,
+                 "problems": [str(p) for p in problems]})
+    if not args.json:
+        for p in problems:
+            print(f"{_color('error', '31')} {p}", file=sys.stderr)
+        if problems:
+            print(f"{len(problems)} problem(s) in {args.store}", file=sys.stderr)
+        else:
+            print(f"{args.store}: ok ({cases} complete case(s) in {len(configs)} configuration(s), every chunk read)")
+    return 2 if problems else 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -333,13 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("dest")
     p.add_argument("--to", choices=["nnunetv2", "msd"], required=True)
+
+    p = add("verify", "read every chunk of a preprocessed store; report corrupt or missing data (exit 2)")
+    p.add_argument("store", help="a store.zarr folder (or fsspec URL)")
     return parser
 
 
 HANDLERS = {
     "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
     "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo,
-    "import-msd": cmd_import_msd, "convert": cmd_convert,
+    "import-msd": cmd_import_msd, "convert": cmd_convert, "verify": cmd_verify,
 }
 
 
@@ -348,9 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.dataset is None:
         args.command = "demo"
     workdir = getattr(args, "workdir", None)
-    _setup_logging(Path(workdir) if workdir and args.command != "validate" else None, args.command, args.debug)
     start = time.perf_counter()
     try:
+        try:
+            _setup_logging(Path(workdir) if workdir and args.command != "validate" else None, args.command, args.debug)
+        except OSError as exc:  # e.g. the workdir's parent is a file: the user's argument to fix
+            raise BadInputError(f"cannot use --workdir {workdir}: {exc.strerror or exc} ({exc.filename})") from None
         code = HANDLERS[args.command](args)
     except KeyboardInterrupt:
         print(_color("interrupted", "33") + ": re-run the same command to resume", file=sys.stderr)

@@ -61,3 +61,21 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     from pipeline.synthetic import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("synthetic") / "Phantom", num_cases=8, seed=0)
+
+
+# ---------------------------------------------------------------- reliability tally (issue 9)
+
+RELIABILITY = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def reliability(pytestconfig) -> dict:
+    """Counts the reliability tests add to: bad inputs tried, faults injected, cases/checkpoints lost."""
+    return pytestconfig.stash.setdefault(RELIABILITY, {"bad_inputs": 0, "faults": 0, "lost": 0})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts = config.stash.get(RELIABILITY, None)
+    if counts:
+        terminalreporter.write_line(f"reliability: {counts['bad_inputs']} bad inputs tried, {counts['faults']} faults "
+                                    f"injected, {counts['lost']} cases/checkpoints lost")

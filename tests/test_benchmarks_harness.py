@@ -1,0 +1,77 @@
+"""The benchmark harness measures what it claims: a child's memory, its CPU time, and writes its result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_harness():
+    if "benchmarks_harness" in sys.modules:
+        return sys.modules["benchmarks_harness"]
+    spec = importlib.util.spec_from_file_location("benchmarks_harness", REPO / "benchmarks" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# holds 200 MiB of touched pages for a moment, burns ~0.3 s of CPU, then reports a figure of its own
+ALLOCATE_200MB = (
+    "import time\n"
+    "block = bytearray(b'\\x01') * (200 * 2**20)\n"
+    "t = time.process_time()\n"
+    "while time.process_time() - t < 0.3: pass\n"
+    "print('{\"items_per_s\": 42.0}')\n"
+)
+
+
+def test_peak_rss_cpu_and_output_of_a_child_are_measured_and_written(tmp_path):
+    harness = load_harness()
+    m = harness.measure("alloc", [sys.executable, "-c", ALLOCATE_200MB], repeats=1, warmup=1, timeout=60)
+    assert m.ok, [r.error() for r in m.warmup + m.runs]
+    run = m.runs[0]
+    assert run.peak_rss_tree_mib >= 150  # sampled from /proc while the child held the block
+    assert run.max_rss_single_mib >= 150  # the kernel's own high-water mark agrees
+    assert run.cpu_s >= 0.25
+    assert run.output == {"items_per_s": 42.0}
+    stats = m.stats()
+    assert stats["output"]["items_per_s"]["median"] == 42.0
+
+    machine = harness.machine_info()
+    paths = harness.write_results("alloc", {"measurement": m.to_json(), "machine": machine},
+                                  harness._markdown("alloc", m, machine), out_dir=tmp_path)
+    data = json.loads((tmp_path / "alloc.json").read_text())
+    assert data["measurement"]["runs"][0]["peak_rss_tree_mib"] >= 150
+    assert data["machine"]["cores"] >= 1 and data["machine"]["load_after"]
+    assert "peak RSS of the process tree" in (tmp_path / "alloc.md").read_text()
+    assert set(paths) == {"json", "md"}
+
+
+def test_descendants_are_counted_and_leftovers_ended(tmp_path):
+    harness = load_harness()
+    # the child starts a grandchild holding 100 MiB and exits without waiting for it
+    code = ("import subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-c', \"b = bytearray(b'\\\\x01') * (100 * 2**20); "
+            "import time; time.sleep(30)\"])\n"
+            "time.sleep(1.5)\n")
+    run = harness.run_command([sys.executable, "-c", code], timeout=60)
+    assert run.ok, run.error()
+    assert run.processes >= 2
+    assert run.peak_rss_tree_mib >= 100
+    assert len(run.left_running) == 1  # the grandchild outlived its parent: reported, then ended
+    pid = int(run.left_running[0].split()[0])
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+
+
+def test_spread_reports_median_range_and_quartiles():
+    harness = load_harness()
+    s = harness.spread([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert s["q1"] <= s["median"] <= s["q3"]
+    assert harness.fmt_spread(s, 1) == "2.5 (1.0-10.0)"
+    assert harness.spread([])["median"] is None
