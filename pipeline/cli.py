@@ -268,7 +268,7 @@ def _add_train(p):
     p.add_argument("--time-budget-min", type=float, default=None, help="wall-clock budget; the LR schedule follows it")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster")
-    p.add_argument("--recipe", choices=("nnunet", "lean"), default=None,
+    p.add_argument("--recipe", choices=("nnunet", "lean", "adam_ce"), default=None,
                    help="optimiser/schedule/augmentation recipe (default: the configuration's preset; 3d_lean -> lean)")
     p.add_argument("--val-iterations", type=int, default=None, help="validation batches per epoch")
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints")

@@ -45,3 +45,20 @@ def dask_client(workers: int | None = None, address: str | None = None,
                 yield client
         finally:
             cluster.close()
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make the Ray this process is about to start listen on 127.0.0.1 only (call before `ray.init`).
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the machine's outward address
+    (`ray._private.services.resolve_ip_for_localhost`) unless multi-node clusters are disabled, and
+    then its GCS, raylet, agents and workers listen on every interface. With clusters disabled -
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into `ray_constants` at import, so it is set on the
+    imported module too - the node address is loopback and every Ray listener binds to it
+    (tests/test_security.py checks the sockets). Only for a Ray started here: a driver joining a
+    cluster at `--ray-address` needs its outward address.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by Ray's own processes
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

@@ -412,7 +412,12 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
         configurations["3d_fullres"] = full
         lowres, lowres_text = _plan_lowres(full, median_shape, num_cases, num_classes, gpu_memory_gb, cache)
         plans_text["3d_lowres"] = lowres_text
+        full.batch_dice = lowres is not None
+        full.explanations["batch_dice"] = ("nnU-Net computes the Dice loss over the whole batch only when a 3d_lowres "
+                                           f"stage exists: {full.batch_dice}")
         if lowres is not None:
+            lowres.batch_dice = False
+            lowres.explanations["batch_dice"] = "per-sample Dice, as nnU-Net's 3d_lowres"
             _add_common(lowres, normalization, norm_texts)
             configurations["3d_lowres"] = lowres
             plans_text["cascade"] = ("nnU-Net would also train 3d_cascade_fullres (3d_fullres fed with 3d_lowres "
@@ -426,6 +431,8 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
     two_d.explanations["spacing"] = (f"the in-plane (last two store axes) part of the 3D target spacing {_fmt(spacing)} mm; "
                                      f"slices are taken along store axis 0 ({RAS_NAMES[forward[0]]})")
     two_d.explanations["data_identifier"] = "2d: its own preprocessed data (same spacing in-plane, never resampled along axis 0)"
+    two_d.batch_dice = True
+    two_d.explanations["batch_dice"] = "Dice over the whole batch of slices, as nnU-Net's 2d"
     _add_common(two_d, normalization, norm_texts)
     configurations["2d"] = two_d
 

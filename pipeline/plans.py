@@ -56,6 +56,7 @@ class ConfigurationPlan:
     order_z: int | None = None  # order along the low-resolution axis when it is resampled separately
     anisotropy_threshold: float | None = None  # max/min spacing ratio above which z is separate
     preset: str | None = None  # "nnunet" (faithful) or "lean" (compute-budget)
+    batch_dice: bool | None = None  # Dice over the whole batch (nnU-Net: 2d and cascaded 3d) or per sample
     explanations: dict[str, str] = field(default_factory=dict)  # field -> the rule and numbers behind it
 
     @property

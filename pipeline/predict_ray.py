@@ -28,6 +28,9 @@ def ray_runtime(num_workers: int | None, ray_address: str | None) -> Iterator[No
     if ray_address:
         ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
     else:
+        from .parallel import keep_local_ray_on_loopback
+
+        keep_local_ray_on_loopback()
         ray.init(num_cpus=max(num_workers or 1, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     try:

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from .errors import BadInputError, SegPipeError
-from .parallel import default_workers
+from .parallel import default_workers, keep_local_ray_on_loopback
 from .plans import write_json_atomic
 from .training import TrainResult, TrainSettings, check_workers, collect_result, prepare_run, train_loop_per_worker
 from .workdir import Workdir
@@ -94,6 +94,7 @@ def _ensure_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, **common)
     else:
+        keep_local_ray_on_loopback()
         ray.init(num_cpus=default_workers(), _node_ip_address="127.0.0.1", **common)
     return True
 

@@ -52,7 +52,7 @@ class Recipe:
     """Optimiser, schedule, loss and augmentation of one training recipe, with its default lengths."""
 
     name: str
-    optimizer: str  # "sgd" | "adamw"
+    optimizer: str  # "sgd" | "adamw" | "adam"
     lr: float
     weight_decay: float
     momentum: float  # SGD momentum (nesterov) / AdamW beta1
@@ -74,6 +74,10 @@ RECIPES = {
     "lean": Recipe("lean", "adamw", 3e-3, 1e-2, 0.9, 0.9, 12.0, "dice_ce", "light",
                    epochs=None, iterations_per_epoch=50, val_iterations=10, checkpoint_every=5,
                    time_budget_min=LEAN_DEFAULT_BUDGET_MIN),
+    # the seed project's recipe: Adam and plain cross-entropy, light augmentation
+    "adam_ce": Recipe("adam_ce", "adam", 3e-4, 0.0, 0.9, 0.9, 12.0, "ce", "light",
+                      epochs=None, iterations_per_epoch=50, val_iterations=10, checkpoint_every=5,
+                      time_budget_min=LEAN_DEFAULT_BUDGET_MIN),
 }
 
 
@@ -91,7 +95,7 @@ class TrainSettings:
     time_budget_min: float | None = None  # wall-clock budget of the training loop; the LR schedule follows it
     resume: bool = False  # continue from the run's latest checkpoint (otherwise a fresh run)
     ray_address: str | None = None  # an existing Ray cluster; None: a local one on 127.0.0.1
-    recipe: str | None = None  # 'nnunet' or 'lean'; None: the configuration's preset (3d_lean -> lean)
+    recipe: str | None = None  # 'nnunet', 'lean' or 'adam_ce' (the seed project's Adam + cross-entropy); None: the configuration's preset (3d_lean -> lean)
     checkpoint_every: int | None = None  # epochs between checkpoints (None: nnunet 50, lean 5)
     seed: int = 12345  # seeds model initialisation and every batch
     prefetch: str = "auto"  # per-worker batch prefetch: thread, process (DataLoader), none; auto: thread on CPU, process on GPU
@@ -436,7 +440,9 @@ class _WorkerRun:
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
         weights = supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda)
-        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False), weights)
+        batch_dice = True if self.conf.batch_dice is None else bool(self.conf.batch_dice)
+        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False, batch_dice=batch_dice),
+                                           weights)
         self.plans_hash = config["plans_hash"]
 
         patch = tuple(int(p) for p in self.conf.patch_size)
@@ -472,6 +478,9 @@ class _WorkerRun:
         if r.optimizer == "adamw":
             return torch.optim.AdamW(self.net.parameters(), lr=r.lr, betas=(r.momentum, 0.999),
                                      weight_decay=r.weight_decay)
+        if r.optimizer == "adam":
+            return torch.optim.Adam(self.net.parameters(), lr=r.lr, betas=(r.momentum, 0.999),
+                                    weight_decay=r.weight_decay)
         raise SegPipeError(f"unknown optimizer {r.optimizer!r}")
 
     def _restore(self, checkpoint) -> None:

@@ -48,7 +48,10 @@ def ray_session():
     """One local Ray instance on 127.0.0.1, no dashboard, shut down at the end of the session."""
     import ray
 
+    from pipeline.parallel import keep_local_ray_on_loopback
+
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    keep_local_ray_on_loopback()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
