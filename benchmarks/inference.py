@@ -8,21 +8,24 @@
    alone (a 1x1x1 convolution as the network), accumulating in memory vs in a temporary Zarr
    array: seconds and the peak of Python-tracked memory (tracemalloc sees NumPy's buffers).
 
+3. Network forward throughput (`--forward-variants`, e.g. fp32,amp,compile,amp_compile): windows/s
+   of nnU-Net's 3d_fullres hippocampus plan as our network, in inference mode, by variant. This
+   is the part a GPU changes (benchmarks/gpu_suite.sh runs it with `--device cuda`).
+
 Wall seconds depend on what else runs on the machine, so CPU seconds (all threads of this
-process) are recorded beside them.
+process) are recorded beside them, and the harness's tree sampler records the peak RSS.
 
     .venv/bin/python benchmarks/inference.py [--cases 4] [--configs 3d_lean,3d_fullres] [--size 192]
+        [--device cuda] [--forward-variants fp32,amp,compile,amp_compile] [--name gpu_inference]
 
-Writes benchmarks/results/inference.{json,md}.
+Writes benchmarks/results/inference.{json,md,png} (`--name` changes the file name).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +37,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness import (MIB, RESULTS, SHARED, Clock, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
+                     write_results)
 
 from pipeline.dataset import load_dataset  # noqa: E402
 from pipeline.fingerprint import compute_fingerprint  # noqa: E402
@@ -43,18 +50,7 @@ from pipeline.planning import plan_experiment  # noqa: E402
 from pipeline.training import save_model_file  # noqa: E402
 from pipeline.workdir import Workdir  # noqa: E402
 
-SHARED = Path(os.environ.get("SEGPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = REPO / "benchmarks" / "results"
-
-
-class _Clock:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
+FORWARD_VARIANTS = {"fp32": (False, False), "amp": (True, False), "compile": (False, True), "amp_compile": (True, True)}
 
 def make_model(workdir: Path, dataset, configs: list[str]):
     plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
@@ -71,7 +67,7 @@ def make_model(workdir: Path, dataset, configs: list[str]):
     return wd, plans
 
 
-def bench_hippocampus(cases: int, configs: list[str], tmp: Path) -> list[dict]:
+def bench_hippocampus(cases: int, configs: list[str], tmp: Path, device: str | None = None) -> list[dict]:
     root = SHARED / "Task04_Hippocampus"
     if not (root / "dataset.json").is_file():
         print(f"skipping hippocampus: {root} not found")
@@ -88,33 +84,34 @@ def bench_hippocampus(cases: int, configs: list[str], tmp: Path) -> list[dict]:
         conf = plans.configuration(config)
         for tta in (False, True):
             out = tmp / f"pred_{config}_{tta}"
-            with _Clock() as clock:
-                report = predict_folder(wd, inputs, out, config=config, tta=tta, progress=False)
+            with Clock() as clock, TreeSampler() as sampler:
+                report = predict_folder(wd, inputs, out, config=config, tta=tta, progress=False, device=device)
             per_case = list(report.seconds_per_case.values())
             rows.append({
                 "config": config, "tta": tta, "cases": len(per_case), "patch_size": conf.patch_size,
                 "features_per_stage": conf.features_per_stage,
                 "seconds_per_case_mean": float(np.mean(per_case)), "seconds_per_case_max": float(np.max(per_case)),
                 "cpu_seconds_per_case": clock.cpu / len(per_case), "wall_seconds_total": clock.wall,
+                "peak_rss_mib": round(sampler.peak_tree / MIB, 1), "device": device or "auto",
             })
             print(f"hippocampus {config:10s} tta={tta!s:5s} {rows[-1]['seconds_per_case_mean']:.2f} s/case "
                   f"({rows[-1]['cpu_seconds_per_case']:.2f} CPU-s/case)")
     return rows
 
 
-def bench_large(size: int, tmp: Path) -> list[dict]:
+def bench_large(size: int, tmp: Path, device: str | None = None) -> list[dict]:
     rng = np.random.default_rng(0)
     image = rng.normal(size=(1, size, size, size)).astype(np.float32)
     torch.manual_seed(0)
-    net = torch.nn.Conv3d(1, 3, 1)
+    net = torch.nn.Conv3d(1, 3, 1).to(device or "cpu")
     patch = (64, 64, 64)
     n_windows = len(window_slices(image.shape[1:], patch, 0.5))
     rows, results = [], {}
     for accumulate in ("memory", "zarr"):
         tracemalloc.start()
-        with _Clock() as clock:
+        with Clock() as clock:
             probs = sliding_window_predict(net, image, patch, 3, tta_mirror=False, batch_size=2,
-                                           accumulate=accumulate, zarr_dir=tmp)
+                                           accumulate=accumulate, zarr_dir=tmp, device=device)
             labels = np.asarray(probs[...]).argmax(0) if accumulate == "memory" else None
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -135,24 +132,71 @@ def bench_large(size: int, tmp: Path) -> list[dict]:
     return rows
 
 
-def write_results(hippo: list[dict], large: list[dict], args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_average": os.getloadavg(), "args": vars(args)}
-    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "hippocampus": hippo, "large": large},
-                                                       indent=2) + "\n")
+def bench_forward(variants: list[str], device: str, batch: int, min_time: float, max_iters: int) -> list[dict]:
+    """Windows/s of the network alone (nnU-Net's 3d_fullres hippocampus plan, our PlainConvUNet), per variant."""
+    from train_step import NUM_CLASSES, load_plan
+
+    from pipeline.model import build_network
+    from pipeline.plans import ConfigurationPlan
+
+    plan, _ = load_plan()
+    conf = ConfigurationPlan(name="3d_fullres", **{k: v for k, v in plan.items() if k != "batch_size"})
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    rows = []
+    for variant in variants:
+        amp, compiled = FORWARD_VARIANTS[variant]
+        torch.manual_seed(0)
+        net = build_network(conf, 1, NUM_CLASSES, deep_supervision=False).to(dev).eval()
+        model = torch.compile(net) if compiled else net
+        x = torch.randn(batch, 1, *plan["patch_size"], device=dev)
+        dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
+
+        def forward():
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=amp):
+                out = model(x)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+        try:
+            t = time.perf_counter()
+            forward()  # compilation / autotuning
+            first = time.perf_counter() - t
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            while len(times) < max_iters and (sum(times) < min_time or not times):
+                t = time.perf_counter()
+                forward()
+                times.append(time.perf_counter() - t)
+        except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. no compiler) must not lose the others
+            rows.append({"variant": variant, "device": device, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        per = sum(times) / len(times)
+        row = {"variant": variant, "device": device, "amp": amp, "compile": compiled, "batch": batch,
+               "patch_size": plan["patch_size"], "first_call_s": round(first, 3), "iterations": len(times),
+               "s_per_batch": round(per, 5), "windows_per_s": round(batch / per, 3)}
+        if cuda:
+            row["gpu_peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        rows.append(row)
+        print(f"forward {variant:12s} {row['windows_per_s']:.2f} windows/s (first call {first:.1f} s)")
+    return rows
+
+
+def markdown(meta: dict, hippo: list[dict], large: list[dict], forward: list[dict]) -> str:
     lines = ["# Sliding-window inference", "",
-             f"CPU only, {meta['torch_threads']} torch thread(s) on {meta['cpu_count']} cores, load average "
-             f"{meta['load_average'][0]:.1f} at the end (other work on the machine inflates wall seconds; "
-             "CPU seconds count all threads of this process). Untrained networks of the real plans.", "",
-             "## Task04_Hippocampus, `predict_folder` seconds per case (read, preprocess, windows, export, write)", "",
-             "| config | patch | features | TTA | cases | s/case (mean) | s/case (max) | CPU-s/case |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in hippo:
-        lines.append(f"| {r['config']} | {'x'.join(map(str, r['patch_size']))} | {r['features_per_stage']} | "
-                     f"{'8 mirrorings' if r['tta'] else 'off'} | {r['cases']} | {r['seconds_per_case_mean']:.2f} | "
-                     f"{r['seconds_per_case_max']:.2f} | {r['cpu_seconds_per_case']:.2f} |")
+             f"Device {meta['device']}, {meta['torch_threads']} torch thread(s). Machine: {machine_line(meta['machine'])}. "
+             "Other work on the machine inflates wall seconds; CPU seconds count all threads of this process. "
+             "Untrained networks of the real plans."]
+    if hippo:
+        lines += ["", "## Task04_Hippocampus, `predict_folder` seconds per case (read, preprocess, windows, export, write)", "",
+                  "| config | patch | features | TTA | cases | s/case (mean) | s/case (max) | CPU-s/case | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in hippo:
+            lines.append(f"| {r['config']} | {'x'.join(map(str, r['patch_size']))} | {r['features_per_stage']} | "
+                         f"{'8 mirrorings' if r['tta'] else 'off'} | {r['cases']} | {r['seconds_per_case_mean']:.2f} | "
+                         f"{r['seconds_per_case_max']:.2f} | {r['cpu_seconds_per_case']:.2f} | {r['peak_rss_mib']:.0f} |")
     if large:
         r0 = large[0]
         lines += ["", f"## Large synthetic volume {'x'.join(map(str, r0['shape'][1:]))}, 3 classes, patch 64^3, "
@@ -162,20 +206,70 @@ def write_results(hippo: list[dict], large: list[dict], args) -> None:
             lines.append(f"| {r['accumulate']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
                          f"{r['peak_traced_mib']:.0f} | {r['accumulator_mib']:.0f} |")
         lines += ["", f"Label agreement memory vs Zarr: {r0['label_agreement_memory_vs_zarr']:.6f}."]
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
-    print(f"-> {RESULTS / 'inference.json'}, {RESULTS / 'inference.md'}")
+    if forward:
+        lines += ["", "## Network forward throughput (nnU-Net's 3d_fullres hippocampus plan, inference mode)", "",
+                  "| variant | batch | windows/s | s/batch | first call s | GPU peak MiB | note |", "|---|---|---|---|---|---|---|"]
+        for r in forward:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | – | – | – | – | – | {r['error']} |")
+            else:
+                lines.append(f"| {r['variant']} | {r['batch']} | {r['windows_per_s']} | {r['s_per_batch']} | "
+                             f"{r['first_call_s']} | {r.get('gpu_peak_mem_mib', '–')} | {r['iterations']} timed |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(hippo: list[dict], forward: list[dict], new_figure):
+    panels = [p for p in (hippo, [r for r in forward if "error" not in r]) if p]
+    if not panels:
+        return None
+    fig, axes = new_figure(5 * len(panels), 3.6, 1, len(panels))
+    i = 0
+    if hippo:
+        bar_panel(axes[0][i], [f"{r['config']} {'TTA' if r['tta'] else 'no TTA'}" for r in hippo],
+                  [r["seconds_per_case_mean"] for r in hippo], ylabel="s/case", title="predict_folder, hippocampus")
+        i += 1
+    ok = [r for r in forward if "error" not in r]
+    if ok:
+        bar_panel(axes[0][i], [r["variant"] for r in ok], [r["windows_per_s"] for r in ok], ylabel="windows/s",
+                  title=f"network forward ({ok[0]['device']})")
+    return fig
+
+
+def save(hippo: list[dict], large: list[dict], forward: list[dict], args, machine: dict) -> None:
+    meta = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": args.device or "cpu",
+            "torch": torch.__version__, "load_average": os.getloadavg(), "args": vars(args),
+            "machine": {**machine, "load_after": [round(x, 2) for x in os.getloadavg()]}}
+    result = {"meta": meta, "machine": meta["machine"], "device": meta["device"], "hippocampus": hippo, "large": large,
+              "forward": forward}
+    name = args.name or ("gpu_inference" if (args.device or "").startswith("cuda") else "inference")
+    paths = write_results(name, result, markdown(meta, hippo, large, forward), lambda nf: plot(hippo, forward, nf), args.out)
+    print(f"-> {paths['json']}, {paths['md']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--cases", type=int, default=4, help="hippocampus cases to predict (0: skip)")
     parser.add_argument("--configs", default="3d_lean,3d_fullres")
     parser.add_argument("--size", type=int, default=192, help="edge of the large synthetic volume (0: skip)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the pipeline's choice)")
+    parser.add_argument("--forward-variants", default="", help=f"comma-separated from {', '.join(FORWARD_VARIANTS)} (empty: skip)")
+    parser.add_argument("--forward-batch", type=int, default=2)
+    parser.add_argument("--forward-min-time", type=float, default=5.0)
+    parser.add_argument("--forward-max-iters", type=int, default=50)
+    parser.add_argument("--name", default=None, help="result file name (default inference; gpu_inference on CUDA)")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    variants = [v for v in args.forward_variants.split(",") if v]
+    unknown = [v for v in variants if v not in FORWARD_VARIANTS]
+    if unknown:
+        parser.error(f"unknown forward variant(s) {unknown}")
+    machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="segpipe_bench_inference_") as d:
-        hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d))
-        large = bench_large(args.size, Path(d)) if args.size else []
-    write_results(hippo, large, args)
+        hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d), args.device) if args.cases else []
+        large = bench_large(args.size, Path(d), args.device) if args.size else []
+    forward = bench_forward(variants, args.device or "cpu", args.forward_batch, args.forward_min_time,
+                            args.forward_max_iters) if variants else []
+    save(hippo, large, forward, args, machine)
 
 
 if __name__ == "__main__":

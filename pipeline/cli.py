@@ -209,7 +209,7 @@ def cmd_demo(args) -> int:
     from .synthetic import make_demo_dataset
 
     wd = Workdir.at(args.workdir)
-    args.dataset = str(make_demo_dataset(wd.root / "demo_dataset"))
+    args.dataset = str(make_demo_dataset(wd.root / "demo_dataset", num_cases=args.cases))
     return cmd_run(args)
 
 
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpu-memory-gb", type=float, default=8.0)
     for p in (sub.choices["run"], sub.choices["demo"]):
         p.set_defaults(config="auto")
-        p.add_argument("--quick", action="store_true", help="tiny budget: a smoke run, not a useful model")
+        p.add_argument("--no-tta", action="store_true", help="predict the held-out cases without mirroring")
+    sub.choices["demo"].add_argument("--cases", type=int, default=24, help="synthetic cases to generate (default 24)")
 
     p = add("import-msd", "unpack a Decathlon task tarball (path or http(s) URL) and check it")
     p.add_argument("source")

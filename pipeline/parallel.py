@@ -39,12 +39,27 @@ def dask_client(workers: int | None = None, address: str | None = None,
             dashboard_address=None,
             memory_limit=memory_limit,
             silence_logs=40,
+            preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
         )
         try:
             with Client(cluster) as client:
                 yield client
         finally:
             cluster.close()
+
+
+def dask_setup(worker) -> None:
+    """Dask preload hook, run in each local worker process as it starts (and restarts): ignore SIGINT.
+
+    Ctrl-C in a terminal signals the whole foreground process group, workers included; they would
+    die printing a KeyboardInterrupt traceback each. The driver alone handles it - it leaves the
+    `dask_client` block, which closes the cluster and its workers - and exits 130.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def keep_local_ray_on_loopback() -> None:

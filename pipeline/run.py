@@ -100,7 +100,7 @@ def run_all(args) -> dict:
     pred_dir = wd.root / "predictions" / f"{config}_fold{fold}"
     log.info("[6/7] predict %d held-out case(s) -> %s", len(heldout), pred_dir)
     inputs = _heldout_inputs(dataset, heldout, wd.root / "heldout_images")
-    predict_folder(wd, inputs, pred_dir, config=config, fold=fold, tta=True, progress=True)
+    predict_folder(wd, inputs, pred_dir, config=config, fold=fold, tta=not getattr(args, "no_tta", False), progress=True)
     log.info("[7/7] evaluate and report")
     eval_dir = wd.root / "evaluation" / f"{config}_fold{fold}"
     summary = evaluate_folders(pred_dir, Path(args.dataset), eval_dir)

@@ -154,6 +154,21 @@ class BatchSampler:
 
     def _sample_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
                     image_out: np.ndarray, label_out: np.ndarray) -> None:
+        try:
+            self._read_one(case_id, force_fg, rng, image_out, label_out)
+        except (ValueError, RuntimeError, OSError) as exc:
+            # zarr's crc32c codec raises ValueError on a flipped bit; zstd a RuntimeError on junk. Name
+            # the case, so a corrupt store stops training with a fix instead of an anonymous error.
+            from .errors import SegPipeError
+
+            raise SegPipeError(
+                f"{case_id}: cannot read its patch from {self.spec.store_path}/{self.spec.data_identifier}/cases/"
+                f"{case_id} - corrupt or unreadable chunk ({type(exc).__name__}: {exc}). `segpipe verify "
+                f"{self.spec.store_path}` lists the damage; delete that case's folder and re-run "
+                "`segpipe preprocess` to rewrite it") from exc
+
+    def _read_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
+                  image_out: np.ndarray, label_out: np.ndarray) -> None:
         image = self.group.image(case_id)
         label = self.group.label(case_id)
         shape = label.shape
