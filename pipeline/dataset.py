@@ -282,7 +282,7 @@ def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem
 
 def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]]:
     """Read the dataset description, collecting every problem found instead of stopping at the first."""
-    root = Path(path)
+    root = Path(path).absolute()  # case paths travel to workers that may run in another folder
     problems: list[Problem] = []
     if not root.is_dir():
         return None, [Problem(None, f"{root} is not a folder")]

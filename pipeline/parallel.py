@@ -1,14 +1,25 @@
-"""Where Dask work runs: a loopback LocalCluster by default, or an existing scheduler.
+"""Where Dask and Ray work runs, and whether it can see the files it is given.
 
 Stages take a `distributed.Client` (or None to run in this process), so they stay plain functions;
-this module only decides which client to hand them.
+this module decides which client to hand them. Dask defaults to a loopback LocalCluster, or an
+existing scheduler; Ray to a local instance on 127.0.0.1, or an existing cluster.
+
+Beyond one machine, workers get plans and absolute paths, never open handles, and open the files
+themselves, so every node must see the dataset and the workdir at the same path (a shared
+filesystem) or the store at an object-store URL (cluster/README.md). `check_ray_nodes_see` and
+`check_dask_workers_see` run a small check on every node / worker before the work starts, so a node
+that cannot see a path fails at once with a message naming the node and the path, instead of
+failing case by case - or, worse, writing cases nobody else can read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 # A single case must not take the machine down: each worker is capped, and Dask's nanny
 # restarts a worker that passes the limit (the task is then reported failed with its case id).
@@ -37,6 +48,9 @@ def dask_client(workers: int | None = None, address: str | None = None,
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            # no dashboard; the scheduler's small HTTP server (health, metrics) still starts, so give
+            # it a free loopback port rather than 8787, which another cluster may hold (a warning)
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             memory_limit=memory_limit,
             silence_logs=40,
             preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
@@ -71,9 +85,163 @@ def keep_local_ray_on_loopback() -> None:
     `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into `ray_constants` at import, so it is set on the
     imported module too - the node address is loopback and every Ray listener binds to it
     (tests/test_security.py checks the sockets). Only for a Ray started here: a driver joining a
-    cluster at `--ray-address` needs its outward address.
+    cluster at `--ray-address` needs its outward address, unless that cluster lives on this
+    machine's loopback (`prepare_ray_address`).
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by Ray's own processes
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def prepare_ray_address(address: str | None) -> None:
+    """Call before `ray.init(address=...)`: a cluster on this machine's loopback is joined over loopback.
+
+    Ray rewrites a 127.0.0.1 address to the machine's outward address (see
+    `keep_local_ray_on_loopback`), where a cluster bound to loopback (cluster/local/two_nodes.sh)
+    does not listen. `auto` looks at RAY_ADDRESS, which Ray sets inside a job.
+    """
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else (address or "")
+    host = target.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        keep_local_ray_on_loopback()
+
+
+# ---------------------------------------------------------------- can every node see the paths?
+
+SHARED_PATHS_HINT = ("every node needs the dataset and the workdir at the same path: a shared filesystem "
+                     "(NFS, EFS, Lustre, a Kubernetes volume) mounted alike everywhere; see cluster/README.md")
+
+
+@dataclass(frozen=True)
+class SharedPath:
+    """A path the workers must see. `need`: 'read' (exists), 'write' (a folder a file can be created
+    in) or 'store' (a seg-pipeline Zarr store: its zarr.json exists). Local paths or fsspec URLs."""
+
+    what: str  # how messages name it: "store", "run folder", ...
+    path: str
+    need: str = "read"
+
+
+def _local(path: str) -> str | None:
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
+def path_problems(paths: Sequence[SharedPath]) -> list[str]:
+    """What this process cannot do with `paths` ('the store /w/store.zarr: does not exist here'); [] when all is well."""
+    problems = []
+    for p in paths:
+        local = _local(p.path)
+        try:
+            problem = _local_problem(local, p.need) if local is not None else _url_problem(p.path, p.need)
+        except Exception as exc:  # noqa: BLE001 - a missing fsspec backend, credentials...: still one line
+            problem = f"cannot be checked ({type(exc).__name__}: {exc})"
+        if problem:
+            problems.append(f"the {p.what} {p.path}: {problem}")
+    return problems
+
+
+def _local_problem(path: str, need: str) -> str | None:
+    if not os.path.isabs(path):
+        return "is a relative path (workers may run in another folder or on another machine)"
+    if not os.path.exists(path):
+        return "does not exist here"
+    if need == "store" and not os.path.isfile(os.path.join(path, "zarr.json")):
+        return "exists but holds no Zarr store here (no zarr.json)"
+    if need == "write":
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".segpipe-probe-", dir=path)
+        except OSError as exc:
+            return f"is not writable here ({exc.strerror or exc})"
+        os.close(fd)
+        os.unlink(probe)
+    elif not os.access(path, os.R_OK):
+        return "is not readable here"
+    return None
+
+
+def _url_problem(url: str, need: str) -> str | None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if need == "store":
+        return None if fs.exists(root.rstrip("/") + "/zarr.json") else "holds no Zarr store seen from here (no zarr.json)"
+    if need == "read" and not fs.exists(root):
+        return "does not exist seen from here"
+    return None  # object stores have no folders to test for writing without leaving litter
+
+
+def whereami() -> dict:
+    """This process's host and pid, and its Ray node when it runs inside Ray."""
+    here = {"host": socket.gethostname(), "pid": os.getpid()}
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            here["node_id"] = ray.get_runtime_context().get_node_id()
+            here["node_ip"] = ray.util.get_node_ip_address()
+    return here
+
+
+def _probe(paths: Sequence[SharedPath]) -> dict:
+    return {**whereami(), "problems": path_problems(paths)}
+
+
+def _raise_if_blind(checked: list[dict], kind: str) -> None:
+    lines = [f"{kind} {r['where']} cannot see {problem}" for r in checked for problem in r["problems"]]
+    lines += [f"{kind} {r['where']}: {r['error']}" for r in checked if r.get("error")]
+    if lines:
+        from .errors import SegPipeError
+
+        raise SegPipeError("\n".join([*lines, SHARED_PATHS_HINT]))
+
+
+def check_ray_nodes_see(paths: Sequence[SharedPath], timeout_s: float = 120.0) -> list[dict]:
+    """Run `path_problems` on every alive node of the connected Ray cluster (a task pinned to each).
+
+    Returns one record per node ({node_id, node_ip, host, pid, where, problems: []}); raises SegPipeError
+    naming every node that cannot see a path, or that did not answer within `timeout_s`.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(list(paths)):
+            node_id for node_id in nodes}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    checked = []
+    for ref in ready:
+        node_id = refs[ref]
+        try:
+            record = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - e.g. seg-pipeline not installed on that node
+            record = {"node_id": node_id, "node_ip": nodes[node_id], "problems": [],
+                      "error": f"the check failed there ({type(exc).__name__}: {exc})"}
+        checked.append(record)
+    for ref in late:
+        ray.cancel(ref, force=True)
+        checked.append({"node_id": refs[ref], "node_ip": nodes[refs[ref]], "problems": [],
+                        "error": f"did not run the check within {timeout_s:.0f}s (is seg-pipeline installed there?)"})
+    for r in checked:
+        r["where"] = f"{r.get('node_ip', '?')} (node {r['node_id'][:12]}, host {r.get('host', '?')})"
+    _raise_if_blind(checked, "Ray node")
+    return checked
+
+
+def check_dask_workers_see(client, paths: Sequence[SharedPath]) -> list[dict]:
+    """Run `path_problems` on every worker of a Dask client; SegPipeError naming each worker that cannot see a path."""
+    results = client.run(_probe, list(paths), on_error="return")
+    checked = []
+    for address, record in sorted(results.items()):
+        if isinstance(record, BaseException):
+            record = {"problems": [], "error": f"the check failed there ({type(record).__name__}: {record})"}
+        record["where"] = f"{address} (host {record.get('host', '?')})"
+        record["address"] = address
+        checked.append(record)
+    _raise_if_blind(checked, "Dask worker")
+    return checked

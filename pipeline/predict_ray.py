@@ -1,20 +1,27 @@
 """Cases spread over Ray workers: an ActorPool of predictors, each loading the model once.
 
 Thin wiring over `inference.predict_one`: each actor builds a `Predictor` from the picklable
-`ModelSpec`, reads its cases' files and writes their outputs itself, so only file paths and small
-results travel. An already-initialised Ray (a session, a test fixture) is reused as it is;
-otherwise Ray is started on 127.0.0.1 without a dashboard (or joined at `ray_address`) and shut
-down afterwards.
+`ModelSpec`, reads its cases' files and writes their outputs itself, so only (absolute) file paths
+and small results travel. Actors may run on other machines: every node must see the model folders,
+the input files and the output folder at the same paths (checked on each node before the actors
+start, `parallel.check_ray_nodes_see`). An already-initialised Ray (a session, a test fixture) is
+reused as it is; otherwise Ray is started on 127.0.0.1 without a dashboard (or joined at
+`ray_address`) and shut down afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .inference import CaseResult, ModelSpec, Predictor, _progress, predict_one
+from .parallel import SharedPath, check_ray_nodes_see, prepare_ray_address, whereami
+
+log = logging.getLogger("segpipe.predict")
 
 
 @contextlib.contextmanager
@@ -26,6 +33,7 @@ def ray_runtime(num_workers: int | None, ray_address: str | None) -> Iterator[No
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if ray_address:
+        prepare_ray_address(ray_address)
         ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
     else:
         from .parallel import keep_local_ray_on_loopback
@@ -48,6 +56,9 @@ class _PredictorActor:
         torch.set_num_threads(max(1, threads))
         self.predictor = Predictor.from_spec(spec)
 
+    def where(self) -> dict:
+        return whereami()
+
     def predict(self, case, output_dir: str, save_probabilities: bool) -> CaseResult:
         try:
             return predict_one(self.predictor, case, output_dir, save_probabilities)
@@ -61,7 +72,15 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
     import ray
     from ray.util import ActorPool
 
+    # the actors may run in another folder or on another machine: absolute paths only
+    output_dir = Path(output_dir).absolute()
+    cases = [dataclasses.replace(c, images=tuple(Path(p).absolute() for p in c.images),
+                                 label=Path(c.label).absolute() if c.label else None) for c in cases]
     with ray_runtime(num_workers, ray_address):
+        inputs = sorted({str(p.parent) for c in cases for p in c.images})
+        check_ray_nodes_see([*(SharedPath("model folder", d) for d in spec.run_dirs),
+                             *(SharedPath("input folder", d) for d in inputs),
+                             SharedPath("output folder", str(output_dir), "write")])
         resources = ray.cluster_resources()
         cpus = max(1, int(resources.get("CPU", 1)))
         # one CPU slot per actor, so every actor gets scheduled; torch threads share out the cores
@@ -75,6 +94,9 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
         actor_cls = ray.remote(_PredictorActor).options(**options)
         actors = [actor_cls.remote(spec, threads=threads) for _ in range(workers)]
         try:
+            places = ray.get([a.where.remote() for a in actors])
+            log.info("predicting %d case(s) on %d Ray worker(s) on %d node(s)", len(cases), workers,
+                     len({p.get("node_id") for p in places}))
             pool = ActorPool(actors)
             results = []
             with _progress(len(cases), progress, desc=f"predict ({workers} Ray workers)", unit="case") as bar:

@@ -308,6 +308,11 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
         else:
             from distributed import as_completed
 
+            from .parallel import SharedPath, check_dask_workers_see
+
+            # a worker that cannot see the store would write cases nobody else reads: stop here, naming it
+            check_dask_workers_see(client, [SharedPath("dataset", str(dataset.root)),
+                                            SharedPath("store", str(store_path), "store")])
             ds_f, plans_f = client.scatter([dataset, plans], broadcast=True, hash=False)
             futures = {client.submit(preprocess_and_write, ds_f, case_id, plans_f, config, str(store_path),
                                      key=f"preprocess-{config}-{case_id}-{time.time_ns()}", pure=False): case_id

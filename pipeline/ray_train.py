@@ -11,6 +11,14 @@ worker failure: `FailureConfig(max_failures=2)`). So:
 * without `--resume`, where an earlier run exists: a fresh run. The earlier Ray run and its fold
   folder are moved aside to `<name>.previous` (replacing an older `.previous`), never deleted, so
   nothing trained is lost and the new run cannot pick up the old checkpoints by accident.
+
+Several machines: workers get the plans and absolute paths in `train_loop_config` and open the
+store themselves; rank 0 writes the model files into the fold folder and Ray Train uploads
+checkpoints to `W/runs/ray` (its `storage_path`), which the driver reads back. So the workdir must
+be on a filesystem every node mounts at the same path. Before any worker starts, a check runs on
+every node (`parallel.check_ray_nodes_see`) and fails naming the node that cannot see the store or
+cannot write the run folders; each worker checks again (nodes may join later) and records where it
+ran, merged into `placement.json` in the fold folder.
 """
 
 from __future__ import annotations
@@ -24,7 +32,15 @@ import threading
 from pathlib import Path
 
 from .errors import BadInputError, SegPipeError
-from .parallel import default_workers, keep_local_ray_on_loopback
+from .parallel import (
+    SharedPath,
+    check_ray_nodes_see,
+    default_workers,
+    keep_local_ray_on_loopback,
+    path_problems,
+    prepare_ray_address,
+    whereami,
+)
 from .plans import write_json_atomic
 from .training import TrainResult, TrainSettings, check_workers, collect_result, prepare_run, train_loop_per_worker
 from .workdir import Workdir
@@ -92,6 +108,7 @@ def _ensure_ray(address: str | None) -> bool:
         return False
     common = dict(include_dashboard=False, configure_logging=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
+        prepare_ray_address(address)
         ray.init(address=address, **common)
     else:
         keep_local_ray_on_loopback()
@@ -139,6 +156,47 @@ class _LogTail:
             log.info("%s", line.split(" ", 2)[-1] if line[:2].isdigit() else line)
 
 
+def shared_paths(loop_config: dict, storage: Path) -> list[SharedPath]:
+    """What every training node must see: the store (read), the fold folder and Ray's storage (write)."""
+    return [SharedPath("store", loop_config["store"], "store"), SharedPath("run folder", loop_config["run_dir"], "write"),
+            SharedPath("Ray storage folder", str(storage), "write")]
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker function: check this worker sees the workdir, record where it runs, then train."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    here = whereami()
+    problems = path_problems(shared_paths(config, Path(config["ray_storage"])))
+    if problems:
+        where = f"{here.get('node_ip', '?')} (node {here.get('node_id', '?')[:12]}, host {here['host']})"
+        raise SegPipeError("\n".join([f"training worker {rank} on {where} cannot see {p}" for p in problems]
+                                      + ["the workdir must be on a filesystem every node mounts at the same path "
+                                         "(cluster/README.md)"]))
+    placement = Path(config["run_dir"]) / "placement"
+    placement.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(placement / f"rank_{rank}.json",
+                      {"rank": rank, "world_size": ctx.get_world_size(), "local_rank": ctx.get_local_rank(), **here})
+    train_loop_per_worker(config)
+
+
+def record_placement(run_dir: Path) -> dict | None:
+    """Merge the workers' `placement/rank_<r>.json` into `placement.json`: which rank ran on which node."""
+    folder = run_dir / "placement"
+    ranks = sorted((json.loads(f.read_text()) for f in folder.glob("rank_*.json")), key=lambda r: r["rank"])
+    if not ranks:
+        return None
+    placement = {"workers": ranks, "nodes": sorted({r.get("node_id", r["host"]) for r in ranks})}
+    write_json_atomic(run_dir / "placement.json", placement)
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("%d training worker(s) on %d node(s): %s", len(ranks), len(placement["nodes"]),
+             ", ".join(f"rank {r['rank']} on {r.get('node_ip', r['host'])} (node {r.get('node_id', '?')[:12]})"
+                       for r in ranks))
+    return placement
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The worker's own exception inside Ray's wrappers (WorkerGroupError -> RayTaskError -> cause)."""
     failures = getattr(exc, "worker_failures", None)
@@ -181,10 +239,13 @@ def fit(settings: TrainSettings) -> TrainResult:
         loop_config["settings"] = settings.to_json()
         resumed_from = prepare_storage(storage, name, run_dir, settings.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(parents=True, exist_ok=True)
+        loop_config["ray_storage"] = str(storage)
+        check_ray_nodes_see(shared_paths(loop_config, storage))
         plans.save(run_dir / "plans.json")
         write_json_atomic(run_dir / "train_settings.json", settings.to_json())
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            train_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
             run_config=RunConfig(name=name, storage_path=str(storage),
@@ -201,6 +262,7 @@ def fit(settings: TrainSettings) -> TrainResult:
             if isinstance(cause, SegPipeError):
                 raise cause from exc
             raise SegPipeError(f"training failed: {type(cause).__name__}: {cause}") from exc
+        record_placement(run_dir)
     finally:
         if started:
             ray.shutdown()

@@ -82,3 +82,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if counts:
         terminalreporter.write_line(f"reliability: {counts['bad_inputs']} bad inputs tried, {counts['faults']} faults "
                                     f"injected, {counts['lost']} cases/checkpoints lost")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small convolutions run faster on one thread than on two contended cores (and it leaves one for the rest)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ EVERYTHING = AugmentationConfig(p_rotation=1, p_scale=1, p_noise=1, p_blur=1, p_
                                 p_contrast=1, p_lowres=1, p_lowres_per_channel=1, p_gamma=1, p_gamma_inverted=1)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(shape=(4, 2, 12, 16, 10), values=(0, 5, 117), seed=0):

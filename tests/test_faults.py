@@ -30,9 +30,9 @@ from pipeline.errors import SegPipeError
 from pipeline.store import open_store, verify_store
 from test_bad_input import CONFIG, cli_env, lost_cases, make_workdir, run_cli, store_checksums
 
-SLOW_CASES = 10
-# Preprocessing to a 4x finer grid makes each phantom case take ~1 s, so a fault lands mid-run.
-SLOW_SPACING_FACTOR = 0.25
+SLOW_CASES = 8
+# Preprocessing to a 3.3x finer grid makes each phantom case take ~0.4 s (idle core), so a fault lands mid-run.
+SLOW_SPACING_FACTOR = 0.3
 
 
 # ---------------------------------------------------------------- processes

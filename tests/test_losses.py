@@ -13,12 +13,7 @@ from pipeline.model import build_network, deep_supervision_weights
 from pipeline.plans import ConfigurationPlan
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_target(shape, classes, seed=0) -> torch.Tensor:

@@ -16,13 +16,7 @@ from pipeline.model import build_network, deep_supervision_weights, downsample_t
 from pipeline.plans import ChannelNormalization, ConfigurationPlan, Plans
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small convolutions run faster on one thread than on two contended cores (and it leaves one for the rest)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 HIPPOCAMPUS = ConfigurationPlan(  # nnU-Net v2 3d_fullres for Task04 (store axis order)
