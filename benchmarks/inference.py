@@ -67,7 +67,8 @@ def make_model(workdir: Path, dataset, configs: list[str]):
     return wd, plans
 
 
-def bench_hippocampus(cases: int, configs: list[str], tmp: Path, device: str | None = None) -> list[dict]:
+def bench_hippocampus(cases: int, configs: list[str], tmp: Path, device: str | None = None,
+                      ttas: tuple[bool, ...] = (False, True)) -> list[dict]:
     root = SHARED / "Task04_Hippocampus"
     if not (root / "dataset.json").is_file():
         print(f"skipping hippocampus: {root} not found")
@@ -82,7 +83,7 @@ def bench_hippocampus(cases: int, configs: list[str], tmp: Path, device: str | N
     rows = []
     for config in configs:
         conf = plans.configuration(config)
-        for tta in (False, True):
+        for tta in ttas:
             out = tmp / f"pred_{config}_{tta}"
             with Clock() as clock, TreeSampler() as sampler:
                 report = predict_folder(wd, inputs, out, config=config, tta=tta, progress=False, device=device)
@@ -134,7 +135,7 @@ def bench_large(size: int, tmp: Path, device: str | None = None) -> list[dict]:
 
 def bench_forward(variants: list[str], device: str, batch: int, min_time: float, max_iters: int) -> list[dict]:
     """Windows/s of the network alone (nnU-Net's 3d_fullres hippocampus plan, our PlainConvUNet), per variant."""
-    from train_step import NUM_CLASSES, load_plan
+    from train_step import NUM_CLASSES, _native_bf16, load_plan
 
     from pipeline.model import build_network
     from pipeline.plans import ConfigurationPlan
@@ -146,6 +147,10 @@ def bench_forward(variants: list[str], device: str, batch: int, min_time: float,
     rows = []
     for variant in variants:
         amp, compiled = FORWARD_VARIANTS[variant]
+        if amp and not cuda and not _native_bf16():
+            rows.append({"variant": variant, "device": device,
+                         "error": "skipped: this CPU has no native bf16 (emulated bf16 takes minutes per call)"})
+            continue
         torch.manual_seed(0)
         net = build_network(conf, 1, NUM_CLASSES, deep_supervision=False).to(dev).eval()
         model = torch.compile(net) if compiled else net
@@ -251,6 +256,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=4, help="hippocampus cases to predict (0: skip)")
     parser.add_argument("--configs", default="3d_lean,3d_fullres")
     parser.add_argument("--size", type=int, default=192, help="edge of the large synthetic volume (0: skip)")
+    parser.add_argument("--tta", choices=("both", "on", "off"), default="both", help="mirroring TTA in predict_folder")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the pipeline's choice)")
     parser.add_argument("--forward-variants", default="", help=f"comma-separated from {', '.join(FORWARD_VARIANTS)} (empty: skip)")
     parser.add_argument("--forward-batch", type=int, default=2)
@@ -265,7 +271,8 @@ def main() -> None:
         parser.error(f"unknown forward variant(s) {unknown}")
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="segpipe_bench_inference_") as d:
-        hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d), args.device) if args.cases else []
+        ttas = {"both": (False, True), "on": (True,), "off": (False,)}[args.tta]
+        hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d), args.device, ttas) if args.cases else []
         large = bench_large(args.size, Path(d), args.device) if args.size else []
     forward = bench_forward(variants, args.device or "cpu", args.forward_batch, args.forward_min_time,
                             args.forward_max_iters) if variants else []

@@ -47,7 +47,7 @@ def build_workdir(root: Path) -> Path:
     dataset = load_dataset(DATA)
     plans = plan_experiment(compute_fingerprint(dataset, client=None, progress=False), dataset)
     plans.save(root / "plans.json")
-    run_preprocessing(dataset, plans, "3d_fullres", root / "store.zarr", client=None, progress=True)
+    run_preprocessing(dataset, plans, "3d_fullres", root / "store.zarr", client=None, progress=sys.stderr.isatty())
     return root
 
 
@@ -127,7 +127,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--configs", default="3d_lean,3d_fullres")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only preprocess the 208 cases into --workdir (a workdir other benchmarks share)")
     args = parser.parse_args()
+    if args.build_only:
+        if args.workdir is None:
+            parser.error("--build-only needs --workdir")
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        build_workdir(args.workdir)
+        print(f"-> {args.workdir}")
+        return
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="segpipe-loader-bench-")

@@ -245,7 +245,7 @@ def collect_result(run_dir: Path, final_metrics: dict | None, resumed_from: int 
     final = run_dir / "model_final.pt"
     if not final.is_file():
         raise SegPipeError(f"training ended without writing {final}")
-    meta = torch.load(final, map_location="cpu", weights_only=True)
+    meta = load_plain(final)
     metrics = dict(final_metrics or {})
     if not metrics and (run_dir / "metrics.csv").is_file():
         rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
@@ -287,6 +287,20 @@ def save_model_file(path: Path, net: torch.nn.Module, *, configuration: str, epo
     _torch_save_atomic(payload, path)
 
 
+def load_plain(path: Path, map_location: str | torch.device = "cpu"):
+    """`torch.load(weights_only=True)`: tensors and primitives only. A file that would run code when
+    unpickled is refused in one line (torch's own message suggests `weights_only=False`)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise SegPipeError(f"refused to load {path}: not a plain tensor file but a pickle that would run code "
+                           f"when loaded ({detail or type(exc).__name__}); use model files written by segpipe "
+                           "from a source you trust") from None
+
+
 def load_trained_network(run_dir: str | os.PathLike, which: str = "final", device: str | torch.device = "cpu"):
     """(network in eval mode without deep supervision, plans, model-file dict) from a run folder."""
     from .model import build_network
@@ -295,7 +309,7 @@ def load_trained_network(run_dir: str | os.PathLike, which: str = "final", devic
     path = run_dir / f"model_{which}.pt"
     if not path.is_file():
         raise SegPipeError(f"{path} not found: train this configuration and fold first (`segpipe train`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_plain(path)
     plans = Plans.load(run_dir / "plans.json")
     net = build_network(plans.configuration(payload["configuration"]), payload["num_input_channels"],
                         payload["num_classes"], deep_supervision=False)
@@ -487,8 +501,8 @@ class _WorkerRun:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
-            self.net.load_state_dict(torch.load(Path(d) / "model.pt", map_location=self.device, weights_only=True))
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            self.net.load_state_dict(load_plain(Path(d) / "model.pt", self.device))
+            state = load_plain(Path(d) / "state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -188,7 +188,7 @@ def _preprocess(dataset, wd, workers="2"):
 
 
 def _rerun_completes(dataset, wd, cases, cwd) -> dict:
-    run = run_cli(*_preprocess(dataset, wd), cwd=cwd)
+    run = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=cwd)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     report = json.loads(run.stdout)
@@ -196,6 +196,7 @@ def _rerun_completes(dataset, wd, cases, cwd) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_a_sigkilled_dask_worker_loses_no_case(slow, sessions, tmp_path, reliability):
     dataset, wd, cases = slow
     store = wd / "store.zarr"
@@ -221,6 +222,7 @@ def test_a_sigkilled_dask_worker_loses_no_case(slow, sessions, tmp_path, reliabi
     assert open_store(store, "r").config(CONFIG).case_ids() == cases
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_rerun_does_only_the_missing_cases(slow, sessions, tmp_path, reliability):
     dataset, wd, cases = slow
     store = wd / "store.zarr"
@@ -247,6 +249,7 @@ def test_ctrl_c_exits_130_and_the_rerun_does_only_the_missing_cases(slow, sessio
     assert_nothing_lost(store, before, reliability)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_cli_leaves_a_stale_lock_the_rerun_takes_over(slow, sessions, tmp_path, reliability):
     dataset, wd, cases = slow
     store = wd / "store.zarr"
@@ -290,6 +293,7 @@ def _remount(path: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_cleanly_keeps_complete_cases_and_resumes(slow, tmp_path, reliability):
     dataset, template, cases = slow
     with tmpfs(tmp_path / "disk", "12m") as disk:  # room for the plans and a few of the ~3-6 MB cases
@@ -315,6 +319,7 @@ def test_a_full_disk_fails_cleanly_keeps_complete_cases_and_resumes(slow, tmp_pa
         assert_nothing_lost(store, before, reliability)
 
 
+@pytest.mark.slow
 def test_a_read_only_store_fails_cleanly_and_keeps_what_it_holds(slow, tmp_path, reliability):
     dataset, template, cases = slow
     with tmpfs(tmp_path / "ro", "256m") as disk:
@@ -424,8 +429,8 @@ def test_sampling_a_corrupt_chunk_raises_naming_the_case_instead_of_training_on_
 # ---------------------------------------------------------------- training faults
 
 
-TRAIN_EPOCHS = 8
-TRAIN_ITERATIONS = 6
+TRAIN_EPOCHS = 6
+TRAIN_ITERATIONS = 4
 
 
 @pytest.fixture(scope="module")
@@ -455,6 +460,7 @@ def _latest_checkpoint_dir(ray_run: Path) -> Path:
     return ray_run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
 
 
+@pytest.mark.slow
 def test_training_survives_a_killed_ray_worker_and_a_killed_driver(train_workdir, sessions, tmp_path, reliability):
     """SIGKILL the Ray training worker after a checkpoint: Ray's FailureConfig restarts the worker
     group from it. Then SIGKILL the driver (`segpipe train`) after a later checkpoint: `--resume`
