@@ -19,6 +19,7 @@ Timings on a shared machine are noisy: the load average is recorded beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -36,7 +37,8 @@ from harness import SHARED, bar_panel, machine_info, machine_line, write_results
 DATA = SHARED / "Task04_Hippocampus"
 
 
-def build_workdir(root: Path) -> Path:
+def build_workdir(root: Path, cases: int | None = None) -> Path:
+    """plans.json + store.zarr (3d_fullres, shared by 3d_lean) of the first `cases` hippocampus cases (default all 208)."""
     from pipeline.dataset import load_dataset
     from pipeline.fingerprint import compute_fingerprint
     from pipeline.planning import plan_experiment
@@ -45,6 +47,8 @@ def build_workdir(root: Path) -> Path:
     if not (DATA / "dataset.json").is_file():
         sys.exit(f"{DATA} not found")
     dataset = load_dataset(DATA)
+    if cases:
+        dataset = dataclasses.replace(dataset, cases=dataset.cases[:cases])
     plans = plan_experiment(compute_fingerprint(dataset, client=None, progress=False), dataset)
     plans.save(root / "plans.json")
     run_preprocessing(dataset, plans, "3d_fullres", root / "store.zarr", client=None, progress=sys.stderr.isatty())
@@ -128,13 +132,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--configs", default="3d_lean,3d_fullres")
     parser.add_argument("--build-only", action="store_true",
-                        help="only preprocess the 208 cases into --workdir (a workdir other benchmarks share)")
+                        help="only preprocess the hippocampus cases into --workdir (a workdir other benchmarks share)")
+    parser.add_argument("--cases", type=int, default=None, help="with --build-only: the first N cases (default all 208)")
     args = parser.parse_args()
     if args.build_only:
         if args.workdir is None:
             parser.error("--build-only needs --workdir")
         args.workdir.mkdir(parents=True, exist_ok=True)
-        build_workdir(args.workdir)
+        build_workdir(args.workdir, args.cases)
         print(f"-> {args.workdir}")
         return
     tmp = None

@@ -178,10 +178,12 @@ def run_nnunet(python: str, ref: Path, tmp: Path, train: list[str], val: list[st
     return row
 
 
-def run_ours(workdir: Path, config: str, budget_min: float, val_dir: Path, out: Path, tta: bool, timeout: float) -> dict:
+def run_ours(workdir: Path, config: str, budget_min: float, val_dir: Path, out: Path, tta: bool, timeout: float,
+             iterations: int | None = None) -> dict:
     env = python_env(RAY_USAGE_STATS_ENABLED="0")
+    extra = ["--iterations-per-epoch", str(iterations)] if iterations else []
     train = run_command([sys.executable, "-m", "pipeline.cli", "train", "--workdir", str(workdir), "--config", config,
-                         "--fold", "0", "--time-budget-min", str(budget_min), "--json"], env=env, timeout=timeout)
+                         "--fold", "0", "--time-budget-min", str(budget_min), "--json", *extra], env=env, timeout=timeout)
     row = {"tool": "seg-pipeline", "config": config, "command_wall_s": round(train.wall_s, 1),
            "command_cpu_s": round(train.cpu_s, 1), "peak_rss_tree_mib": round(train.peak_rss_tree_mib, 1),
            "processes": train.processes, "predictions": str(out)}
@@ -239,9 +241,12 @@ def prepare_workdir(args, tmp: Path) -> Path:
 
 def markdown(result: dict) -> str:
     rows = []
+    budget_s = result["budget_min"] * 60
     for r in result["rows"]:
         per = r.get("dice_per_class") or {}
-        rows.append((r["tool"], r["config"], r.get("recipe"), r.get("epochs"), r.get("train_loop_s"), r.get("samples_seen"),
+        loop = r.get("train_loop_s")
+        used = f"{loop} ({100 * loop / budget_s:.0f}%)" if loop is not None else None
+        rows.append((r["tool"], r["config"], r.get("recipe"), r.get("epochs"), used, r.get("samples_seen"),
                      _f(r.get("dice_mean")), ", ".join(f"{k} {_f(v)}" for k, v in per.items()) or None,
                      _f(r.get("hd95_mean"), 2), r.get("cases_scored"), r["command_wall_s"], r["command_cpu_s"],
                      r["peak_rss_tree_mib"], r.get("error", "")))
@@ -255,9 +260,11 @@ def markdown(result: dict) -> str:
         f"nnU-Net's schedule: {s['epochs']} epochs x {s['iterations']} iterations (+{s['val_iterations']} validation), "
         f"planned from {result['nnunet_s_per_it']:.1f} s/iteration ({result['nnunet_s_per_it_source']}), stopped at the budget.",
         "",
-        md_table(["tool", "config", "recipe", "epochs", "train loop s", "samples seen", "mean Dice", "Dice per class",
+        md_table(["tool", "config", "recipe", "epochs", "train loop s (of budget)", "samples seen", "mean Dice", "Dice per class",
                   "mean HD95 mm", "cases", "train command wall s", "train command CPU s", "peak RSS tree MiB", "note"], rows),
-        "", "Command wall/CPU/RSS: the whole training command (nnU-Net's includes its own validation predictions; "
+        "", "Equal compute holds only as far as the train-loop seconds agree: both stop before an epoch that would "
+        "end past the budget, so an epoch longer than the budget overshoots it (compare `samples seen`). "
+        "Command wall/CPU/RSS: the whole training command (nnU-Net's includes its own validation predictions; "
         "ours predicts in a separate `segpipe predict`).",
     ]) + "\n"
 
@@ -298,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF, help="nnU-Net raw/ and preprocessed/ of Dataset004")
     parser.add_argument("--nnunet-s-per-it", type=float, default=None, help="nnU-Net s/iteration at batch 7 (plans its schedule)")
     parser.add_argument("--val-cases", type=int, default=None, help="score only the first N fold-0 validation cases")
+    parser.add_argument("--our-iterations", type=int, default=None,
+                        help="our iterations per epoch (default: the recipe's; fewer for budgets of a few minutes)")
     parser.add_argument("--workdir", type=Path, default=None, help="a workdir with plans.json and store.zarr (208 cases)")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-nnunet", action="store_true")
@@ -328,7 +337,8 @@ def main(argv=None) -> int:
         rows = []
         if not args.skip_ours:
             print(f"seg-pipeline: training {args.config} for {args.budget_min} min ...", flush=True)
-            rows.append(run_ours(workdir, args.config, args.budget_min, val_data / "imagesTr", tmp / "pred_ours", True, timeout))
+            rows.append(run_ours(workdir, args.config, args.budget_min, val_data / "imagesTr", tmp / "pred_ours", True, timeout,
+                                 args.our_iterations))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
         if not args.skip_nnunet:
             print(f"nnU-Net: training for {args.budget_min} min ({schedule}) ...", flush=True)

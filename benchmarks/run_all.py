@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,7 @@ def _quality(ctx: Context) -> list[str]:
 # in the order they run: the figures SUMMARY.md leads with come first, so a quick run that meets a
 # busy machine still measures those before its time budget is spent
 STEPS = [
-    Step("workdir", "loader.py", lambda c: ["--build-only", "--workdir", str(c.workdir)],
+    Step("workdir", "loader.py", lambda c: ["--build-only", "--workdir", str(c.workdir), "--cases", "40"],
          lambda c: ["--build-only", "--workdir", str(c.workdir)], 180, 900, results=()),
     Step("preprocess", "preprocess.py",
          lambda c: ["--cases", "40", "--workers", "2", "--synthetic-cases", "0", "--no-in-process"] + _nn_pre(c),
@@ -104,15 +103,15 @@ STEPS = [
     Step("loader", "loader.py", lambda c: ["--workdir", str(c.workdir), "--configs", "3d_lean", "--batches", "4",
                                            "--steps", "2"],
          lambda c: ["--workdir", str(c.workdir)], 90, 1200, needs_workdir=True),
-    Step("train_memory", "train_memory.py", lambda c: ["--workdir", str(c.workdir), "--sizes", "20,2080", "--repeats", "1",
+    Step("train_memory", "train_memory.py", lambda c: ["--workdir", str(c.workdir), "--sizes", "20,400", "--repeats", "1",
                                                        "--epochs", "1", "--iterations", "2", "--val-iterations", "1"],
          lambda c: ["--workdir", str(c.workdir)], 150, 2400, needs_workdir=True),
     Step("inference", "inference.py", lambda c: ["--cases", "2", "--configs", "3d_lean", "--tta", "off", "--size", "96"],
          lambda c: ["--forward-variants", "fp32,compile"], 90, 1800),
     Step("validation_speed", "validation_speed.py", lambda c: ["1"], lambda c: ["5"], 60, 600),
-    Step("scaling", "scaling.py", lambda c: ["--workdir", str(c.workdir), "--cases", "40", "--epochs", "2", "--iterations", "2",
+    Step("scaling", "scaling.py", lambda c: ["--workdir", str(c.workdir), "--cases", "20", "--epochs", "2", "--iterations", "2",
                                              "--memory-sizes", ""],
-         lambda c: ["--workdir", str(c.workdir)], 200, 3600, needs_workdir=True),
+         lambda c: ["--workdir", str(c.workdir)], 300, 3600, needs_workdir=True),
     Step("fingerprint_memory", "fingerprint_memory.py", lambda c: ["20", "60"], lambda c: [], 60, 600),
     Step("codec_choice", "codec_choice.py", lambda c: ["--hippocampus-cases", "10", "--reads", "50", "--repeats", "1"],
          lambda c: [], 60, 1800),

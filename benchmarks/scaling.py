@@ -191,10 +191,14 @@ def main(argv=None) -> int:
     machine = machine_info()
     result = {"machine": machine, "dask": [], "ray": [], "memory": [], "memory_config": args.memory_config,
               "memory_spread": None, "notes": []}
+    def save() -> Path:  # after every section, so a run cut short still leaves what it measured
+        return write_results("scaling", result, markdown(result), lambda nf: plot(result, nf), args.out)["md"]
+
     with tempfile.TemporaryDirectory(prefix="segpipe-scaling-") as tmp_name:
         tmp = Path(tmp_name)
         if args.dask_workers:
             result["dask"] = dask_scaling(args.cases, args.dask_workers, tmp)
+            save()
         if args.ray_workers or sizes:
             if args.workdir is None:
                 from loader import build_workdir
@@ -210,6 +214,7 @@ def main(argv=None) -> int:
                 args.workdir = work
         if args.ray_workers:
             result["ray"] = ray_scaling(args.workdir, args.ray_workers, args.epochs, args.iterations, args.ray_timeout)
+            save()
         if sizes:
             from train_memory import memory_curve
 
@@ -220,8 +225,7 @@ def main(argv=None) -> int:
             result["memory_spread"] = round((max(peaks) - min(peaks)) / min(peaks), 3)
         else:
             result["notes"].append("memory curve skipped (--memory-sizes empty); see train_memory.md")
-    paths = write_results("scaling", result, markdown(result), lambda nf: plot(result, nf), args.out)
-    print(paths["md"].read_text())
+    print(save().read_text())
     return 0
 
 

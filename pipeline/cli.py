@@ -238,9 +238,15 @@ def cmd_verify(args) -> int:
     store = open_store(args.store, "r")
     configs = store.config_names()
     cases = sum(len(store.config(name).case_ids()) for name in configs)
+    # not an error: an interrupted run leaves them (so would metadata too damaged to read), and the
+    # next `segpipe preprocess` deletes and redoes them
+    incomplete = [f"{name}/cases/{c}" for name in configs for c in store.config(name).incomplete_case_ids()]
     _emit(args, {"store": args.store, "ok": not problems, "configurations": configs, "cases": cases,
-                 "problems": [str(p) for p in problems]})
+                 "incomplete": incomplete, "problems": [str(p) for p in problems]})
     if not args.json:
+        if incomplete:
+            print(f"{_color('note', '33')} {len(incomplete)} incomplete case(s), invisible to training; "
+                  f"`segpipe preprocess` redoes them: {', '.join(incomplete)}", file=sys.stderr)
         for p in problems:
             print(f"{_color('error', '31')} {p}", file=sys.stderr)
         if problems:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -109,8 +110,9 @@ def prepare_ray_address(address: str | None) -> None:
 
 # ---------------------------------------------------------------- can every node see the paths?
 
-SHARED_PATHS_HINT = ("every node needs the dataset and the workdir at the same path: a shared filesystem "
-                     "(NFS, EFS, Lustre, a Kubernetes volume) mounted alike everywhere; see cluster/README.md")
+SHARED_PATHS_HINT = ("every node needs the dataset and the workdir at the same path (a shared filesystem: NFS, EFS, "
+                     "Lustre, a Kubernetes volume), and a store URL must name storage every node reaches "
+                     "(s3://, gs://; not memory://); see cluster/README.md")
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,7 @@ def _url_problem(url: str, need: str) -> str | None:
 def whereami() -> dict:
     """This process's host and pid, and its Ray node when it runs inside Ray."""
     here = {"host": socket.gethostname(), "pid": os.getpid()}
-    import sys
-
-    if "ray" in sys.modules:
+    if "ray" in sys.modules:  # never import Ray into a Dask worker just to ask
         import ray
 
         if ray.is_initialized():

@@ -213,7 +213,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def fit(settings: TrainSettings) -> TrainResult:
-    """Check the inputs, then run `train_loop_per_worker` on `num_workers` Ray workers (DDP)."""
+    """Check the inputs and that every node sees the workdir, then run `train_worker` on `num_workers`
+    Ray workers (DDP); `placement.json` in the fold folder records which node each rank ran on."""
     settings, plans, loop_config = prepare_run(settings)
     wd = Workdir.at(settings.workdir)
     run_dir = Path(loop_config["run_dir"])

@@ -37,7 +37,7 @@ VICTIM = "phantom_001"
 NEW_CASE = "phantom_004"
 CONFIG = "3d_fullres"
 # The CLI imports numpy, nibabel, scipy and zarr (~100-200 MB); a forged header declares 32 GiB.
-MAX_RSS_MB = 600
+MAX_RSS_MB = 400
 
 
 # ---------------------------------------------------------------- running the real CLI

@@ -75,3 +75,40 @@ def test_spread_reports_median_range_and_quartiles():
     assert s["q1"] <= s["median"] <= s["q3"]
     assert harness.fmt_spread(s, 1) == "2.5 (1.0-10.0)"
     assert harness.spread([])["median"] is None
+
+
+def load_run_all():
+    load_harness()
+    if "benchmarks_run_all" in sys.modules:
+        return sys.modules["benchmarks_run_all"]
+    sys.path.insert(0, str(REPO / "benchmarks"))  # run_all imports `harness` by name
+    spec = importlib.util.spec_from_file_location("benchmarks_run_all", REPO / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_and_readme_table_come_from_the_result_files(tmp_path, monkeypatch):
+    run_all = load_run_all()
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    machine = {"date": "2026-01-02 03:04 UTC", "cores": 2, "cpu_model": "x", "memory_gib": 1, "gpus": [],
+               "load_before": [1.0, 1.0, 1.0]}
+    runs = [{"tool": "seg-pipeline", "workers": 2, "mode": "segpipe preprocess --workers 2 (CLI)", "cases_per_s": 6.0,
+             "peak_rss_tree_MiB": 300.0, "cpu_s_per_case": 0.1},
+            {"tool": "nnU-Net v2", "workers": 2, "mode": "nnUNetv2_preprocess -np 2", "cases_per_s": 2.0,
+             "peak_rss_tree_MiB": 3000.0, "cpu_s_per_case": 0.5}]
+    (tmp_path / "preprocess.json").write_text(json.dumps(
+        {"machine": machine, "sets": {"Task04_Hippocampus": {"cases": 40, "runs": runs}}}))
+    text = run_all.write_summary([], {**machine, "load_after": [2.0, 2.0, 2.0]}, "quick", "python benchmarks/run_all.py --quick", [])
+    row = next(line for line in text.splitlines() if line.startswith("| Preprocessing throughput"))
+    assert "| 6.00 | 2.00 | 3.0x faster | CPU |" in row and "2026-01-02 03:04" in row
+    assert "10.0x less" in text  # peak RSS 300 vs 3000 MiB
+    assert (tmp_path / "SUMMARY.md").read_text() == text
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Measured results\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\n## Next\n")
+    run_all.update_readme(readme, {**machine, "load_after": [2.0] * 3}, "python benchmarks/run_all.py --quick")
+    new = readme.read_text()
+    assert "old" not in new and new.endswith("<!-- results:end -->\n\n## Next\n")
+    assert "(benchmarks/results/preprocess.md)" in new and "`python benchmarks/run_all.py --quick`" in new

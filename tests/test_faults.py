@@ -4,8 +4,9 @@ After each, what was complete before the fault is still there byte for byte, `ve
 nothing wrong, and re-running the same command finishes the job doing only what was missing.
 
 Every command runs as `python -m pipeline.cli` in a session of its own, so the test can signal it
-like a terminal would and afterwards end every process that session left behind (Ray's workers,
-for one, outlive a SIGKILLed driver) - by pid, and only those of sessions started here.
+like a terminal would and afterwards end every process that session left behind (Ray's agents
+outlive a SIGKILLed driver by a minute or so; Dask's workers by a few seconds) - by pid, and only
+those of sessions started here.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Cli:
         return self.err.read_text()
 
     def session_pids(self) -> list[int]:
-        return [pid for pid in _all_pids() if _sid(pid) == self.sid]
+        """Live processes of the session (zombies, dead and waiting to be reaped, do not count)."""
+        return [pid for pid in _all_pids() if _sid(pid) == self.sid and not _zombie(pid)]
 
     def children(self, pattern: str) -> list[int]:
         """Processes of this session whose command line matches `pattern` (the CLI itself excluded)."""
@@ -89,6 +91,13 @@ def _sid(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _cmdline(pid: int) -> str:
@@ -155,7 +164,7 @@ def assert_nothing_lost(store: Path, before: dict[str, str], reliability: dict) 
 
 @pytest.fixture(scope="module")
 def slow_template(tmp_path_factory):
-    """A 10-case phantom dataset and a workdir with its fingerprint and plans, nothing preprocessed."""
+    """An 8-case phantom dataset and a workdir with its fingerprint and plans, nothing preprocessed."""
     from pipeline.dataset import load_dataset
     from pipeline.fingerprint import compute_fingerprint
     from pipeline.planning import plan_experiment
@@ -301,7 +310,7 @@ def test_a_full_disk_fails_cleanly_keeps_complete_cases_and_resumes(slow, tmp_pa
         shutil.copytree(template, wd)
         store = wd / "store.zarr"
         reliability["faults"] += 1
-        run = run_cli(*_preprocess(dataset, wd), cwd=tmp_path)
+        run = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=tmp_path)
 
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr + run.stdout
@@ -319,30 +328,53 @@ def test_a_full_disk_fails_cleanly_keeps_complete_cases_and_resumes(slow, tmp_pa
         assert_nothing_lost(store, before, reliability)
 
 
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` made read-only by a read-only bind mount of itself (chmod does not stop root)."""
+    bound = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({bound.stderr.strip() or 'not permitted'})")
+    try:
+        _remount(path, "bind,ro")
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @pytest.mark.slow
 def test_a_read_only_store_fails_cleanly_and_keeps_what_it_holds(slow, tmp_path, reliability):
-    dataset, template, cases = slow
-    with tmpfs(tmp_path / "ro", "256m") as disk:
-        wd = disk / "W"
-        shutil.copytree(template, wd)
-        store = wd / "store.zarr"
-        some = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=tmp_path)  # all cases, then drop two
-        assert some.returncode == 0, some.stderr
-        for case in cases[:2]:
-            shutil.rmtree(store / CONFIG / "cases" / case)
-        before = store_checksums(store)
-        _remount(disk, "ro")
-        try:
-            reliability["faults"] += 1
-            run = run_cli(*_preprocess(dataset, wd), cwd=tmp_path)
-            assert run.returncode in (1, 2), run.stderr
-            assert "Traceback" not in run.stderr + run.stdout
-            lines = [line for line in run.stderr.splitlines() if line.strip()]
-            assert len(lines) == 1 and lines[0].startswith("error ") and "Read-only file system" in lines[0], run.stderr
-            assert store_checksums(store) == before
-            assert_nothing_lost(store, before, reliability)
-        finally:
-            _remount(disk, "rw")
+    from pipeline.dataset import load_dataset
+    from pipeline.plans import Plans
+    from pipeline.preprocessing import run_preprocessing
+
+    dataset, wd, cases = slow
+    store = wd / "store.zarr"
+    report = run_preprocessing(load_dataset(dataset), Plans.load(wd / "plans.json"), CONFIG, store, client=None,
+                               progress=False)
+    assert not report.failed
+    for case in cases[:2]:  # two cases still to do when the store turns read-only
+        shutil.rmtree(store / CONFIG / "cases" / case)
+    before = store_checksums(store)
+
+    with read_only(store):  # the store alone: each case still to do fails by name, exit 2
+        reliability["faults"] += 1
+        run = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=tmp_path)
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr + run.stdout
+        report = json.loads(run.stdout)
+        assert sorted(f["case"] for f in report["failed"]) == cases[:2]
+        assert all("Read-only file system" in f["message"] for f in report["failed"]), report["failed"]
+        assert sorted(report["skipped"]) == cases[2:]
+        assert not (wd / "store.zarr.lock").exists()
+
+    with read_only(wd):  # the whole workdir: one line before anything starts
+        reliability["faults"] += 1
+        run = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=tmp_path)
+        assert run.returncode == 2, run.stderr
+        assert run.error_lines == [f"error dataset: cannot use --workdir {wd}: Read-only file system "
+                                   f"({wd / 'logs' / 'preprocess.log'})"], run.stderr
+    assert store_checksums(store) == before
+    assert_nothing_lost(store, before, reliability)
 
 
 def test_a_store_path_that_is_a_file_fails_cleanly(slow, tmp_path, reliability):
@@ -393,6 +425,14 @@ def test_verify_names_the_case_and_array_of_a_corrupt_or_missing_chunk(small_sto
     assert lines[2] == f"2 problem(s) in {store}"
     as_json = json.loads(run_cli("verify", store, "--json", cwd=tmp_path).stdout)
     assert not as_json["ok"] and len(as_json["problems"]) == 2
+
+    # a case whose metadata cannot be read is no longer complete: invisible to training, redone by
+    # the next preprocess, and named by verify as such
+    (store / CONFIG / "cases" / "phantom_000" / "zarr.json").write_text("{garbage")
+    reliability["faults"] += 1
+    noted = run_cli("verify", store, cwd=tmp_path).error_lines
+    assert noted[0] == "note 1 incomplete case(s), invisible to training; `segpipe preprocess` redoes them: " \
+                       "3d_fullres/cases/phantom_000", noted
 
 
 def test_sampling_a_corrupt_chunk_raises_naming_the_case_instead_of_training_on_garbage(small_store, tmp_path,

@@ -42,10 +42,14 @@ mkdir -p "$OUT"
 TMP="$(mktemp -d /tmp/segpipe-2n-XXXXXX)"  # short: Ray's socket paths live under it
 # Ray listens on loopback only when its node address is 127.0.0.1 and this is set (pipeline/parallel.py,
 # keep_local_ray_on_loopback); RAY_TMPDIR keeps every Ray file (sessions, address files) in our folder.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_TMPDIR="$TMP" RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+# RAY_AUTH_MODE=token: every client of this cluster sends the token of ~/.ray/auth_token (made by the head if
+# missing). No graceful drain on SIGTERM: nothing here serves traffic, and a drain only delays the cleanup by 30s.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_TMPDIR="$TMP" RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 \
+  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 PYTHONUNBUFFERED=1
 unset RAY_ADDRESS RAY_API_SERVER_ADDRESS
 START=$SECONDS
 STARTED=()        # "name:pid" of every process group leader started here
+STEP_PID=""       # the pipeline step running now (in the background, so a signal is handled at once)
 STEPS_JSON=()
 
 say() { printf '[two_nodes %3ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -64,6 +68,7 @@ cleanup() {
   set +e
   trap - EXIT INT TERM
   # every process we started, with its start time (so a recycled pid is never touched)
+  [[ -n "$STEP_PID" ]] && STARTED+=("step:$STEP_PID")
   for entry in "${STARTED[@]}"; do
     for pid in $(descendants "${entry#*:}"); do snapshot+=("$pid:$(starttime "$pid")"); done
   done
@@ -118,15 +123,13 @@ start() {  # start NAME DIR LOGFILE CMD...: in the background, in DIR, in a sess
 }
 
 wait_for() {  # wait_for WHAT PID SECONDS CMD...: until CMD succeeds; fail if PID dies or time runs out
-  local what="$1" pid="$2" limit="$3"
+  local what="$1" pid="$2" deadline=$((SECONDS + $3))
   shift 3
-  for _ in $(seq "$((limit * 2))"); do
-    "$@" >/dev/null 2>&1 && return 0
+  until "$@" >/dev/null 2>&1; do
     kill -0 "$pid" 2>/dev/null || { say "ERROR: $what exited while starting; see $OUT"; return 1; }
-    sleep 0.5
+    [[ $SECONDS -lt $deadline ]] || { say "ERROR: $what not up after $3s; see $OUT"; return 1; }
+    sleep 1
   done
-  say "ERROR: $what not up after ${limit}s; see $OUT"
-  return 1
 }
 
 # ---------------------------------------------------------------- ports, Ray, Dask
@@ -169,9 +172,9 @@ while True:
     time.sleep(3600)
 '
 ray_nodes_alive() {
-  "$BIN/ray" status --address="$RAY_ADDR" 2>/dev/null | awk '/^Active:/{a=1; next} /^Pending:/{a=0} a && /node_/{n++} END{exit !(n >= '"$1"')}'
+  timeout 30 "$BIN/ray" status --address="$RAY_ADDR" 2>/dev/null | awk '/^Active:/{a=1; next} /^Pending:/{a=0} a && /node_/{n++} END{exit !(n >= '"$1"')}'
 }
-wait_for "the Ray head" "$HEAD_PID" 180 ray_nodes_alive 1
+wait_for "the Ray head" "$HEAD_PID" 180 grep -q "Ray runtime started" "$OUT/ray_head.log"
 say "second Ray node"
 start ray-node2 "$TMP/node2" "$OUT/ray_node2.log" "$PY" -c "$NODE2_PY" "$RAY_ADDR" "$TMP/ray" \
   "$AGENT2" "$AGENT2_GRPC" "$METRICS2" "$RUNTIME2"
@@ -179,18 +182,30 @@ NODE2_PID=$PID
 
 say "Dask scheduler on $SCHEDULER and two workers"
 start dask-scheduler "$TMP/dask" "$OUT/dask_scheduler.log" "$BIN/dask" scheduler --host 127.0.0.1 \
-  --port "$DASK_PORT" --no-dashboard
+  --port "$DASK_PORT" --dashboard-address 127.0.0.1:0
 DASK_SCHED_PID=$PID
 for w in a b; do
   start "dask-worker-$w" "$TMP/dask-$w" "$OUT/dask_worker_$w.log" "$BIN/dask" worker "$SCHEDULER" --host 127.0.0.1 \
-    --nthreads 1 --nworkers 1 --no-dashboard --memory-limit 2GiB --name "worker-$w" --local-directory "$TMP/dask-$w"
+    --nthreads 1 --nworkers 1 --dashboard-address 127.0.0.1:0 --memory-limit 2GiB --name "worker-$w" --local-directory "$TMP/dask-$w"
 done
-wait_for "the second Ray node" "$NODE2_PID" 180 ray_nodes_alive 2
+wait_for "the second Ray node" "$NODE2_PID" 180 grep -q "node up" "$OUT/ray_node2.log"
+wait_for "the two-node Ray cluster" "$NODE2_PID" 60 ray_nodes_alive 2
 wait_for "the Dask cluster" "$DASK_SCHED_PID" 120 "$PY" -c "
 from distributed import Client
 with Client('$SCHEDULER', timeout='10s') as c:
     c.wait_for_workers(2, timeout=5)"
 say "clusters up: 2 Ray nodes, 2 Dask workers"
+
+# every listening socket of the processes started here must be on loopback
+if command -v ss >/dev/null; then
+  OURS="$(for entry in "${STARTED[@]}"; do descendants "${entry#*:}"; done | paste -sd'|')"
+  ss -ltnpH 2>/dev/null | grep -E "pid=($OURS)," | awk '{print $4}' | sort -u >"$OUT/listeners.txt" || true
+  if grep -vE '^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):[0-9]+$' "$OUT/listeners.txt"; then
+    say "ERROR: the listeners above are not on loopback"
+    exit 1
+  fi
+  say "$(wc -l <"$OUT/listeners.txt") listening socket(s), all on loopback ($OUT/listeners.txt)"
+fi
 
 # ---------------------------------------------------------------- the pipeline
 
@@ -198,11 +213,14 @@ step() {  # step NAME CMD...: run, time, log to OUT/NAME.log
   local name="$1" t0=$SECONDS
   shift
   say "$name: $*"
-  if ! "$@" >"$OUT/$name.log" 2>&1; then
+  "$@" >"$OUT/$name.log" 2>&1 &
+  STEP_PID=$!
+  if ! wait "$STEP_PID"; then
     tail -n 40 "$OUT/$name.log" >&2
     say "ERROR: $name failed (log: $OUT/$name.log)"
     return 1
   fi
+  STEP_PID=""
   STEPS_JSON+=("\"$name\": $((SECONDS - t0))")
 }
 

@@ -1,0 +1,179 @@
+"""Beyond one machine: every stage runs on a two-node Ray cluster and a two-worker Dask cluster
+(cluster/local/two_nodes.sh, run here as it is), with the training ranks on different nodes and
+nothing left running afterwards; a worker that cannot see the store or the workdir is named, with
+the path, before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SegPipeError
+from pipeline.parallel import SharedPath, check_dask_workers_see, check_ray_nodes_see, path_problems
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_NODES = REPO / "cluster" / "local" / "two_nodes.sh"
+SUBMIT = REPO / "cluster" / "ray" / "submit.sh"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_running(tmp_path):
+    from pipeline.dataset import load_dataset
+    from pipeline.plans import Plans
+    from pipeline.splits import load_or_create_splits
+    from pipeline.store import open_store
+    from pipeline.synthetic import make_demo_dataset
+
+    dataset = make_demo_dataset(tmp_path / "Phantom", num_cases=6)
+    workdir = tmp_path / "work"
+    script = subprocess.Popen(["bash", str(TWO_NODES), str(dataset), str(workdir), "--quick"],
+                              env={**os.environ, "SEGPIPE_PYTHON": sys.executable},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = script.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        script.send_signal(signal.SIGTERM)  # its EXIT trap stops what it started
+        output, _ = script.communicate(timeout=120)
+        pytest.fail(f"two_nodes.sh did not finish within 9 minutes:\n{output[-4000:]}")
+    assert script.returncode == 0, output[-4000:]
+    out = workdir / "two_nodes"
+
+    # preprocessing through the Dask scheduler wrote every case
+    ds = load_dataset(dataset)
+    data_id = Plans.load(workdir / "plans.json").configuration("3d_lean").data_identifier
+    assert open_store(workdir / "store.zarr", "r").config(data_id).case_ids() == sorted(ds.case_ids)
+
+    # the two data-parallel ranks ran on the two Ray nodes
+    placement = json.loads((workdir / "runs" / "3d_lean" / "fold_0" / "placement.json").read_text())
+    assert sorted(w["rank"] for w in placement["workers"]) == [0, 1]
+    assert len({w["node_id"] for w in placement["workers"]}) == 2, placement
+    assert all(w["node_ip"] == "127.0.0.1" for w in placement["workers"])
+    assert (workdir / "runs" / "3d_lean" / "fold_0" / "model_final.pt").is_file()
+
+    # the Ray job predicted every held-out case of fold 0, and they were scored
+    heldout = load_or_create_splits(workdir, ds.case_ids).validation_cases("0")
+    assert sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in heldout)
+    assert "succeeded" in (out / "predict_job.log").read_text()
+    evaluation = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert evaluation["foreground_mean"]["dice"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["seconds_per_step"]) == {"preprocess", "train", "predict_job", "evaluate"}
+
+    # every listener was on loopback, and nothing it started outlived it
+    listeners = (out / "listeners.txt").read_text().split() if (out / "listeners.txt").exists() else []
+    assert all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]") for a in listeners), listeners
+    processes = json.loads((out / "processes.json").read_text())
+    assert {p["name"] for p in processes["started"]} == {"ray-head", "ray-node2", "dask-scheduler",
+                                                         "dask-worker-a", "dask-worker-b"}
+    assert processes["left_running"] == [] and processes["processes_stopped"] >= 10
+    assert not [p["pid"] for p in processes["started"] if running(p["pid"])]
+
+
+def test_a_dask_worker_that_cannot_see_the_store_is_named_before_any_case_is_written(dask_client, synthetic_dataset):
+    """A `memory://` store lives in the driver's process only: each Dask worker process sees none,
+    as a worker on another machine would not see a driver-local folder."""
+    from pipeline.dataset import load_dataset
+    from pipeline.fingerprint import compute_fingerprint
+    from pipeline.planning import plan_experiment
+    from pipeline.preprocessing import run_preprocessing
+    from pipeline.store import open_store
+
+    dataset = load_dataset(synthetic_dataset)
+    plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
+    url = f"memory://segpipe-blind-{os.getpid()}/store.zarr"
+    with pytest.raises(SegPipeError) as err:
+        run_preprocessing(dataset, plans, "3d_lean", url, client=dask_client, progress=False)
+    message = str(err.value)
+    workers = sorted(dask_client.scheduler_info()["workers"])
+    for address in workers:
+        assert f"Dask worker {address} (host " in message
+    assert message.count(f"cannot see the store {url}: holds no Zarr store") == len(workers) == 2
+    assert "cannot see the dataset" not in message  # the dataset folder it does see
+    assert "shared filesystem" in message
+    data_id = plans.configuration("3d_lean").data_identifier
+    assert open_store(url, "r").config(data_id).case_ids() == []  # nothing was written anywhere
+
+    # the same check passes where the workers do see everything, and says who answered
+    checked = check_dask_workers_see(dask_client, [SharedPath("dataset", str(dataset.root))])
+    assert sorted(r["address"] for r in checked) == workers and all(r["problems"] == [] for r in checked)
+
+
+def test_a_ray_node_that_cannot_see_a_path_is_named_with_the_path(ray_session, tmp_path):
+    import ray
+    import zarr
+
+    url = f"memory://segpipe-blind-{os.getpid()}/ray-store.zarr"
+    zarr.open_group(url, mode="w", zarr_format=3)  # in this (driver) process only
+    with pytest.raises(SegPipeError) as err:
+        check_ray_nodes_see([SharedPath("store", url, "store"), SharedPath("run folder", str(tmp_path), "write")])
+    message = str(err.value)
+    node_ids = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    for node_id in node_ids:
+        assert f"(node {node_id[:12]}, host " in message
+    assert f"cannot see the store {url}: holds no Zarr store" in message
+    assert "run folder" not in message  # tmp_path it can write
+
+    checked = check_ray_nodes_see([SharedPath("run folder", str(tmp_path), "write")])
+    assert sorted(r["node_id"] for r in checked) == sorted(node_ids)
+    assert not list(tmp_path.iterdir())  # the write probe cleaned up after itself
+
+
+def test_path_checks_say_what_is_wrong_with_each_path(tmp_path):
+    store = tmp_path / "store.zarr"
+    store.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    problems = path_problems([
+        SharedPath("dataset", "data/Task04"),
+        SharedPath("store", str(tmp_path / "missing.zarr"), "store"),
+        SharedPath("store", str(store), "store"),
+        SharedPath("run folder", str(a_file), "write"),
+        SharedPath("output folder", str(tmp_path), "write"),
+    ])
+    assert problems == [
+        "the dataset data/Task04: is a relative path (workers may run in another folder or on another machine)",
+        f"the store {tmp_path / 'missing.zarr'}: does not exist here",
+        f"the store {store}: exists but holds no Zarr store here (no zarr.json)",
+        f"the run folder {a_file}: is not writable here (Not a directory)",
+    ]
+    (store / "zarr.json").write_text("{}")
+    assert path_problems([SharedPath("store", f"file://{store}", "store")]) == []
+
+
+def test_submit_sh_makes_paths_absolute_and_passes_config_and_fold_to_every_step(tmp_path):
+    """The job runs in a copy of the project, not in the caller's folder: relative paths would land there."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ray").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (fake_bin / "ray").chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(SUBMIT), "--address", "http://127.0.0.1:9", "--config", "3d_lean", "--fold", "2",
+         "--dask-address", "tcp://127.0.0.1:8", "--predict-flags", "--no-tta", "data/Phantom", "work",
+         "in dir", "out", "--", "--epochs", "1"],
+        cwd=tmp_path, env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
+        capture_output=True, text=True, check=True)
+    args = result.stdout.splitlines()
+    assert args[:4] == ["job", "submit", "--address", "http://127.0.0.1:9"]
+    command = args[-1]
+    steps = command.split(" && ")
+    assert steps[0] == (f"python -m pipeline.cli preprocess {tmp_path}/data/Phantom --workdir {tmp_path}/work "
+                        "--config 3d_lean --dask-address tcp://127.0.0.1:8")
+    assert steps[1] == (f"python -m pipeline.cli train --workdir {tmp_path}/work --config 3d_lean --fold 2 "
+                        "--ray-address auto --epochs 1")
+    assert steps[2] == (f"python -m pipeline.cli predict --workdir {tmp_path}/work {tmp_path}/in\\ dir "
+                        f"{tmp_path}/out --config 3d_lean --fold 2 --ray-address auto --no-tta")
