@@ -32,7 +32,7 @@ ALLOCATE_200MB = (
 
 def test_peak_rss_cpu_and_output_of_a_child_are_measured_and_written(tmp_path):
     harness = load_harness()
-    m = harness.measure("alloc", [sys.executable, "-c", ALLOCATE_200MB], repeats=1, warmup=1, timeout=60)
+    m = harness.measure("alloc", [sys.executable, "-c", ALLOCATE_200MB], repeats=1, warmup=0, timeout=60)
     assert m.ok, [r.error() for r in m.warmup + m.runs]
     run = m.runs[0]
     assert run.peak_rss_tree_mib >= 150  # sampled from /proc while the child held the block
@@ -54,11 +54,12 @@ def test_peak_rss_cpu_and_output_of_a_child_are_measured_and_written(tmp_path):
 
 def test_descendants_are_counted_and_leftovers_ended(tmp_path):
     harness = load_harness()
-    # the child starts a grandchild holding 100 MiB and exits without waiting for it
+    # the child starts a grandchild holding 100 MiB, waits until it holds it, and exits without waiting for it
     code = ("import subprocess, sys, time\n"
-            "subprocess.Popen([sys.executable, '-c', \"b = bytearray(b'\\\\x01') * (100 * 2**20); "
-            "import time; time.sleep(30)\"])\n"
-            "time.sleep(1.5)\n")
+            "p = subprocess.Popen([sys.executable, '-c', \"b = bytearray(b'\\\\x01') * (100 * 2**20); "
+            "print('ready', flush=True); import time; time.sleep(30)\"], stdout=subprocess.PIPE)\n"
+            "p.stdout.readline()\n"
+            "time.sleep(1.0)\n")
     run = harness.run_command([sys.executable, "-c", code], timeout=60)
     assert run.ok, run.error()
     assert run.processes >= 2

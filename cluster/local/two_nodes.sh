@@ -16,8 +16,9 @@
 #
 # --quick: 1 epoch of 2 iterations, no test-time augmentation (a smoke run, not a useful model);
 # otherwise a 5-minute training budget. CONFIG=... picks the configuration (default 3d_lean).
-# Results: WORKDIR/two_nodes/summary.json (seconds per step, nodes, placement, processes) and the
-# services' logs beside it. Needs seg-pipeline installed (.venv, or SEGPIPE_PYTHON=/path/to/python).
+# Results in WORKDIR/two_nodes/: summary.json (seconds per step, addresses, placement, Dice),
+# processes.json (what was started, stopped, left), listeners.txt, every service's and step's log.
+# Needs seg-pipeline installed (.venv, or SEGPIPE_PYTHON=/path/to/python). See cluster/README.md.
 set -euo pipefail
 
 usage() { sed -n '2,20p' "$0"; exit 2; }
