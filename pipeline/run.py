@@ -81,6 +81,7 @@ def run_all(args) -> dict:
     log.info("[4/7] preprocess (%s -> store group %s)", config, data_id)
     with dask_client(getattr(args, "workers", None), getattr(args, "dask_address", None)) as client:
         report = run_preprocessing(dataset, plans, config, wd.store, client=client, progress=True)
+    log.info("%s", report)
     if report.failed:
         raise SegPipeError(f"preprocessing failed for {len(report.failed)} case(s): {report.failed[0]}")
 

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,17 +33,15 @@ def segpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
+def demo_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     wd = tmp_path_factory.mktemp("demo") / "work"
-    start = time.perf_counter()
     result = segpipe(*DEMO, "--workdir", str(wd))
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
-    return wd, result, elapsed
+    return wd, result
 
 
 def test_demo_leaves_the_contracted_workdir_layout(demo_workdir):
-    wd, _, _ = demo_workdir
+    wd, _ = demo_workdir
     for name in ("fingerprint.json", "plans.json", "splits.json", "store.zarr", "logs", "report/index.html"):
         assert (wd / name).exists(), name
     plans = json.loads((wd / "plans.json").read_text())
@@ -57,7 +54,7 @@ def test_demo_leaves_the_contracted_workdir_layout(demo_workdir):
 
 
 def test_demo_scores_follow_the_summary_schema(demo_workdir):
-    wd, _, _ = demo_workdir
+    wd, _ = demo_workdir
     summary = json.loads((wd / "evaluation" / "3d_lean_fold0" / "summary.json").read_text())
     assert set(summary) >= {"labels", "mean", "foreground_mean", "cases"}
     assert summary["labels"] == {"1": "organ", "2": "lesion"}
@@ -71,21 +68,19 @@ def test_demo_scores_follow_the_summary_schema(demo_workdir):
 
 
 def test_rerunning_the_demo_skips_every_finished_stage(demo_workdir):
-    wd, first, first_seconds = demo_workdir
+    wd, _ = demo_workdir
     model = wd / "runs" / "3d_lean" / "fold_0" / "model_final.pt"
     mtime = model.stat().st_mtime_ns
-    start = time.perf_counter()
     again = segpipe(*DEMO, "--workdir", str(wd))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already holds the final model, skipped" in again.stderr
     assert model.stat().st_mtime_ns == mtime
-    assert re.search(r"skipped[^\n]*8|8[^\n]*skipped|already complete", again.stdout + again.stderr), again.stderr[-2000:]
-    assert time.perf_counter() - start < first_seconds
+    assert "preprocessed 0 case(s)" in again.stderr and "8 already complete" in again.stderr, again.stderr[-2000:]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_workdir, tmp_path):
-    wd, _, _ = demo_workdir
+    wd, _ = demo_workdir
     report = wd / "report"
     images = re.findall(r'<img[^>]+src="([^"]+)"', (report / "index.html").read_text())
     assert {"dice_boxplot.png", "training_curves.png"} <= set(images)
