@@ -231,6 +231,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     results = {"machine": machine_info(), "load_average": [round(x, 1) for x in os.getloadavg()], "sets": {}}
+
+    def save(final: bool = False) -> dict:  # after every row, so a run stopped early keeps what it measured
+        results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        results["complete"] = final
+        return write_results("preprocess", results, markdown(results), lambda nf: plot(results, nf), args.out)
+
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:
         tmp = Path(tmp_name)
         hippo = load_dataset(SHARED / "Task04_Hippocampus")
@@ -246,10 +252,12 @@ def main(argv=None) -> int:
             conf = plans.configuration(CONFIG)
             info = {"cases": len(dataset.cases), "description": description + f"; target spacing {conf.spacing}, "
                     f"patch {conf.patch_size}", "runs": []}
+            results["sets"][name] = info
             modes = ([] if args.no_in_process else [None]) + list(args.workers)
             for workers in modes:
                 row = run_ours(dataset, plans, workers, tmp)
                 info["runs"].append(row)
+                save()
                 print(f"{name}: {row['mode']} {row['workers']} worker(s): {row['cases_per_s']:.2f} cases/s, "
                       f"{row['cpu_s_per_case']:.2f} CPU s/case, "
                       f"peak RSS/worker {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
@@ -257,6 +265,7 @@ def main(argv=None) -> int:
                 for workers in args.workers:
                     row = run_cli(dataset, plans, workers, tmp)
                     info["runs"].append(row)
+                    save()
                     print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
                           f"tree {row['peak_rss_tree_MiB']:.0f} MiB")
             if args.with_nnunet and name == "Task04_Hippocampus":
@@ -267,11 +276,10 @@ def main(argv=None) -> int:
                 for workers in args.workers:
                     row = run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw, args.nnunet_ref)
                     info["runs"].append(row)
+                    save()
                     print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
                           f"peak RSS {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
-            results["sets"][name] = info
-    results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    paths = write_results("preprocess", results, markdown(results), lambda nf: plot(results, nf), args.out)
+    paths = save(final=True)
     print(f"-> {paths['md']}")
     return 0
 

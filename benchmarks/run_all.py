@@ -95,7 +95,7 @@ STEPS = [
          lambda c: ["--build-only", "--workdir", str(c.workdir)], 180, 900, results=()),
     Step("preprocess", "preprocess.py",
          lambda c: ["--cases", "40", "--workers", "2", "--synthetic-cases", "0", "--no-in-process"] + _nn_pre(c),
-         lambda c: ["--synthetic-cases", "4"] + _nn_pre(c), 150, 2400),
+         lambda c: ["--synthetic-cases", "4"] + _nn_pre(c), 200, 2400),
     Step("train_step", "train_step.py",
          lambda c: ["--variants", "fp32", "--threads", "1", "--min-time", "15", "--max-steps", "2", "--aug-seconds", "0.5",
                     "--budget", "120"] + _nn_step(c),
@@ -284,8 +284,9 @@ def headline_rows() -> list[tuple]:
     rows: list[tuple] = []
 
     def add(figure, ours, theirs, comparison, device, source, data):
+        partial = ", partial: the run was stopped early" if (data or {}).get("complete") is False else ""
         rows.append((figure, ours, theirs, comparison, device,
-                     f"[{source}]({source}) ({_date(data, source.rsplit('.', 1)[0])})"))
+                     f"[{source}]({source}) ({_date(data, source.rsplit('.', 1)[0])}{partial})"))
 
     pre = _read("preprocess")
     hippo = (pre or {}).get("sets", {}).get("Task04_Hippocampus")

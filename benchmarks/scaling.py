@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     machine = machine_info()
     result = {"machine": machine, "dask": [], "ray": [], "memory": [], "memory_config": args.memory_config,
               "memory_spread": None, "notes": []}
-    def save() -> Path:  # after every section, so a run cut short still leaves what it measured
+    def save(final: bool = False) -> Path:  # after every section, so a run cut short still leaves what it measured
+        result["complete"] = final
         return write_results("scaling", result, markdown(result), lambda nf: plot(result, nf), args.out)["md"]
 
     with tempfile.TemporaryDirectory(prefix="segpipe-scaling-") as tmp_name:
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
             result["memory_spread"] = round((max(peaks) - min(peaks)) / min(peaks), 3)
         else:
             result["notes"].append("memory curve skipped (--memory-sizes empty); see train_memory.md")
-    print(save().read_text())
+    print(save(final=True).read_text())
     return 0
 
 
