@@ -23,10 +23,10 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q --timeout=900 tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --readme README.md
 
 bench-quick: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py --quick
+	$(PY) benchmarks/run_all.py --quick --readme README.md
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache
