@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class CliRun:
     returncode: int
     stdout: str
     stderr: str
-    peak_rss_mb: float  # of the CLI process and the children it waited for
+    peak_rss_mb: float  # largest VmHWM of the CLI process and its descendants
 
     @property
     def error_lines(self) -> list[str]:
@@ -62,20 +63,60 @@ def cli_env() -> dict:
 
 
 def run_cli(*args, cwd: Path, timeout: float = 120) -> CliRun:
-    """`segpipe ARGS` as a subprocess; its own peak RSS comes from wait4 (not the session's other children)."""
+    """`segpipe ARGS` as a subprocess, with the peak RSS of its own process tree."""
     out, err = cwd / ".cli_stdout", cwd / ".cli_stderr"
     with out.open("wb") as fo, err.open("wb") as fe:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=cwd,
                                 stdout=fo, stderr=fe, env=cli_env())
+        sampler = _PeakSampler(proc.pid)
+        sampler.start()
         try:
-            status, usage = _wait4(proc, timeout)  # reaps it and reports its own rusage
+            status, _ = _wait4(proc, timeout)  # reaps it
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            sampler.stop = True
+            sampler.join()
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc
-    return CliRun(rc, out.read_text(), err.read_text(), usage.ru_maxrss / 1024)
+    return CliRun(rc, out.read_text(), err.read_text(), sampler.peak_kb / 1024)
+
+
+class _PeakSampler(threading.Thread):
+    """Largest VmHWM of the process and its descendants while it runs.
+
+    Not wait4's ru_maxrss: Linux carries the parent's high-water mark through fork and exec, so a
+    child of a large pytest process would report the pytest process's peak, not its own.
+    """
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kb, self.stop = pid, 0, False
+
+    def _tree(self) -> list[int]:
+        pids, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                try:
+                    todo.extend(int(c) for c in task.read_text().split())
+                except OSError:
+                    pass
+        return pids
+
+    def run(self) -> None:
+        while not self.stop:
+            for pid in self._tree():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.01)
 
 
 def _wait4(proc: subprocess.Popen, timeout: float):
