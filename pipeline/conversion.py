@@ -70,14 +70,20 @@ def import_msd(source: str, dest_root: Path) -> Path:
     return final
 
 
-def msd_to_nnunet(source: Path, dest: Path) -> Path:
-    """Decathlon -> nnU-Net v2 raw: one file per channel (`CASE_0000.nii.gz`), labels {name: value}."""
+def _start_conversion(source: Path, dest: Path, layout: str, layout_name: str):
+    """The source dataset (checked to be in `layout`) and a fresh destination with its two folders."""
     ds = load_dataset(source)
-    if ds.layout != LAYOUT_MSD:
-        raise BadInputError(f"{source} is not in the Decathlon layout")
+    if ds.layout != layout:
+        raise BadInputError(f"{source} is not in {layout_name}")
     dest = Path(dest)
     (dest / "imagesTr").mkdir(parents=True, exist_ok=False)
     (dest / "labelsTr").mkdir(parents=True)
+    return ds, dest
+
+
+def msd_to_nnunet(source: Path, dest: Path) -> Path:
+    """Decathlon -> nnU-Net v2 raw: one file per channel (`CASE_0000.nii.gz`), labels {name: value}."""
+    ds, dest = _start_conversion(source, dest, LAYOUT_MSD, "the Decathlon layout")
     for case in ds.cases:
         img = nib.load(str(case.images[0]))
         if len(img.shape) == 4:
@@ -101,12 +107,7 @@ def msd_to_nnunet(source: Path, dest: Path) -> Path:
 
 def nnunet_to_msd(source: Path, dest: Path) -> Path:
     """nnU-Net v2 raw -> Decathlon: channels stacked into one 4D image when there are several."""
-    ds = load_dataset(source)
-    if ds.layout != LAYOUT_NNUNET:
-        raise BadInputError(f"{source} is not in the nnU-Net v2 raw layout")
-    dest = Path(dest)
-    (dest / "imagesTr").mkdir(parents=True, exist_ok=False)
-    (dest / "labelsTr").mkdir(parents=True)
+    ds, dest = _start_conversion(source, dest, LAYOUT_NNUNET, "the nnU-Net v2 raw layout")
     training = []
     for case in ds.cases:
         name = f"{case.case_id}.nii.gz"
