@@ -15,6 +15,7 @@ failing case by case - or, worse, writing cases nobody else can read.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -70,11 +71,24 @@ def dask_setup(worker) -> None:
     die printing a KeyboardInterrupt traceback each. The driver alone handles it - it leaves the
     `dask_client` block, which closes the cluster and its workers - and exits 130.
     """
+    import logging
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(_drop_heartbeat_race)
+
+
+def _drop_heartbeat_race(record: logging.LogRecord) -> bool:
+    """Drop the traceback a worker logs when a heartbeat meets the scheduler closing at shutdown.
+
+    The scheduler lives in the driver and closes with the cluster; a heartbeat already in flight then
+    fails with CommClosedError and distributed logs it at ERROR with a full traceback - noise after a
+    run that ended normally (or with a clean, reported error). A worker truly cut off from its
+    scheduler is closed by distributed anyway, and the driver reports the lost tasks.
+    """
+    return not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def keep_local_ray_on_loopback() -> None:

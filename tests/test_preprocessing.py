@@ -269,3 +269,30 @@ def test_dask_gives_the_same_store_as_in_process(hippo4, dask_client, tmp_path):
         np.testing.assert_array_equal(a.label(cid)[...], b.label(cid)[...])
         np.testing.assert_array_equal(a.locations(cid), b.locations(cid))
         assert a.meta(cid) == b.meta(cid)
+
+
+def _heartbeat_filter_installed() -> bool:
+    import logging
+
+    from pipeline.parallel import _drop_heartbeat_race
+
+    return _drop_heartbeat_race in logging.getLogger("distributed.worker").filters
+
+
+def test_a_dask_worker_stays_quiet_when_shutdown_races_its_heartbeat(dask_client, caplog):
+    """CI once printed a CommClosedError traceback from a heartbeat in flight as the cluster closed."""
+    import logging
+
+    from pipeline.parallel import _drop_heartbeat_race
+
+    assert all(dask_client.run(_heartbeat_filter_installed).values())
+
+    logger = logging.getLogger("distributed.worker.test")
+    logger.addFilter(_drop_heartbeat_race)
+    try:
+        with caplog.at_level(logging.ERROR, logger="distributed.worker.test"):
+            logger.error("Failed to communicate with scheduler during heartbeat.", exc_info=OSError("closed"))
+            logger.error("Compute Failed: a real task error")
+    finally:
+        logger.removeFilter(_drop_heartbeat_race)
+    assert [r.getMessage() for r in caplog.records] == ["Compute Failed: a real task error"]
