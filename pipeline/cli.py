@@ -27,6 +27,7 @@ EXAMPLES = {
     "train": "segpipe train --workdir work/hippo --fold 0 --num-workers 2 --time-budget-min 15",
     "predict": "segpipe predict --workdir work/hippo work/hippo/test_images work/hippo/predictions",
     "evaluate": "segpipe evaluate work/hippo/predictions ../shared/data/Task04_Hippocampus --out work/hippo/eval",
+    "evaluate-cv": "segpipe evaluate-cv ../shared/data/Task04_Hippocampus --workdir work/hippo --config 3d_lean",
     "run": "segpipe run ../shared/data/Task04_Hippocampus --workdir work/hippo",
     "demo": "segpipe demo --workdir demo_workdir",
     "import-msd": "segpipe import-msd Task04_Hippocampus.tar --dest data/",
@@ -191,9 +192,37 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_folders
 
     out = Path(args.out) if args.out else Path(args.pred_dir) / "evaluation"
-    summary = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), out)
+    pictures = False if args.pictures is None else True if args.pictures == "all" else \
+        [c.strip() for c in args.pictures.split(",") if c.strip()]
+    summary = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), out, progress=not args.json,
+                               pictures=pictures, images_dir=args.images)
     fg = summary["foreground_mean"]
     _emit(args, summary, f"foreground mean Dice {_num(fg['dice'])}  IoU {_num(fg['iou'])}  -> {out / 'summary.json'}")
+    return 0
+
+
+def _trained_config(wd: Workdir) -> str:
+    """The one configuration with trained folds (evaluate-cv without --config)."""
+    from .crossval import trained_folds
+
+    runs = wd.root / "runs"
+    configs = sorted(d.name for d in runs.iterdir() if d.is_dir() and trained_folds(wd, d.name)) if runs.is_dir() else []
+    if len(configs) == 1:
+        return configs[0]
+    if not configs:
+        raise SegPipeError(f"no trained model in {runs}: run `segpipe train --workdir {wd.root} --fold K` first")
+    raise BadInputError(f"several configurations are trained ({', '.join(configs)}): choose one with --config")
+
+
+def cmd_evaluate_cv(args) -> int:
+    from .crossval import evaluate_crossval
+
+    wd = Workdir.at(args.workdir)
+    dataset = _load_valid_dataset(args.dataset)
+    config = args.config or _trained_config(wd)
+    report = evaluate_crossval(wd, dataset.root, config=config, folds=args.folds, tta=not args.no_tta,
+                               num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json)
+    _emit(args, report.to_json(), str(report))
     return 0
 
 
@@ -338,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir")
     p.add_argument("ref_dir", help="a label folder or a dataset folder")
     p.add_argument("--out", default=None)
+    p.add_argument("--pictures", nargs="?", const="all", default=None, metavar="CASE,...",
+                   help="also draw OUT/pictures/CASE.png: slices with reference and prediction contours "
+                        "(every case, or the ones listed)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="the images for --pictures when REF_DIR is a label folder, named as `segpipe predict` reads them")
+
+    p = add("evaluate-cv", "cross-validation: each fold's validation cases by its own model, pooled scores, "
+                           "post-processing decided and saved beside the models")
+    p.add_argument("dataset", help="the dataset the workdir was trained on (images and reference labels)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=None, help="(default: the one configuration with trained folds)")
+    p.add_argument("--folds", default=None, metavar="0,1,2,3,4", help="(default: every fold with a final model)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
+    p.add_argument("--ray-address", default=None)
 
     for name, text in (("run", "every stage on DATASET, skipping what is done"),
                        ("demo", "every stage on the embedded synthetic phantom dataset")):
@@ -371,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS = {
     "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
-    "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo,
+    "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "evaluate-cv": cmd_evaluate_cv, "run": cmd_run, "demo": cmd_demo,
     "import-msd": cmd_import_msd, "convert": cmd_convert, "verify": cmd_verify,
 }
 

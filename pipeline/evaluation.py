@@ -385,15 +385,28 @@ def map_cases(fn, items: Sequence, num_workers: int | None = None, progress: boo
 
 def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      labels: Mapping[int, str] | Sequence[int] | None = None, num_workers: int | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, pictures: bool | Sequence[str] = False,
+                     images_dir: str | os.PathLike | None = None) -> dict:
     """Score every prediction in `pred_dir` against `ref_dir`; write the four outputs into `out_dir`.
 
     `labels` ({value: name} or values) overrides the classes; by default they come from the
     dataset.json of `ref_dir` (or its parent), else from the values found in the files.
+    `pictures` (True: every case, or a list of case ids) adds out_dir/pictures/CASE.png, the image
+    with reference and prediction contours; the images come from `images_dir` or the dataset.
     Returns the summary as written to summary.json (NaN as None).
     """
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
     pairs, found_labels = pair_cases(pred_dir, ref_dir)
+    images = {}
+    if pictures:
+        from .pictures import find_images
+
+        images = find_images(ref_dir, images_dir)  # before the scoring: a missing image folder fails fast
+        wanted = {c for c, _, _ in pairs} if pictures is True else set(pictures)
+        unknown = sorted(wanted - {c for c, _, _ in pairs})
+        if unknown:
+            raise BadInputError(f"pictures asked for case(s) without a prediction in {pred_dir}: {', '.join(unknown[:10])}")
+        images = {c: p for c, p in images.items() if c in wanted}
     if labels is not None and not isinstance(labels, Mapping):
         labels = {int(v): str(v) for v in labels}
     if labels is not None:
@@ -409,6 +422,13 @@ def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, ou
     summary["prediction_dir"], summary["reference_dir"] = str(pred_dir), str(ref_dir)
     summary = to_jsonable(summary)
     write_outputs(summary, out_dir, title=f"Evaluation of {pred_dir.name} against {ref_dir.name}")
+    if images:
+        from .pictures import case_pictures
+
+        rows = {row["case"]: row for row in summary["cases"]}
+        drawn = map_cases(lambda c, p, r: case_pictures([rows[c]], {c: (p, r)}, images, labels, out_dir / "pictures"),
+                          [t for t in pairs if t[0] in images], num_workers, progress, "pictures")
+        log.info("%d picture(s) -> %s", sum(len(d) for d in drawn), out_dir / "pictures")
     log.info("evaluated %d case(s): foreground mean Dice %s -> %s", len(cases),
              _fmt(summary["foreground_mean"]["dice"]), out_dir / "summary.json")
     return summary

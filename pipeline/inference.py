@@ -365,6 +365,7 @@ class ModelSpec:
     batch_size: int = 2
     device: str | None = None  # None: CUDA when available, else CPU
     accumulate: str = "auto"
+    postprocess: bool = True  # apply the postprocessing.json beside the model, when there is one
 
 
 def parse_folds(fold: str | int | Sequence) -> list[str]:
@@ -447,7 +448,8 @@ class Predictor:
             raise SegPipeError(f"{spec.run_dirs[0]}: the model takes {channels} channel(s) but its plans declare "
                                f"{len(first_plans.channels)}")
         network = networks[0] if len(networks) == 1 else _Ensemble(networks)
-        return cls(network, first_plans, config_name, LabelMap(label_values), _load_rule(spec.run_dirs),
+        rule = _load_rule(spec.run_dirs) if spec.postprocess else None
+        return cls(network, first_plans, config_name, LabelMap(label_values), rule,
                    dataclasses.replace(spec, device=str(device)))
 
     @classmethod
@@ -715,10 +717,12 @@ def _is_done(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
 def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence = "0",
                    tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
                    ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
-                   step: float = 0.5, batch_size: int = 2, device: str | None = None) -> PredictReport:
+                   step: float = 0.5, batch_size: int = 2, device: str | None = None,
+                   postprocess: bool = True) -> PredictReport:
     """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.nii.gz, skipping cases already written.
 
-    Several folds ('0,1,2') average their probabilities. With `num_workers` > 1 or a `ray_address`
+    Several folds ('0,1,2') average their probabilities. The post-processing rule beside the model
+    (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
     the cases are spread over Ray workers, each loading the model once (`pipeline.predict_ray`);
     otherwise they run one after another in this process. Cases with bad input are reported and the
     others still written; the run then ends with a BadInputError listing them (exit 2).
@@ -735,7 +739,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
     plans = Plans.load(run_dirs[0] / "plans.json")
     cases = group_input_files(input_dir, len(plans.channels), plans.channels)
     spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
-                     batch_size=batch_size, device=device)
+                     batch_size=batch_size, device=device, postprocess=postprocess)
     use_ray = bool(ray_address) or (num_workers or 1) > 1
     report = PredictReport(str(output_dir), config, folds, tta, workers=1)
     report.skipped = [c.case_id for c in cases if _is_done(output_dir, c.case_id, save_probabilities)]

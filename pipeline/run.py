@@ -9,7 +9,6 @@ are cheap and always rebuilt.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .errors import SegPipeError
@@ -39,25 +38,10 @@ def choose_config(requested: str | None) -> str:
     return GPU_CONFIG if _has_gpu() else CPU_CONFIG
 
 
-def _heldout_inputs(dataset, case_ids: list[str], folder: Path) -> Path:
-    """A folder of links to the held-out cases' images, named as `segpipe predict` expects."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for cid in case_ids:
-        case = dataset.case(cid)
-        if case.four_d or len(case.images) == 1:
-            targets = {f"{cid}{dataset.file_ending}": case.images[0]}
-        else:
-            targets = {f"{cid}_{i:04d}{dataset.file_ending}": p for i, p in enumerate(case.images)}
-        for name, target in targets.items():
-            link = folder / name
-            if not link.exists():
-                os.symlink(os.path.realpath(target), link)
-    return folder
-
-
 def run_all(args) -> dict:
     """Validate -> fingerprint -> plan -> preprocess -> train -> predict held-out -> evaluate -> report."""
     from . import cli
+    from .crossval import link_inputs
     from .evaluation import evaluate_folders
     from .inference import predict_folder
     from .parallel import dask_client
@@ -100,7 +84,7 @@ def run_all(args) -> dict:
     heldout = splits.validation_cases(fold)
     pred_dir = wd.root / "predictions" / f"{config}_fold{fold}"
     log.info("[6/7] predict %d held-out case(s) -> %s", len(heldout), pred_dir)
-    inputs = _heldout_inputs(dataset, heldout, wd.root / "heldout_images")
+    inputs = link_inputs(dataset, heldout, wd.root / "heldout_images")
     predict_folder(wd, inputs, pred_dir, config=config, fold=fold, tta=not getattr(args, "no_tta", False), progress=True)
     log.info("[7/7] evaluate and report")
     eval_dir = wd.root / "evaluation" / f"{config}_fold{fold}"

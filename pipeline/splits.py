@@ -99,7 +99,9 @@ class Splits:
     def create(cls, case_ids: list[str], seed: int = NNUNET_SEED, holdout_test_cases: int = 0) -> Splits:
         if len(set(case_ids)) != len(case_ids):
             raise BadInputError("duplicate case ids in the split")
-        return cls(folds=kfold_splits(case_ids, seed=seed), all=all_split(case_ids, seed), cases=sorted(case_ids),
+        # fewer cases than folds: no cross-validation, but fold 'all' (and a holdout) still train
+        folds = kfold_splits(case_ids, seed=seed) if len(case_ids) >= NUM_FOLDS else []
+        return cls(folds=folds, all=all_split(case_ids, seed), cases=sorted(case_ids),
                    seed=seed, holdout=holdout_split(case_ids, holdout_test_cases, seed) if holdout_test_cases else None)
 
     def to_json(self) -> dict:
@@ -132,6 +134,9 @@ class Splits:
                 index = int(name)
             except ValueError:
                 raise BadInputError(f"fold must be 0..{len(self.folds) - 1}, 'all' or 'holdout', not {fold!r}") from None
+            if not self.folds:
+                raise BadInputError(f"{len(self.cases)} case(s) are too few for {NUM_FOLDS} cross-validation folds: "
+                                    "train with --fold all")
             if not 0 <= index < len(self.folds):
                 raise BadInputError(f"fold {index} does not exist: splits.json has folds 0..{len(self.folds) - 1}")
             entry = self.folds[index]

@@ -336,6 +336,40 @@ def test_cli_evaluate_exits_2_on_bad_input(hippocampus, hippo_preds, tmp_path, c
     assert not (tmp_path / "e" / "summary.json").exists()
 
 
+def test_pictures_on_request_one_png_per_case_drawn_where_the_structures_are(hippocampus, hippo_preds, tmp_path):
+    from pipeline.pictures import pick_slices
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(hippo_preds), str(hippocampus), "--out", str(out), "--pictures"]) == 0
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
+    assert pictures == [f"{p.name[:-len('.nii.gz')]}.png" for p in sorted(hippo_preds.iterdir())]
+    h, w, _ = png_ok(out / "pictures" / pictures[0])
+    assert w > 2 * h > 200  # three slices side by side
+    # the slices lie inside the structures' axial extent, spread over it
+    label = nib.as_closest_canonical(nib.load(str(hippocampus / "labelsTr" / "hippocampus_003.nii.gz")))
+    ref = np.asarray(label.dataobj)
+    z = np.flatnonzero(ref.any(axis=(0, 1)))
+    picks = pick_slices(ref, ref)
+    assert len(picks) == 3 and z.min() < picks[0] < picks[1] < picks[2] < z.max()
+    assert all(ref[:, :, k].any() for k in picks)
+
+
+def test_pictures_of_chosen_cases_and_clear_errors_when_they_cannot_be_drawn(hippocampus, hippo_preds, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(hippo_preds), str(hippocampus), "--out", str(out), "--pictures", "hippocampus_004"]) == 0
+    assert [p.name for p in (out / "pictures").iterdir()] == ["hippocampus_004.png"]
+    assert main(["evaluate", str(hippo_preds), str(hippocampus), "--out", str(tmp_path / "e2"),
+                 "--pictures", "hippocampus_999"]) == 2
+    assert "hippocampus_999" in capsys.readouterr().err
+    labels_only = tmp_path / "labels"  # a bare label folder: the images must be given
+    shutil.copytree(hippo_preds, labels_only)
+    assert main(["evaluate", str(hippo_preds), str(labels_only), "--out", str(tmp_path / "e3"), "--pictures"]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert main(["evaluate", str(hippo_preds), str(labels_only), "--out", str(tmp_path / "e4"), "--pictures",
+                 "--images", str(hippocampus / "imagesTr")]) == 0
+    assert len(list((tmp_path / "e4" / "pictures").iterdir())) == 3
+
+
 # ---------------------------------------------------------------- plotting helper shared with training
 
 

@@ -193,6 +193,7 @@ def test_zarr_accumulation_equals_memory_accumulation(tmp_path):
 # ---------------------------------------------------------------- real data, end to end
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 
 import nibabel as nib  # noqa: E402
@@ -206,7 +207,7 @@ from pipeline.workdir import Workdir  # noqa: E402
 CONFIG = "3d_lean"  # the smallest real topology: the tests run on 2 CPU cores
 
 
-def make_model(workdir, dataset_path, num_cases=2, config=CONFIG, favour_class=None):
+def make_model(workdir, dataset_path, num_cases=2, config=CONFIG, favour_class=None, fold="0"):
     """A model folder as training leaves it, holding an untrained network built from a real plan."""
     from pipeline.fingerprint import compute_fingerprint
     from pipeline.model import build_network
@@ -221,7 +222,7 @@ def make_model(workdir, dataset_path, num_cases=2, config=CONFIG, favour_class=N
     conf.features_per_stage = [max(4, f // 4) for f in plans.configuration(config).features_per_stage]
     wd = Workdir.at(workdir)
     plans.save(wd.plans)
-    run_dir = wd.run_dir(config, "0")
+    run_dir = wd.run_dir(config, fold)
     plans.save(run_dir / "plans.json")
     torch.manual_seed(0)
     net = build_network(plans.configuration(config), len(plans.channels), len(plans.label_values))
@@ -454,3 +455,64 @@ def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model,
     predict_folder(wd, inputs, tmp_path / "post", config=CONFIG, tta=False, progress=False)
     np.testing.assert_array_equal(read("post"), keep_largest(single, [2]))
     assert components(read("post") == 2) == 1
+
+
+# ---------------------------------------------------------------- cross-validation
+
+
+def test_evaluate_cv_predicts_each_fold_with_its_own_model_pools_the_scores_and_keeps_the_rule(hippocampus, tmp_path,
+                                                                                               capsys):
+    from pipeline.inference import POSTPROCESSING_FILE
+
+    wd = Workdir.at(tmp_path / "W")
+    cases = sorted(load_dataset(hippocampus).case_ids)[:5]
+    folds = [{"train": [c for c in cases if c != v], "val": [v]} for v in cases]
+    wd.root.mkdir()
+    wd.splits.write_text(json.dumps({"seed": None, "cases": cases, "folds": folds, "all": folds[0]}))
+    favour = {str(k): 1 + k % 2 for k in range(5)}  # fold k's model paints its cases with one class
+    for fold, cls in favour.items():
+        make_model(wd.root, hippocampus, favour_class=cls, fold=fold)
+        (wd.run_dir(CONFIG, fold) / "metrics.csv").write_text(
+            f"epoch,train_loss,val_loss,val_dice_1,val_dice_2,ema_dice,lr,seconds\n1,1,1,0.5,0.5,0.1,0.01,9\n"
+            f"2,0.9,0.9,0.{fold}1,0.{fold}3,0.2,0.005,9\n")
+    assert cli_main(["evaluate-cv", str(hippocampus), "--workdir", str(wd.root), "--no-tta", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == CONFIG and report["folds"] == list(favour) and report["num_cases"] == 5
+
+    for fold, case in zip(favour, cases):  # each case by its own fold's model, and only there
+        pred = wd.run_dir(CONFIG, fold) / "validation" / f"{case}.nii.gz"
+        assert sorted(p.name for p in pred.parent.iterdir() if p.is_file()) == [pred.name]
+        assert set(np.unique(np.asarray(nib.load(pred).dataobj)).tolist()) <= {0, favour[fold]}
+        assert_same_geometry(pred, hippocampus / "imagesTr" / f"{case}.nii.gz")
+    out = wd.root / "crossval" / CONFIG
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert sorted(c["case"] for c in summary["cases"]) == cases
+    assert report["foreground_dice"] == pytest.approx(summary["foreground_mean"]["dice"])
+    for f, case in zip(report["per_fold"], cases):  # per fold: that fold's rows of the pooled summary
+        row = next(c for c in summary["cases"] if c["case"] == case)
+        assert f["cases"] == 1 and f["dice"] == {v: row["metrics"][v]["dice"] for v in ("1", "2")}
+        assert f["pseudo_dice"] == {"1": float(f"0.{f['fold']}1"), "2": float(f"0.{f['fold']}3")}
+    for name in ("crossval.md", "crossval.json", "crossval.png", POSTPROCESSING_FILE):
+        assert (out / name).is_file(), name
+    assert "training pseudo-Dice" in (out / "crossval.md").read_text()
+
+    # the rule decided on the pooled folds is kept beside every fold's model, and prediction uses it
+    rule = json.loads((out / POSTPROCESSING_FILE).read_text())
+    assert rule["num_cases"] == 5 and rule["labels"] == [1, 2]
+    for fold in favour:
+        assert json.loads((wd.run_dir(CONFIG, fold) / POSTPROCESSING_FILE).read_text()) == rule
+    assert Predictor.load(wd, CONFIG, "3").rule is not None
+    assert Predictor.load(wd, CONFIG, "3", postprocess=False).rule is None
+
+    # re-running keeps the predictions already written
+    first = wd.run_dir(CONFIG, "0") / "validation" / f"{cases[0]}.nii.gz"
+    stamp = first.stat().st_mtime_ns
+    assert cli_main(["evaluate-cv", str(hippocampus), "--workdir", str(wd.root), "--no-tta", "--folds", "0,1",
+                     "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["folds"] == ["0", "1"] and again["num_cases"] == 2 and first.stat().st_mtime_ns == stamp
+
+
+def test_evaluate_cv_without_a_trained_fold_says_how_to_train_one(hippocampus, tmp_path, capsys):
+    assert cli_main(["evaluate-cv", str(hippocampus), "--workdir", str(tmp_path / "W")]) == 1
+    assert "segpipe train" in capsys.readouterr().err

@@ -278,6 +278,13 @@ def test_hippocampus_folds_match_nnunets(hippocampus):
     assert folds[4]["val"][-3:] == ["hippocampus_373", "hippocampus_376", "hippocampus_394"]
 
 
+def test_three_cases_still_train_fold_all_and_explain_why_there_are_no_folds(tmp_path):
+    splits = load_or_create_splits(tmp_path, ["a", "b", "c"])
+    assert splits.folds == [] and sorted(splits.split("all").train) == ["a", "b", "c"]
+    with pytest.raises(BadInputError, match="too few for 5 cross-validation folds: train with --fold all"):
+        splits.split(0)
+
+
 def test_splits_file_is_created_once_and_reused(tmp_path):
     ids = [f"c{i}" for i in range(10)]
     first = load_or_create_splits(tmp_path, ids)
