@@ -423,12 +423,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, ou
     summary = to_jsonable(summary)
     write_outputs(summary, out_dir, title=f"Evaluation of {pred_dir.name} against {ref_dir.name}")
     if images:
-        from .pictures import case_pictures
+        from .pictures import draw_case
 
         rows = {row["case"]: row for row in summary["cases"]}
-        drawn = map_cases(lambda c, p, r: case_pictures([rows[c]], {c: (p, r)}, images, labels, out_dir / "pictures"),
+        drawn = map_cases(lambda c, p, r: draw_case(rows[c], p, r, images[c], labels, out_dir / "pictures" / f"{c}.png"),
                           [t for t in pairs if t[0] in images], num_workers, progress, "pictures")
-        log.info("%d picture(s) -> %s", sum(len(d) for d in drawn), out_dir / "pictures")
+        log.info("%d picture(s) -> %s", sum(d is not None for d in drawn), out_dir / "pictures")
     log.info("evaluated %d case(s): foreground mean Dice %s -> %s", len(cases),
              _fmt(summary["foreground_mean"]["dice"]), out_dir / "summary.json")
     return summary

@@ -88,29 +88,23 @@ def case_picture(image: np.ndarray, reference: np.ndarray, prediction: np.ndarra
     return save_figure(fig, out_png, dpi=90)
 
 
-def case_pictures(cases: Sequence[dict], pairs: Mapping[str, tuple[Path, Path]], images: Mapping[str, Path],
-                  labels: Mapping[int, str], out_dir: str | os.PathLike) -> list[Path]:
-    """Pictures for the evaluated `cases` (summary rows) whose image is known; returns the files written."""
+def draw_case(row: dict, pred_path: Path, ref_path: Path, image_path: Path, labels: Mapping[int, str],
+              out_png: str | os.PathLike, title: str | None = None) -> Path | None:
+    """The picture of one evaluated case (`row`: its entry in summary.json's "cases"), read from its files.
+
+    None when the image is on another grid than its label: validation reports that, not a picture.
+    """
     from .evaluation import load_pair
     from .nifti import read_volume, to_ras
 
-    out_dir = Path(out_dir)
-    written = []
-    for row in cases:
-        case = row["case"]
-        if case not in images or case not in pairs:
-            continue
-        pred, ref, spacing = load_pair(case, *pairs[case])
-        data, geometry = read_volume(images[case], case)
-        if data.ndim == 4:  # channels last on disk: the first channel is enough to look at
-            data = data[..., 0]
-        image = to_ras(data, geometry)
-        if image.shape != ref.shape:
-            continue  # an image on another grid than its label: validation reports that, not a picture
-        dice = {int(v): m.get("dice") for v, m in row["metrics"].items()}
-        written.append(case_picture(image, ref, pred, out_dir / f"{case}.png", labels, title=case, dice=dice,
-                                    spacing=spacing))
-    return written
+    case = row["case"]
+    pred, ref, spacing = load_pair(case, pred_path, ref_path)
+    data, geometry = read_volume(image_path, case)
+    image = to_ras(data[..., 0] if data.ndim == 4 else data, geometry)  # channels last: the first is enough
+    if image.shape != ref.shape:
+        return None
+    dice = {int(v): m.get("dice") for v, m in row["metrics"].items()}
+    return case_picture(image, ref, pred, out_png, labels, title=title or case, dice=dice, spacing=spacing)
 
 
 def find_images(ref_dir: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> dict[str, Path]:

@@ -17,41 +17,6 @@ from .workdir import Workdir
 MAX_OVERLAYS = 4
 
 
-def _overlay_png(image_path: Path, ref_path: Path, pred_path: Path, out: Path, title: str) -> None:
-    """Image, reference and prediction on the axial slice with the most reference foreground."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .nifti import read_volume
-
-    image, _ = read_volume(image_path)
-    if image.ndim == 4:
-        image = image[..., 0]
-    ref, _ = read_volume(ref_path, dtype=np.int32)
-    pred, _ = read_volume(pred_path, dtype=np.int32)
-    z = int(np.argmax((ref > 0).sum(axis=(0, 1)))) if ref.any() else image.shape[2] // 2
-    img = np.rot90(image[:, :, z])
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    for ax, (name, lab) in zip(axes, (("image", None), ("reference", ref), ("prediction", pred))):
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-        if lab is not None:
-            sl = np.rot90(lab[:, :, z])
-            rgba = np.zeros((*sl.shape, 4))
-            for v in np.unique(sl[sl > 0]):  # colour by label value, so reference and prediction agree
-                rgba[sl == v] = (*cmap(int(v) % 10)[:3], 0.45)
-            ax.imshow(rgba)
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -60,6 +25,33 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+
+
+def _case_dice(case: dict) -> float:
+    scores = [m["dice"] for m in case["metrics"].values() if m["dice"] is not None]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _overlays(summary: dict, dataset, pred_dir: Path, out: Path) -> list[str]:
+    """Pictures of the worst and the best held-out cases (by mean Dice): where to look first."""
+    from .pictures import draw_case
+
+    ranked = sorted((c for c in summary["cases"] if not np.isnan(_case_dice(c))), key=_case_dice)
+    half = MAX_OVERLAYS // 2
+    chosen = ranked if len(ranked) <= MAX_OVERLAYS else ranked[:half] + ranked[-half:]
+    labels = {int(k): v for k, v in summary["labels"].items()}
+    names = []
+    for case in chosen:
+        cid = case["case"]
+        files = dataset.case(cid)
+        pred = pred_dir / f"{cid}{dataset.file_ending}"
+        if files.label is None or not pred.is_file():
+            continue
+        name = f"overlay_{cid}.png"
+        if draw_case(case, pred, files.label, files.images[0], labels, out / name,
+                     title=f"{cid} (mean Dice {_case_dice(case):.3f})"):
+            names.append(name)
+    return names
 
 
 def build_report(wd: Workdir, plans, config: str, fold: str, dataset, pred_dir: Path, eval_dir: Path) -> Path:
@@ -88,22 +80,10 @@ def build_report(wd: Workdir, plans, config: str, fold: str, dataset, pred_dir: 
     if "training_curves.png" in images:
         sections.append('<h2>Training</h2><img src="training_curves.png" alt="training curves">')
 
-    overlays = []
-    for case in summary["cases"][:MAX_OVERLAYS]:
-        cid = case["case"]
-        try:
-            files = dataset.case(cid)
-        except KeyError:
-            continue
-        pred = pred_dir / f"{cid}{dataset.file_ending}"
-        if files.label is None or not pred.is_file():
-            continue
-        name = f"overlay_{cid}.png"
-        dice = np.nanmean([m["dice"] if m["dice"] is not None else np.nan for m in case["metrics"].values()])
-        _overlay_png(files.images[0], files.label, pred, out / name, f"{cid}  (mean Dice {dice:.3f})")
-        overlays.append(name)
+    overlays = _overlays(summary, dataset, pred_dir, out)
     if overlays:
-        sections.append("<h2>Overlays</h2>" + "".join(f'<img class="ov" src="{n}" alt="{n}">' for n in overlays))
+        sections.append("<h2>Overlays: the worst and the best cases</h2><p>reference filled, prediction outlined</p>"
+                        + "".join(f'<img class="ov" src="{n}" alt="{n}">' for n in overlays))
 
     sections.append(f"<h2>Plan ({html.escape(config)})</h2><pre>{html.escape(explain_plans(plans))}</pre>")
     page = f"""<!doctype html>
