@@ -72,6 +72,11 @@ def nnunet_train_entry(argv: list[str]) -> None:
             self.num_val_iterations_per_epoch = int(os.environ[ENV_PREFIX + "VAL_ITERATIONS"])
             self.budget_s = float(os.environ[ENV_PREFIX + "BUDGET_S"])
 
+        def perform_actual_validation(self, save_probabilities: bool = False):
+            if os.environ.get(ENV_PREFIX + "NO_MIRRORING") == "1":  # --no-tta: as ours, no mirroring
+                self.inference_allowed_mirroring_axes = None
+            return super().perform_actual_validation(save_probabilities)
+
         def run_training(self):  # nnU-Net's loop, plus the budget check before each epoch
             self.on_train_start()
             start, last, done = time.perf_counter(), 0.0, 0
@@ -154,8 +159,10 @@ def prepare_nnunet(ref: Path, tmp: Path, train: list[str], val: list[str]) -> di
 
 
 def run_nnunet(python: str, ref: Path, tmp: Path, train: list[str], val: list[str], budget_s: float,
-               schedule: dict, timeout: float) -> dict:
+               schedule: dict, timeout: float, tta: bool = True) -> dict:
     env = dict(os.environ, **prepare_nnunet(ref, tmp, train, val))  # nnU-Net's interpreter: no `pipeline` path
+    if not tta:
+        env[ENV_PREFIX + "NO_MIRRORING"] = "1"
     env.update({ENV_PREFIX + "EPOCHS": str(schedule["epochs"]), ENV_PREFIX + "ITERATIONS": str(schedule["iterations"]),
                 ENV_PREFIX + "VAL_ITERATIONS": str(schedule["val_iterations"]), ENV_PREFIX + "BUDGET_S": str(budget_s)})
     cmd = [python, str(Path(__file__).resolve()), "--nnunet-train", "4", "3d_fullres", "0", "-tr", TRAINER,
@@ -212,6 +219,38 @@ def run_ours(workdir: Path, config: str, budget_min: float, val_dir: Path, out: 
     return row
 
 
+def reuse_ours(workdir: Path, config: str, budget_min: float, val: list[str], tmp: Path) -> dict:
+    """Our row from a finished fold-0 run (benchmarks/train_hippocampus.py), its validation predictions
+    made by `segpipe evaluate-cv --folds 0`: one 30-minute training serves both benchmarks."""
+    import csv
+
+    from pipeline.plans import Plans
+
+    run_dir = workdir / "runs" / config / "fold_0"
+    settings = json.loads((run_dir / "train_settings.json").read_text())
+    if abs(float(settings.get("time_budget_min") or 0) - budget_min) > 1e-6:
+        raise SystemExit(f"{run_dir} trained for {settings.get('time_budget_min')} min, not --budget-min {budget_min}")
+    crossval = json.loads((workdir / "crossval" / config / "crossval.json").read_text())
+    with (run_dir / "metrics.csv").open() as f:
+        epochs = list(csv.DictReader(f))
+    batch = int(Plans.load(workdir / "plans.json").configuration(config).batch_size)
+    preds = tmp / "pred_ours"
+    preds.mkdir()
+    for case in val:  # exactly the cases nnU-Net is scored on
+        os.symlink(run_dir / "validation" / f"{case}.nii.gz", preds / f"{case}.nii.gz")
+    info = {}
+    bench = RESULTS / "train_hippocampus.json"
+    if bench.is_file():
+        info = json.loads(bench.read_text())
+    return {"tool": "seg-pipeline", "config": config, "recipe": settings.get("recipe"), "epochs": len(epochs),
+            "train_loop_s": round(sum(float(e["seconds"]) for e in epochs), 1),
+            "samples_seen": len(epochs) * int(settings["iterations_per_epoch"]) * batch,
+            "command_wall_s": info.get("timings_s", {}).get("train_s"), "command_cpu_s": None,
+            "peak_rss_tree_mib": None, "processes": None, "predictions": str(preds), "tta": crossval.get("tta"),
+            "pseudo_foreground_dice": crossval["per_fold"][0]["pseudo_foreground_dice"],
+            "reused_from": str(workdir)}
+
+
 def score(row: dict, tmp: Path, labels: dict) -> None:
     from pipeline.evaluation import evaluate_folders
 
@@ -256,7 +295,8 @@ def markdown(result: dict) -> str:
         f"Machine: {machine_line(result['machine'])}.", "",
         f"Both train on the {result['train_cases']} fold-0 training cases and are scored by "
         f"`pipeline.evaluation.evaluate_folders` on {result['val_cases']} validation case(s) "
-        f"({'all of fold 0' if result['all_val_cases'] else 'the first of fold 0'}), predicted with mirroring TTA. "
+        f"({'all of fold 0' if result['all_val_cases'] else 'the first of fold 0'}), predicted "
+        f"{'with' if result.get('tta', True) else 'without'} mirroring TTA. "
         f"nnU-Net's schedule: {s['epochs']} epochs x {s['iterations']} iterations (+{s['val_iterations']} validation), "
         f"planned from {result['nnunet_s_per_it']:.1f} s/iteration ({result['nnunet_s_per_it_source']}), stopped at the budget.",
         "",
@@ -308,6 +348,9 @@ def main(argv=None) -> int:
     parser.add_argument("--our-iterations", type=int, default=None,
                         help="our iterations per epoch (default: the recipe's; fewer for budgets of a few minutes)")
     parser.add_argument("--workdir", type=Path, default=None, help="a workdir with plans.json and store.zarr (208 cases)")
+    parser.add_argument("--ours-workdir", type=Path, default=None,
+                        help="reuse the fold-0 run of benchmarks/train_hippocampus.py in this workdir (same budget)")
+    parser.add_argument("--no-tta", action="store_true", help="both predict without mirroring (8x less CPU)")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-nnunet", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
@@ -330,23 +373,26 @@ def main(argv=None) -> int:
     labels = {str(k): v for k, v in dataset.labels.items()}
     with tempfile.TemporaryDirectory(prefix="segpipe-quality-") as tmp_name:
         tmp = Path(tmp_name)
-        workdir = prepare_workdir(args, tmp)
+        workdir = args.ours_workdir if args.ours_workdir is not None else prepare_workdir(args, tmp)
         split = load_or_create_splits(Workdir.at(workdir), [c.case_id for c in dataset.cases]).split(0)
         val = list(split.val[: args.val_cases] if args.val_cases else split.val)
         val_data = subset_dataset(dataset.root, val, tmp / "val_data")
         rows = []
-        if not args.skip_ours:
+        if args.ours_workdir is not None:
+            rows.append(reuse_ours(args.ours_workdir, args.config, args.budget_min, val, tmp))
+        elif not args.skip_ours:
             print(f"seg-pipeline: training {args.config} for {args.budget_min} min ...", flush=True)
-            rows.append(run_ours(workdir, args.config, args.budget_min, val_data / "imagesTr", tmp / "pred_ours", True, timeout,
-                                 args.our_iterations))
+            rows.append(run_ours(workdir, args.config, args.budget_min, val_data / "imagesTr", tmp / "pred_ours",
+                                 not args.no_tta, timeout, args.our_iterations))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
         if not args.skip_nnunet:
             print(f"nnU-Net: training for {args.budget_min} min ({schedule}) ...", flush=True)
-            rows.append(run_nnunet(python, args.nnunet_ref, tmp, list(split.train), val, budget_s, schedule, timeout))
+            rows.append(run_nnunet(python, args.nnunet_ref, tmp, list(split.train), val, budget_s, schedule, timeout,
+                                   tta=not args.no_tta))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "stderr_tail"}), flush=True)
         for row in rows:
             score(row, tmp, labels)
-    result = {"budget_min": args.budget_min, "train_cases": len(split.train), "val_cases": len(val),
+    result = {"budget_min": args.budget_min, "tta": not args.no_tta, "train_cases": len(split.train), "val_cases": len(val),
               "all_val_cases": len(val) == len(split.val), "val_case_ids": val, "nnunet_schedule": schedule,
               "nnunet_s_per_it": s_per_it, "nnunet_s_per_it_source": source, "rows": rows, "machine": machine}
     paths = write_results("quality_vs_nnunet", result, markdown(result), lambda nf: plot(result, nf), args.out)

@@ -107,6 +107,7 @@ class CrossvalReport:
     foreground_dice_postprocessed: float | None
     postprocessing: dict
     per_fold: list[FoldScore] = field(default_factory=list)
+    tta: bool = True  # mirroring at prediction
     optimistic: bool = False  # fold 'all' validates on cases it trained on
     paths: dict[str, str] = field(default_factory=dict)
 
@@ -210,7 +211,7 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
     report = CrossvalReport(
         config=config, folds=list(folds), num_cases=summary["n_cases"], labels=summary["labels"],
         dice={v: m["dice"] for v, m in summary["mean"].items()}, foreground_dice=summary["foreground_mean"]["dice"],
-        foreground_dice_postprocessed=pp_dice, postprocessing=rule.to_json(), per_fold=per_fold,
+        foreground_dice_postprocessed=pp_dice, postprocessing=rule.to_json(), per_fold=per_fold, tta=tta,
         optimistic="all" in folds,
         paths={"predictions": str(out / "predictions"), "summary": str(out / "evaluation" / "summary.json"),
                "postprocessing": str(out / POSTPROCESSING_FILE), "report": str(out / "crossval.md")})

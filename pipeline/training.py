@@ -332,11 +332,29 @@ def training_progress(epoch: int, epochs: int | None, elapsed_s: float, budget_m
     return min(1.0, max(parts)) if parts else 0.0
 
 
-def should_stop(epoch: int, epochs: int | None, elapsed_s: float, last_epoch_s: float, budget_min: float | None) -> bool:
-    """Stop after the last epoch, or before an epoch that would end past the budget (estimated by the last one)."""
+def epoch_iterations(epoch: int, epochs: int | None, elapsed_s: float, last_epoch_s: float,
+                     budget_min: float | None, iterations: int) -> int:
+    """Iterations of the next epoch; 0 means training is over.
+
+    After the last epoch, 0. Under a time budget the epoch is shortened to what fits in the time
+    left (estimated from the last epoch), so the budget is used to its end instead of being left
+    idle for up to an epoch; a remainder under a tenth of an epoch is not worth its validation.
+    """
     if epochs is not None and epoch >= epochs:
-        return True
-    return budget_min is not None and elapsed_s + last_epoch_s > budget_min * 60
+        return 0
+    if budget_min is None or last_epoch_s <= 0:
+        return iterations if budget_min is None or elapsed_s < budget_min * 60 else 0
+    fits = int(iterations * (budget_min * 60 - elapsed_s) / last_epoch_s)
+    return min(iterations, fits) if fits >= max(1, iterations // 10) else 0
+
+
+def epoch_learning_rates(base_lr: float, exponent: float, start: float, end: float, iterations: int) -> list[float]:
+    """Poly learning rates for each iteration of an epoch spanning training progress `start` -> `end`.
+
+    Stepping the rate every iteration, not every epoch, matters when a time budget allows only a few
+    long epochs. Computed from values every rank shares, so all ranks step identically.
+    """
+    return [poly_lr(base_lr, start + (end - start) * it / iterations, exponent) for it in range(iterations)]
 
 
 def supervision_weights(n: int, ddp: bool) -> list[float]:
@@ -547,14 +565,18 @@ class _WorkerRun:
                                     prefetch, loader_workers, pin_memory=self.cuda)
         val_data = ValidationBatches(self.val_spec, s.val_iterations, self.world)
         try:
-            stop = self._should_stop(last_epoch_seconds=0.0)
-            while not stop:
+            seconds = 0.0
+            iterations = self._epoch_iterations(last_epoch_seconds=0.0)
+            while iterations:
+                # progress depends only on state every rank shares (epoch, rank 0's clock): the same
+                # rates on every rank, from here to where this epoch is expected to end
+                p0 = self._progress()
+                p1 = training_progress(self.epoch + iterations / s.iterations_per_epoch, s.epochs,
+                                       self.elapsed + seconds * iterations / s.iterations_per_epoch, s.time_budget_min)
+                lrs = epoch_learning_rates(self.recipe.lr, self.recipe.poly_exponent, p0, p1, iterations)
+                lr = lrs[0]
                 start = time.perf_counter()
-                # progress depends only on state every rank shares (epoch, rank 0's clock): one lr for all
-                lr = poly_lr(self.recipe.lr, self._progress(), self.recipe.poly_exponent)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                train_loss, grad_sum = self._train_epoch(train_iter)
+                train_loss, grad_sum = self._train_epoch(train_iter, lrs)
                 val_loss, dice = self._validate(val_data)
                 seconds = time.perf_counter() - start
                 # rank 0's clock decides, so every rank stops at the same epoch
@@ -573,7 +595,8 @@ class _WorkerRun:
                 improved = self.ema is not None and (self.best_ema is None or self.ema > self.best_ema)
                 if improved:
                     self.best_ema = self.ema
-                stop = self._should_stop(seconds)
+                iterations = self._epoch_iterations(seconds)
+                stop = iterations == 0
                 due = stop or self.epoch % s.checkpoint_every == 0
                 if self.rank == 0:
                     self._epoch_outputs(row, improved, plot=due)
@@ -585,15 +608,18 @@ class _WorkerRun:
         if self.rank == 0:
             self._finish()
 
-    def _should_stop(self, last_epoch_seconds: float) -> bool:
+    def _epoch_iterations(self, last_epoch_seconds: float) -> int:
         s = self.settings
-        return should_stop(self.epoch, s.epochs, self.elapsed, last_epoch_seconds, s.time_budget_min)
+        return epoch_iterations(self.epoch, s.epochs, self.elapsed, last_epoch_seconds, s.time_budget_min,
+                                s.iterations_per_epoch)
 
-    def _train_epoch(self, batches) -> tuple[float, float]:
+    def _train_epoch(self, batches, lrs: list[float]) -> tuple[float, float]:
         self.model.train()
         total, grad_sum = 0.0, 0.0
-        n = self.settings.iterations_per_epoch
-        for it in range(n):
+        n = len(lrs)
+        for it, lr in enumerate(lrs):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             image, label = next(batches)
             image = image.to(self.device, non_blocking=True)
             label = label.to(self.device, non_blocking=True)

@@ -18,11 +18,12 @@ from pipeline.ray_train import latest_checkpoint_epoch, prepare_storage, run_nam
 from pipeline.training import (
     RECIPES,
     TrainSettings,
+    epoch_iterations,
+    epoch_learning_rates,
     load_trained_network,
     poly_lr,
     prepare_run,
     run_training,
-    should_stop,
     supervision_weights,
     training_progress,
 )
@@ -73,9 +74,17 @@ def test_a_time_budget_drives_the_schedule_and_the_end():
     assert training_progress(0, None, 450, 15) == 0.5  # the clock: half of 15 minutes spent
     assert training_progress(5, 10, 60, 15) == 0.5  # the epochs are further along
     assert training_progress(12, 10, 0, None) == 1.0
-    assert not should_stop(3, None, 800, 60, 15)  # the next epoch ends at 860 s < 900 s
-    assert should_stop(3, None, 850, 60, 15)  # ... at 910 s: not started
-    assert should_stop(10, 10, 0, 0, None) and not should_stop(9, 10, 1e6, 1, None)
+    assert epoch_iterations(3, None, 800, 60, 15, 50) == 50  # the next epoch ends at 860 s < 900 s
+    assert epoch_iterations(3, None, 870, 60, 15, 50) == 25  # half an epoch fits: the budget is used to its end
+    assert epoch_iterations(3, None, 897, 60, 15, 50) == 0  # under a tenth of an epoch: over
+    assert epoch_iterations(0, None, 0, 0, 15, 50) == 50  # the first epoch always runs
+    assert epoch_iterations(10, 10, 0, 0, None, 50) == 0 and epoch_iterations(9, 10, 1e6, 1, None, 50) == 50
+
+
+def test_the_learning_rate_decays_every_iteration_along_the_epochs_share_of_training():
+    lrs = epoch_learning_rates(0.01, 1.0, 0.5, 0.75, 5)
+    assert lrs == pytest.approx([0.005, 0.0045, 0.004, 0.0035, 0.003])
+    assert epoch_learning_rates(0.01, 0.9, 0.0, 0.0, 3) == [0.01] * 3  # first epoch of a budget: no estimate yet
 
 
 def test_a_run_is_checked_before_any_worker_starts(tiny):
