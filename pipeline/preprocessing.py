@@ -18,6 +18,9 @@ run on the same store.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -32,6 +35,8 @@ from .nifti import Geometry
 from .normalization import nonzero_mask, normalize
 from .plans import ChannelNormalization, ConfigurationPlan, Plans
 from .resampling import ANISOTROPY_THRESHOLD, compute_new_shape, resample_image, resample_label, separate_z_axis
+
+log = logging.getLogger("segpipe.preprocessing")
 
 # nnU-Net's foreground sampling: up to 10,000 voxels per class, but at least 1% of the class.
 MAX_LOCATIONS_PER_CLASS = 10_000
@@ -234,6 +239,7 @@ class PreprocessReport:
     skipped: list[str] = field(default_factory=list)  # complete before this run
     failed: list[Problem] = field(default_factory=list)
     deleted_incomplete: list[str] = field(default_factory=list)  # leftovers of interrupted runs, redone
+    changed: list[str] = field(default_factory=list)  # complete, but the raw files changed since: redone
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -246,8 +252,65 @@ class PreprocessReport:
                  f"in {self.seconds:.1f}s; {len(self.skipped)} already complete, {len(self.failed)} failed"]
         if self.deleted_incomplete:
             lines.append(f"redid {len(self.deleted_incomplete)} incomplete case(s) left by an interrupted run")
+        if self.changed:
+            lines.append(f"redid {len(self.changed)} case(s) whose raw files changed since they were stored: "
+                         f"{', '.join(self.changed[:5])}{' ...' if len(self.changed) > 5 else ''}")
         lines.extend(f"  failed {p}" for p in self.failed)
         return "\n".join(lines)
+
+
+def _case_files(dataset: Dataset, case_id: str) -> list[Path]:
+    case = dataset.case(case_id)
+    return [*case.images, *([case.label] if case.label is not None else [])]
+
+
+def _file_key(dataset: Dataset, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(dataset.root))
+    except ValueError:
+        return str(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_stamps(dataset: Dataset, case_id: str) -> dict[str, list]:
+    """file (relative to the dataset) -> [size, mtime_ns, sha256] of each raw file of the case."""
+    out = {}
+    for path in _case_files(dataset, case_id):
+        st = os.stat(path)
+        out[_file_key(dataset, path)] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+    return out
+
+
+def source_changed(dataset: Dataset, case_id: str, stored: dict) -> bool:
+    """Whether the case's raw files differ from the stamps it was preprocessed from.
+
+    Size and modification time settle it when they match (no file is read); a copied dataset has
+    new times, so then the content hash decides and an unchanged copy is not redone. A case stored
+    without stamps (an older store) counts as unchanged.
+    """
+    if not stored:
+        return False
+    files = {_file_key(dataset, p): p for p in _case_files(dataset, case_id)}
+    if set(files) != set(stored):
+        return True
+    for key, path in files.items():
+        size, mtime, digest = stored[key]
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        if st.st_size != size:
+            return True
+        if st.st_mtime_ns != mtime and _sha256(path) != digest:
+            return True
+    return False
 
 
 def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_name: str, store_path: str) -> dict:
@@ -265,7 +328,8 @@ def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_na
             raise BadInputError("training case has no label file", case_id)
         pre = preprocess_case(case, plans, config_name, LabelMap(plans.label_values))
         conf = plans.configuration(config_name)
-        open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name)).write_case(case_id, pre)
+        source = source_stamps(dataset, case_id)  # the files were just read: hashing them is cheap
+        open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name)).write_case(case_id, pre, source)
     except BadInputError as exc:
         return {"case_id": case_id, "ok": False, "message": "; ".join(p.message for p in exc.problems)}
     except SegPipeError as exc:
@@ -297,6 +361,14 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
         cs = store.config(conf.data_identifier, plans.hash(config), create=True, **config_attrs(plans, config))
         report.deleted_incomplete = cs.delete_incomplete()
         complete = set(cs.case_ids())
+        stored = cs.sources()
+        report.changed = [c.case_id for c in dataset.cases
+                          if c.case_id in complete and source_changed(dataset, c.case_id, stored[c.case_id])]
+        if report.changed:
+            log.warning("%d case(s) changed since they were preprocessed and are redone (%s); the fingerprint "
+                        "and plans still describe the earlier files: re-plan if the dataset changed much",
+                        len(report.changed), ", ".join(report.changed[:5]))
+        complete -= set(report.changed)
         todo = [c.case_id for c in dataset.cases if c.case_id not in complete]
         report.skipped = [c.case_id for c in dataset.cases if c.case_id in complete]
         bar = tqdm(total=len(todo), desc=f"preprocess {config}", unit="case", disable=not progress or not todo)

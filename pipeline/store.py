@@ -267,8 +267,15 @@ class ConfigStore:
             return (1, 1, *patch), (1, *patch)
         return (1, *patch), tuple(patch)
 
-    def write_case(self, case_id: str, pre) -> None:
-        """Write one case (`preprocessing.PreprocessedCase`); `complete` is set last, after every array."""
+    def sources(self) -> dict[str, dict]:
+        """The raw-file stamps each complete case was made from (`write_case(source=...)`; {} if none)."""
+        return {case_id: dict(self._case_group(case_id).attrs.get("source") or {}) for case_id in self.case_ids()}
+
+    def write_case(self, case_id: str, pre, source: dict | None = None) -> None:
+        """Write one case (`preprocessing.PreprocessedCase`); `complete` is set last, after every array.
+
+        `source` (file -> stamp, `preprocessing.source_stamps`) lets a later run see that the raw
+        files changed since and redo the case."""
         if "/" in case_id or case_id in ("", ".", ".."):
             raise SegPipeError(f"case id {case_id!r} cannot name a store group")
         if self.group.read_only:
@@ -281,7 +288,7 @@ class ConfigStore:
         image_chunks, label_chunks = self.chunks()
         num_classes = int(self.attrs["num_classes"])
         group = self.group.create_group(f"cases/{case_id}", attributes={
-            "case_id": case_id, "complete": False, "meta": pre.meta.to_json()})
+            "case_id": case_id, "complete": False, "meta": pre.meta.to_json(), "source": source or {}})
         image = pre.image
         if self.image_dtype == "float16":
             image = np.clip(image, -FLOAT16_MAX, FLOAT16_MAX)

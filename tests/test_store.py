@@ -93,6 +93,36 @@ def test_resume_recomputes_nothing_that_is_complete(hippo, built, tmp_path, monk
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()} == before
 
 
+def test_a_case_whose_raw_files_changed_is_redone_and_a_mere_copy_is_not(hippo, built, tmp_path):
+    ds, plans = hippo
+    data = tmp_path / "data"  # a copy of the raw files: new modification times, same content
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for c in ds.cases:
+        shutil.copy(c.images[0], data / "imagesTr" / c.images[0].name)
+        shutil.copy(c.label, data / "labelsTr" / c.label.name)
+    moved = dataclasses.replace(ds, root=data, cases=tuple(
+        dataclasses.replace(c, images=(data / "imagesTr" / c.images[0].name,), label=data / "labelsTr" / c.label.name)
+        for c in ds.cases))
+    path = copy_store(built, tmp_path)
+    report = run_preprocessing(moved, plans, CONFIG, path, progress=False)
+    assert report.changed == [] and report.done == [] and len(report.skipped) == 3
+
+    victim = moved.cases[2]  # its label edited after preprocessing: the stored case is stale
+    import nibabel as nib
+
+    img = nib.load(str(victim.label))
+    edited = np.asarray(img.dataobj).copy()
+    edited[edited == 2] = 1
+    nib.save(nib.Nifti1Image(edited, img.affine, img.header), str(victim.label))
+    report = run_preprocessing(moved, plans, CONFIG, path, progress=False)
+    assert report.changed == [victim.case_id] and report.done == [victim.case_id]
+    assert "raw files changed" in str(report)
+    stored = open_store(path, "r").config(CONFIG).label(victim.case_id)[...]
+    assert 2 not in np.unique(stored) and 1 in np.unique(stored)
+    assert run_preprocessing(moved, plans, CONFIG, path, progress=False).changed == []  # and now it is current
+
+
 def test_incomplete_cases_are_invisible_and_redone(hippo, built, tmp_path):
     ds, plans = hippo
     path = copy_store(built, tmp_path)
