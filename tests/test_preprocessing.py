@@ -296,3 +296,68 @@ def test_a_dask_worker_stays_quiet_when_shutdown_races_its_heartbeat(dask_client
     finally:
         logger.removeFilter(_drop_heartbeat_race)
     assert [r.getMessage() for r in caplog.records] == ["Compute Failed: a real task error"]
+
+
+# ---------------------------------------------------------------- nnU-Net's label resampling rule (issue 3)
+
+
+def test_label_ties_follow_nnunets_rule_at_multi_class_junctions():
+    """Halving a grid samples every output voxel midway between input voxels, so classes tie. nnU-Net
+    (batchgenerators 0.25.5 resize_segmentation) keeps the highest interpolated indicator; a tie goes to
+    the nearest-neighbour label (the upper voxel: .5 rounds up) if it is tied, else to the lowest label.
+    (keep_classes=False: a 1-voxel output would otherwise get our rescue of the class that lost.)"""
+
+    def halve(label, new_shape):
+        return resample_label(label, new_shape, keep_classes=False)
+
+    # a two-class boundary: both samples are 0.5/0.5 ties, each won by its upper voxel
+    np.testing.assert_array_equal(halve(np.array([[[0, 1, 1, 0]]], np.uint8), (1, 1, 2)), [[[1, 0]]])
+    # a 2x2 junction of two classes on the diagonals: the nearest voxel (1, 1) decides, not the larger class
+    np.testing.assert_array_equal(halve(np.array([[[1, 2], [2, 1]]], np.uint8), (1, 1, 1)), [[[1]]])
+    np.testing.assert_array_equal(halve(np.array([[[2, 1], [1, 2]]], np.uint8), (1, 1, 1)), [[[2]]])
+    # a 2x2x2 junction of three classes (C order): 1 and 2 weigh 3/8 each, 3 weighs 2/8 but is the
+    # nearest voxel - it lost, so the lowest tied class wins; with background in place of 1, background
+    block = np.array([1, 2, 1, 2, 2, 1, 3, 3], np.uint8).reshape(2, 2, 2)
+    np.testing.assert_array_equal(halve(block, (1, 1, 1)), [[[1]]])
+    block[block == 1] = 0
+    np.testing.assert_array_equal(halve(block, (1, 1, 1)), [[[0]]])
+    # no tie: the strongest class wins even where it is not the nearest voxel
+    block = np.array([1, 1, 1, 2, 2, 3, 1, 3], np.uint8).reshape(2, 2, 2)
+    np.testing.assert_array_equal(halve(block, (1, 1, 1)), [[[1]]])
+
+
+def _per_label_reference(label, new_shape, axis=None):
+    """nnU-Net's rule spelled out with scipy's zoom (what skimage resize calls): one order-1 zoom per
+    label, clipped to [0, 1], argmax; exact ties to the nearest-neighbour label if tied, else the lowest.
+    With a separate axis: that rule per slice, then the nearest slice along the axis."""
+    from scipy.ndimage import zoom
+
+    def resize(x, shape, order):
+        return zoom(x, [m / n for n, m in zip(x.shape, shape)], order=order, mode="nearest", grid_mode=True)
+
+    if axis is not None:
+        plane = [n for d, n in enumerate(new_shape) if d != axis]
+        slices = [_per_label_reference(np.take(label, k, axis=axis), plane) for k in range(label.shape[axis])]
+        stacked = np.stack(slices, axis=axis)
+        return resize(stacked, new_shape, 0)
+    classes = np.unique(label)
+    scores = np.stack([np.clip(resize((label == c).astype(float), new_shape, 1), 0, 1) for c in classes])
+    nearest = resize(label, new_shape, 0)
+    top = scores == scores.max(axis=0)
+    lowest = classes[np.argmax(top, axis=0)]
+    nearest_tied = np.take_along_axis(top, np.searchsorted(classes, nearest)[None], axis=0)[0]
+    return np.where(nearest_tied, nearest, lowest).astype(label.dtype)
+
+
+def test_label_resampling_equals_the_per_label_rule_on_random_junctions():
+    """Ours decides only boundary voxels, from the 2^k voxels each sample reads; the result must be the
+    per-label rule's, voxel for voxel, jointly and with a separate thick axis, up and down."""
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        shape = tuple(int(n) for n in rng.integers(4, 11, 3))
+        label = np.kron(rng.integers(0, 4, tuple(-(-n // 2) for n in shape)), np.ones((2, 2, 2), int))
+        label = (label[tuple(slice(0, n) for n in shape)] if i % 2 else rng.integers(0, 4, shape)).astype(np.uint8)
+        new_shape = tuple(max(1, round(n * f)) for n, f in zip(shape, rng.choice([0.5, 0.7, 1.0, 1.5, 2.0], 3)))
+        axis = [None, 0, 2][i % 3]
+        ours = resample_label(label, new_shape, 1, axis, 0, keep_classes=False)
+        np.testing.assert_array_equal(ours, _per_label_reference(label, new_shape, axis), err_msg=f"{shape}->{new_shape}")
