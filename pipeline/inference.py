@@ -138,18 +138,31 @@ def accumulator_bytes(num_classes: int, spatial: Sequence[int]) -> int:
     return (num_classes + 1) * int(np.prod(spatial, dtype=np.int64)) * 4
 
 
+def softmax_(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the first (class) axis, in place."""
+    logits -= logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    return logits
+
+
 class _MemoryAccumulator:
+    """Gaussian-weighted logits of the windows; `result` turns their weighted mean into probabilities."""
+
+
     def __init__(self, num_classes: int, spatial: Sequence[int]):
-        self.probs = np.zeros((num_classes, *spatial), dtype=np.float32)
+        self.sums = np.zeros((num_classes, *spatial), dtype=np.float32)
         self.weights = np.zeros(tuple(spatial), dtype=np.float32)
 
     def add(self, index: tuple, weighted: np.ndarray, weight: np.ndarray) -> None:
-        self.probs[(slice(None), *index)] += weighted
+        self.sums[(slice(None), *index)] += weighted
         self.weights[index] += weight
 
     def result(self) -> np.ndarray:
-        np.divide(self.probs, self.weights[None], out=self.probs)
-        return self.probs
+        np.divide(self.sums, self.weights[None], out=self.sums)
+        for row in range(self.sums.shape[1]):  # row by row: temporaries stay one row in size
+            softmax_(self.sums[:, row])
+        return self.sums
 
 
 class _ZarrAccumulator:
@@ -180,7 +193,7 @@ class _ZarrAccumulator:
         n = min(upto, self.shape[0]) - self.lo
         if n <= 0:
             return
-        self.probs[:, self.lo:self.lo + n] = self.slab[:, :n] / self.slab_weights[None, :n]
+        self.probs[:, self.lo:self.lo + n] = softmax_(self.slab[:, :n] / self.slab_weights[None, :n])
         keep = self.depth - n
         if keep > 0:
             self.slab[:, :keep] = self.slab[:, n:]
@@ -220,16 +233,20 @@ def _forward(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _predict_batch(network, batch: torch.Tensor, mirror: list[tuple[int, ...]], amp: bool) -> torch.Tensor:
-    """Softmax of the network, averaged over the mirrored copies of the batch (float32)."""
+    """Logits of the network, averaged over the mirrored copies of the batch (float32).
+
+    Logits, not probabilities, are averaged - over mirrors here, over overlapping windows by the
+    accumulators, which apply the softmax once at the end - as nnU-Net v2 does, so that our
+    predictions from nnU-Net's weights equal its own (benchmarks/predict.py compares them).
+    """
     total = None
     for axes in mirror:
         x = torch.flip(batch, axes) if axes else batch
         with torch.autocast(batch.device.type, enabled=amp):
-            logits = _forward(network, x)
-        probs = torch.softmax(logits.float(), dim=1)
+            logits = _forward(network, x).float()
         if axes:
-            probs = torch.flip(probs, axes)
-        total = probs if total is None else total.add_(probs)
+            logits = torch.flip(logits, axes)
+        total = logits if total is None else total.add_(logits)
     return total.div_(len(mirror))
 
 
@@ -292,10 +309,10 @@ def sliding_window_predict(
             for start in range(0, len(windows), batch_size):
                 chunk = windows[start:start + batch_size]
                 batch = np.stack([data[(slice(None), *w)] for w in chunk])
-                probs = _predict_batch(network, torch.from_numpy(batch).to(device), mirror, amp)
-                if probs.shape[1] != num_classes:
-                    raise ValueError(f"network predicts {probs.shape[1]} classes, expected {num_classes}")
-                weighted = (probs * gaussian_dev).cpu().numpy()
+                logits = _predict_batch(network, torch.from_numpy(batch).to(device), mirror, amp)
+                if logits.shape[1] != num_classes:
+                    raise ValueError(f"network predicts {logits.shape[1]} classes, expected {num_classes}")
+                weighted = (logits * gaussian_dev).cpu().numpy()
                 for w, pred in zip(chunk, weighted):
                     acc.add(w, pred, gaussian)
                 bar.update(len(chunk))
@@ -358,7 +375,7 @@ class ModelSpec:
     """Where a predictor loads from and how it predicts: small and picklable, so Ray workers can
     each load the model once from it."""
 
-    run_dirs: tuple[str, ...]  # one per fold; several folds form an ensemble (probabilities averaged)
+    run_dirs: tuple[str, ...]  # one per fold; several folds form an ensemble (logits averaged, as nnU-Net)
     checkpoint: str = "final"  # model_<checkpoint>.pt
     tta: bool = True
     step: float = 0.5
@@ -398,16 +415,15 @@ def find_model(workdir, config: str, fold: str | int | Sequence = "0", checkpoin
 
 
 class _Ensemble(torch.nn.Module):
-    """Several folds' networks as one: the log of their mean softmax, so the sliding window's softmax
-    of it is exactly the folds' mean probability (one pass over the windows for all folds)."""
+    """Several folds' networks as one: the mean of their logits, as nnU-Net v2 ensembles folds
+    (one pass over the windows for all folds)."""
 
     def __init__(self, networks: Sequence[torch.nn.Module]):
         super().__init__()
         self.members = torch.nn.ModuleList(networks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = sum(torch.softmax(_forward(net, x).float(), dim=1) for net in self.members) / len(self.members)
-        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+        return sum(_forward(net, x).float() for net in self.members) / len(self.members)
 
 
 class Predictor:

@@ -157,7 +157,7 @@ def test_tta_of_a_mirror_equivariant_net_equals_no_tta():
 
 
 @pytest.mark.parametrize("dims", [3, 2])
-def test_tta_averages_the_softmax_over_all_mirrorings(dims):
+def test_tta_averages_the_logits_over_all_mirrorings_as_nnunet(dims):
     rng = np.random.default_rng(4)
     patch = (12,) * dims
     image = rng.normal(size=(1, *patch)).astype(np.float32) if dims == 3 else rng.normal(size=(1, 1, *patch)).astype(np.float32)
@@ -166,7 +166,7 @@ def test_tta_averages_the_softmax_over_all_mirrorings(dims):
     x = torch.from_numpy(image if dims == 3 else image[:, 0])[None]
     combos = mirror_axes_combinations(dims)
     with torch.no_grad():
-        expected = sum(torch.flip(torch.softmax(net(torch.flip(x, c)), 1), c) for c in combos) / len(combos)
+        expected = torch.softmax(sum(torch.flip(net(torch.flip(x, c)), c) for c in combos) / len(combos), 1)
         plain = torch.softmax(net(x), 1)
     expected = expected[0].numpy() if dims == 3 else expected[0].numpy()[:, None]
     np.testing.assert_allclose(got, expected, atol=1e-6)  # one window: the Gaussian weight cancels
@@ -418,7 +418,7 @@ def test_ray_workers_predict_like_the_sequential_path(ray_session, hippo_model, 
                                       np.asarray(nib.load(tmp_path / "seq" / p.name).dataobj))
 
 
-def test_fold_ensemble_averages_probabilities(tmp_path):
+def test_fold_ensemble_averages_the_logits_as_nnunet(tmp_path):
     from pipeline.inference import _Ensemble
 
     rng = np.random.default_rng(6)
@@ -426,7 +426,11 @@ def test_fold_ensemble_averages_probabilities(tmp_path):
     a, b = _conv_net(3, 1, 3, symmetric=False, seed=1), _conv_net(3, 1, 3, symmetric=False, seed=2)
     both = sliding_window_predict(_Ensemble([a, b]), image, (16, 16, 8), 3, tta_mirror=False)
     each = [sliding_window_predict(n, image, (16, 16, 8), 3, tta_mirror=False) for n in (a, b)]
-    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, atol=1e-6)
+    # log-probabilities are the logits less a per-voxel constant, which the softmax cancels
+    mean_log = (np.log(each[0]) + np.log(each[1])) / 2
+    expected = np.exp(mean_log - mean_log.max(0)) / np.exp(mean_log - mean_log.max(0)).sum(0)
+    np.testing.assert_allclose(both, expected, atol=1e-5)
+    assert not np.allclose(both, (each[0] + each[1]) / 2, atol=1e-4)  # not the mean probability
 
 
 def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model, hippocampus, tmp_path):
