@@ -81,6 +81,11 @@ def _nn_step(ctx: Context) -> list[str]:
     return ["--nnunet-python", ctx.nnunet_python] if ctx.nnunet_python else []
 
 
+def _nn_predict(ctx: Context) -> list[str]:
+    return ["--nnunet-python", ctx.nnunet_python, "--nnunet-ref", str(ctx.nnunet_ref)] \
+        if ctx.nnunet_python and ctx.nnunet_ref else []
+
+
 def _quality(ctx: Context) -> list[str]:
     args = ["--workdir", str(ctx.workdir), "--budget-min", str(ctx.quality_budget_min)]
     if ctx.nnunet_python and ctx.nnunet_ref:
@@ -108,6 +113,10 @@ STEPS = [
          lambda c: ["--workdir", str(c.workdir)], 150, 2400, needs_workdir=True),
     Step("inference", "inference.py", lambda c: ["--cases", "2", "--configs", "3d_lean", "--tta", "off", "--size", "96"],
          lambda c: ["--forward-variants", "fp32,compile"], 90, 1800),
+    Step("predict", "predict.py",
+         lambda c: ["--cases", "3", "--workers", "1,2", "--tta", "off,on", "--ray-tta", "off", "--nnunet-procs", "0",
+                    "--size", "0"] + _nn_predict(c),
+         lambda c: ["--cases", "10", "--repeats", "2", "--size", "256"] + _nn_predict(c), 300, 4 * 3600),
     Step("validation_speed", "validation_speed.py", lambda c: ["1"], lambda c: ["5"], 60, 600),
     Step("fingerprint_memory", "fingerprint_memory.py", lambda c: ["20", "60"], lambda c: [], 60, 600),
     Step("scaling", "scaling.py", lambda c: ["--workdir", str(c.workdir), "--cases", "20", "--epochs", "2", "--iterations", "2",
@@ -351,6 +360,25 @@ def headline_rows() -> list[tuple]:
     for r in (inf or {}).get("hippocampus", []):
         add(f"Inference, hippocampus `predict_folder` ({r['config']}, TTA {'on' if r['tta'] else 'off'}), s/case",
             _num(r["seconds_per_case_mean"]), "–", "–", _device(inf), "inference.md", inf)
+    pred = _read("predict")
+    for c in (pred or {}).get("comparisons", []):
+        if c["pairing"] != "fastest of each":
+            continue
+        what = (f"{pred['meta']['cases']} hippocampus cases" if c["set"] == "hippocampus"
+                else f"one {pred['meta'].get('size')}^3 volume")
+        add(f"Prediction, {what}, whole command, TTA {'on' if c['tta'] else 'off'} ({c['ours']} vs {c['nnunet']}), s/case",
+            _num(c["ours_s_per_case"]), _num(c["nnunet_s_per_case"]),
+            c["ratio"], _device(pred), "predict.md", pred)
+        if c["ours_peak_pss_tree_mib"] and c["nnunet_peak_pss_tree_mib"]:
+            add(f"Prediction peak memory, {what}, TTA {'on' if c['tta'] else 'off'}: PSS of the process tree (MiB)",
+                _num(c["ours_peak_pss_tree_mib"], 0), _num(c["nnunet_peak_pss_tree_mib"], 0),
+                _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(pred), "predict.md", pred)
+    for s in (pred or {}).get("summary", []):
+        if s["set"] == "large" and s["tool"] == "seg-pipeline" and s.get("s_per_case") and not any(
+                c["set"] == "large" and c["tta"] == s["tta"] for c in pred.get("comparisons", [])):
+            add(f"Prediction, one {pred['meta'].get('size')}^3 volume, whole command, TTA {'on' if s['tta'] else 'off'}, "
+                f"seconds (peak PSS MiB)", f"{_num(s['s_per_case'], 1)} ({_num(s.get('peak_pss_tree_mib'), 0)})",
+                "not run", "–", _device(pred), "predict.md", pred)
     ginf = _read("gpu_inference")
     for r in (ginf or {}).get("hippocampus", []):
         add(f"Inference on GPU, hippocampus ({r['config']}, TTA {'on' if r['tta'] else 'off'}), s/case",
