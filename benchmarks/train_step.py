@@ -1,61 +1,86 @@
-"""Training-step throughput: forward + deep-supervised Dice+CE + backward + SGD, samples per second (CPU or CUDA).
+"""Training-step throughput: forward + deep-supervised Dice+CE + backward + grad clip + SGD, samples per second.
 
 The plan is nnU-Net's own 3d_fullres for Task04_Hippocampus (tests/reference/nnunet_v2_plans.json when
-present, else the same values written below). Variants, each in its own subprocess run by the harness
-(benchmarks/harness.py: timeout, peak RSS and CPU time of the worker) so that a slow `torch.compile`
-cannot eat the budget: float32 default layout, channels_last_3d, bfloat16 autocast, torch.compile
-(inductor), `amp` (CUDA: float16 autocast + GradScaler as nnU-Net trains; CPU: bfloat16 autocast) and
-`amp_compile`. Also timed: one batch of nnU-Net-default augmentation (pipeline.augmentation).
-
-`--device cuda` (benchmarks/gpu_suite.sh) runs the variants on the GPU, records the GPU's peak
-memory per variant and writes `--name` (default gpu_train_step) instead of train_step.
-
-Implementations are pluggable (`IMPLEMENTATIONS`): `seg-pipeline` is ours; `nnunet` builds
-dynamic_network_architectures' PlainConvUNet with nnunetv2's DC_and_CE_loss + DeepSupervisionWrapper, and
+present, else the same values written below). `seg-pipeline` is ours (pipeline.model + pipeline.losses,
+exactly what training runs: on CPU the network computes channels-last); `nnunet` builds
+dynamic_network_architectures' PlainConvUNet with nnunetv2's DC_and_CE_loss + DeepSupervisionWrapper and
 needs an interpreter where those are installed: `--nnunet-python /path/to/venv/bin/python` adds it.
 
-    .venv/bin/python benchmarks/train_step.py [--batch 2] [--budget 270] [--full-batch] [--nnunet-python PY]
-        [--device cuda --variants fp32,amp,torch_compile,amp_compile --name gpu_train_step]
+Why interleaved: the development machine has 2 shared cores whose load swings between 2 and 15, so two
+figures measured a minute apart say more about the neighbours than about the code. Each contender runs
+in its own long-lived worker process (started, built and warmed up once: oneDNN primitive creation,
+cuDNN autotuning, compilation), and the driver then asks the workers for one step each in turn,
+A B / B A / A B ... (the order alternates so that a load trend favours neither). Each round gives a ratio
+of two steps taken seconds apart, and the report is the median ratio with its spread over the rounds.
+Every worker also reports the CPU seconds its own process spent per step (`time.process_time`, all
+threads); samples per CPU-second are much less sensitive to other processes than samples per second
+(they still move somewhat: a busy machine shares caches and memory bandwidth, and with 2 threads an
+OpenMP thread spins while its peer is descheduled). Both sides run with the same thread count
+(torch.set_num_threads and OMP/MKL_NUM_THREADS).
 
-Per-sample cost on CPU is close to linear in the batch, so the variants run at a small batch (default 2)
-to fit the time budget; `--full-batch` adds a float32 run at the plan's batch size (nnU-Net: 7).
-Results: benchmarks/results/train_step.{json,md,png}. Timings on a shared 2-core machine are noisy: the
-load average is recorded beside them.
+Fairness: nnU-Net's deep-supervision targets are downsampled by its data loader (in background
+processes), so its worker prepares them once, outside the timed step; ours are strided views taken
+inside our loss, and are timed. Both sides clip the gradient norm at 12, as both trainers do.
+
+Variants (ours; `fp32` also nnU-Net's): `fp32` each side's training default on this device;
+`ncdhw` ours with channels-last switched off (the layout nnU-Net computes in, our previous default);
+`channels_last_3d` weights and input converted as well; `bf16_autocast`; `torch_compile` (inductor;
+its compilation is the first step, reported as `first step s`, not amortised into the rate); `amp`
+(CUDA: float16 autocast + GradScaler as nnU-Net trains; CPU: bfloat16) and `amp_compile`. Variants
+nnU-Net also has (CPU: fp32; CUDA: fp32, amp), and `ncdhw`, are interleaved with ours; the others run
+alone afterwards, each under a time cap. Also timed: one batch of nnU-Net-default augmentation.
+
+    .venv/bin/python benchmarks/train_step.py [--batch 2] [--threads 2] [--pairs 6] [--budget 280]
+        [--full-batch] [--nnunet-python PY] [--device cuda --variants fp32,amp,torch_compile,amp_compile --name gpu_train_step]
+
+Per-sample cost on CPU is close to linear in the batch, so the comparisons run at a small batch (default
+2) at 1 thread and at `--threads`; `--full-batch` adds an interleaved comparison at the plan's batch size
+(nnU-Net: 7). Results: benchmarks/results/train_step.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
+import queue
+import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import RESULTS, bar_panel, machine_info, machine_line, python_env, run_command, write_results  # noqa: E402
+from harness import (RESULTS, TreeSampler, _end_processes, bar_panel, fmt_spread, load_average,  # noqa: E402
+                     machine_info, machine_line, python_env, spread, write_results)
+
 REFERENCE = REPO / "tests" / "reference" / "nnunet_v2_plans.json"
 FALLBACK_PLAN = {  # nnU-Net v2 3d_fullres, Task04_Hippocampus
     "patch_size": [40, 56, 40], "batch_size": 7, "kernel_sizes": [[3, 3, 3]] * 4,
     "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "features_per_stage": [32, 64, 128, 256], "n_conv_per_stage": 2,
 }
 NUM_CLASSES = 3  # background, anterior, posterior
+GRAD_CLIP = 12.0  # both trainers
 NNUNET_NOTE_S_PER_IT = 13.3  # nnU-Net's own figure for this plan on this 2-core CPU, batch 7 (from the task notes)
 VARIANTS = {
-    "fp32": dict(memory_format="contiguous", autocast=None, compile=False),
+    "fp32": dict(memory_format="default", autocast=None, compile=False),
+    "ncdhw": dict(memory_format="ncdhw", autocast=None, compile=False),
     "channels_last_3d": dict(memory_format="channels_last_3d", autocast=None, compile=False),
-    "bf16_autocast": dict(memory_format="contiguous", autocast="bfloat16", compile=False),
-    "torch_compile": dict(memory_format="contiguous", autocast=None, compile=True),
-    "amp": dict(memory_format="contiguous", autocast="amp", compile=False),
-    "amp_compile": dict(memory_format="contiguous", autocast="amp", compile=True),
+    "bf16_autocast": dict(memory_format="default", autocast="bfloat16", compile=False),
+    "torch_compile": dict(memory_format="default", autocast=None, compile=True),
+    "amp": dict(memory_format="default", autocast="amp", compile=False),
+    "amp_compile": dict(memory_format="default", autocast="amp", compile=True),
 }
-# seconds one variant may take (warm-up included) before it is reported as too slow; bf16 has no native
-# kernels on AVX2-only CPUs and compile time alone can exceed the budget
-VARIANT_CAP_S = {"fp32": 90.0, "channels_last_3d": 90.0, "bf16_autocast": 30.0, "torch_compile": 150.0, "amp": 30.0,
-                 "amp_compile": 150.0}
+# seconds one variant may take alone (start, warm-up and timed steps) before it is reported as too slow;
+# bf16 has no native kernels on AVX2-only CPUs and compile time alone can exceed the budget
+VARIANT_CAP_S = {"fp32": 90.0, "ncdhw": 90.0, "channels_last_3d": 90.0, "bf16_autocast": 30.0, "torch_compile": 150.0,
+                 "amp": 30.0, "amp_compile": 150.0}
+START_CAP_S = 120.0  # a worker's start: imports, build, warm-up step (compiling variants: their cap)
 CUDA_VARIANTS = "fp32,amp,torch_compile,amp_compile"
+CPU_VARIANTS = "fp32,ncdhw,bf16_autocast,torch_compile"
 
 
 def load_plan() -> tuple[dict, str]:
@@ -69,20 +94,23 @@ def load_plan() -> tuple[dict, str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# implementations: each returns (network, loss_fn) for the plan
+# implementations: each returns (network, loss_fn(outputs, target), prepare_target(label)); what
+# prepare_target does happens once, outside the timed step (a data loader's work)
 
 
-def _build_ours(plan: dict):
+def _build_ours(plan: dict, variant: str):
     from pipeline.losses import build_loss
     from pipeline.model import build_network
     from pipeline.plans import ConfigurationPlan
 
     conf = ConfigurationPlan(name="3d_fullres", **{k: v for k, v in plan.items() if k != "batch_size"})
-    return build_network(conf, 1, NUM_CLASSES), build_loss("dice_ce")
+    net = build_network(conf, 1, NUM_CLASSES, channels_last_cpu=VARIANTS[variant]["memory_format"] != "ncdhw")
+    return net, build_loss("dice_ce"), lambda y: y
 
 
-def _build_nnunet(plan: dict):
+def _build_nnunet(plan: dict, variant: str):
     import numpy as np
+    import torch.nn.functional as F
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
@@ -101,26 +129,25 @@ def _build_nnunet(plan: dict):
     weights = np.array([1 / 2**i for i in range(n - 1)])
     weights[-1] = 0
     loss = DeepSupervisionWrapper(loss, weights / weights.sum())
+    cum = np.cumprod(np.asarray(plan["strides"]), axis=0)[:-1]
 
-    def loss_fn(outputs, target):  # nnU-Net feeds a list of targets, downsampled by its data loader
-        import torch.nn.functional as F
+    def targets(label):  # nnU-Net's DownsampleSegForDSTransform: one target per output, nearest
+        t = label[:, None].float()
+        return [F.interpolate(t, size=[p // int(s) for p, s in zip(plan["patch_size"], c)], mode="nearest-exact")
+                for c in cum]
 
-        t = target[:, None].float()
-        targets = [F.interpolate(t, size=o.shape[2:], mode="nearest-exact") for o in outputs]
-        return loss(outputs, targets)
-
-    return net, loss_fn
+    return net, loss, targets
 
 
 IMPLEMENTATIONS = {"seg-pipeline": _build_ours, "nnunet": _build_nnunet}
 
 
 # ------------------------------------------------------------------------------------------------
-# worker: one (implementation, variant, batch) measurement, printed as one JSON line
+# worker: one (implementation, variant, batch, threads) kept alive; steps on request
 
 
-def worker(impl: str, variant: str, batch: int, threads: int, min_time: float, max_steps: int,
-           device: str = "cpu") -> dict:
+def serve(impl: str, variant: str, batch: int, threads: int, device: str = "cpu") -> None:
+    """Build, warm up, print a `ready` JSON line; then one JSON line per `step` read from stdin until `quit`."""
     import torch
 
     torch.set_num_threads(threads)
@@ -131,75 +158,264 @@ def worker(impl: str, variant: str, batch: int, threads: int, min_time: float, m
         torch.backends.cudnn.benchmark = True  # as nnU-Net
     plan, _ = load_plan()
     v = VARIANTS[variant]
-    net, loss_fn = IMPLEMENTATIONS[impl](plan)
+    net, loss_fn, prepare_target = IMPLEMENTATIONS[impl](plan, variant)
     fmt = torch.channels_last_3d if v["memory_format"] == "channels_last_3d" else torch.contiguous_format
     net = net.to(dev, memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     model = torch.compile(net) if v["compile"] else net
     x = torch.randn(batch, 1, *plan["patch_size"], device=dev).to(memory_format=fmt)
-    y = torch.randint(0, NUM_CLASSES, (batch, *plan["patch_size"]), device=dev)
+    target = prepare_target(torch.randint(0, NUM_CLASSES, (batch, *plan["patch_size"]), device=dev))
     if v["autocast"] == "amp":  # what training uses on each device
         dtype = torch.float16 if cuda else torch.bfloat16
     else:
         dtype = getattr(torch, v["autocast"]) if v["autocast"] else None
     scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
 
-    def step() -> float:
+    def step() -> dict:
+        t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
-        loss = loss_fn(out, y)  # losses compute in float32
+        loss = loss_fn(out, target)  # losses compute in float32
         if scaler is not None:
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+        if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
-            loss.backward()
             opt.step()
         value = loss.item()
         if cuda:
             torch.cuda.synchronize()
-        return value
+        return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "loss": value}
 
-    t0 = time.perf_counter()
-    first_loss = step()  # includes oneDNN primitive creation / cuDNN autotuning / compilation
-    first = time.perf_counter() - t0
+    def say(obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+
+    first = step()  # oneDNN primitive creation / cuDNN autotuning / compilation
     if cuda:
         step()  # cudnn.benchmark may still be choosing algorithms for the backward
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    while len(times) < max_steps and (sum(times) < min_time or not times):
-        t = time.perf_counter()
-        last_loss = step()
-        times.append(time.perf_counter() - t)
-    s_per_step = sum(times) / len(times)
-    out = {"impl": impl, "variant": variant, "batch": batch, "threads": threads, "device": device, **v,
-           "autocast_dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-           "first_step_s": round(first, 3), "steps_timed": len(times), "s_per_step": round(s_per_step, 4),
-           "samples_per_s": round(batch / s_per_step, 4), "loss_first": round(first_loss, 4), "loss_last": round(last_loss, 4)}
+    say({"event": "ready", "first_step_s": round(first["wall_s"], 3), "loss_first": round(first["loss"], 4),
+         "torch_threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == "quit":
+            break
+        n = int(command[1]) if len(command) > 1 else 1
+        steps = [step() for _ in range(n)]
+        say({"event": "step", "steps": n, "wall_s": sum(s["wall_s"] for s in steps) / n,
+             "cpu_s": sum(s["cpu_s"] for s in steps) / n, "loss": steps[-1]["loss"]})
+    done = {"event": "done"}
     if cuda:
-        out["gpu"] = torch.cuda.get_device_name(dev)
-        out["gpu_peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-    return out
+        done["gpu"] = torch.cuda.get_device_name(dev)
+        done["gpu_peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    say(done)
 
 
 # ------------------------------------------------------------------------------------------------
-# driver
+# driver side of a worker
 
 
-def run_one(python: str, impl: str, variant: str, batch: int, threads: int, args, timeout: float) -> dict:
-    """One worker process under the harness: its JSON line plus wall, CPU and peak RSS from outside."""
-    cmd = [python, str(Path(__file__).resolve()), "--worker", impl, variant, str(batch), "--device", args.device,
-           "--threads", str(threads), "--min-time", str(args.min_time), "--max-steps", str(args.max_steps)]
-    base = {"impl": impl, "variant": variant, "batch": batch, "threads": threads, "device": args.device}
-    run = run_command(cmd, env=python_env(), cwd=REPO, timeout=max(1.0, timeout))
-    if run.timed_out:
-        return {**base, "error": f"warm-up + timed steps did not finish within {timeout:.0f} s"}
-    if not run.ok or run.output is None:
-        err = (run.stderr_tail.strip().splitlines() or ["no output"])[-1]
-        return {**base, "error": err[:300]}
-    return {**run.output, "wall_s": round(run.wall_s, 1), "cpu_s": round(run.cpu_s, 1),
-            "peak_rss_mib": round(run.peak_rss_tree_mib, 1)}
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A `--serve` process: JSON lines in, one command line out per request; sampled from outside for
+    peak RSS and CPU (benchmarks/harness.py's TreeSampler)."""
+
+    def __init__(self, python: str, impl: str, variant: str, batch: int, threads: int, device: str):
+        self.impl, self.variant, self.batch, self.threads, self.device = impl, variant, batch, threads, device
+        cmd = [python, str(Path(__file__).resolve()), "--serve", impl, variant, str(batch), "--device", device,
+               "--threads", str(threads)]
+        env = python_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        self.sampler = TreeSampler(self.proc.pid, from_birth=True).start()
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+        self.ready: dict = {}
+        self.steps: list[dict] = []
+        self.done: dict = {}
+
+    def _read(self) -> None:
+        for line in iter(self.proc.stdout.readline, ""):
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    self.lines.put(json.loads(line))
+        self.lines.put(None)  # end of output
+
+    def _read_err(self) -> None:
+        for line in iter(self.proc.stderr.readline, ""):
+            self.stderr.append(line)
+            del self.stderr[:-50]
+
+    def _next(self, timeout: float) -> dict:
+        try:
+            msg = self.lines.get(timeout=max(0.1, timeout))
+        except queue.Empty:
+            raise WorkerError(f"no answer within {timeout:.0f} s") from None
+        if msg is None:
+            tail = [s.strip() for s in self.stderr if s.strip()]
+            raise WorkerError((tail or ["worker exited without output"])[-1][:300])
+        return msg
+
+    def wait_ready(self, timeout: float) -> dict:
+        self.ready = self._next(timeout)
+        return self.ready
+
+    def step(self, timeout: float, n: int = 1) -> dict:
+        try:
+            self.proc.stdin.write(f"step {n}\n")
+            self.proc.stdin.flush()
+        except OSError:  # the worker has gone: say why
+            self._next(5.0)
+            raise WorkerError("worker exited") from None
+        msg = self._next(timeout)
+        self.steps.append(msg)
+        return msg
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(WorkerError):
+            msg = self._next(10.0)
+            if msg.get("event") == "done":
+                self.done = msg
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _end_processes(list(self.sampler.start_times.items()))
+            self.proc.wait()
+        self.sampler.stop()
+
+    def kill(self) -> None:
+        _end_processes(list(self.sampler.start_times.items()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.sampler.stop()
+
+    def row(self) -> dict:
+        """The result row: medians over the timed steps, with their spread."""
+        v = VARIANTS[self.variant]
+        row = {"impl": self.impl, "variant": self.variant, "batch": self.batch, "threads": self.threads,
+               "device": self.device, **v}
+        walls = [s["wall_s"] for s in self.steps]
+        cpus = [s["cpu_s"] for s in self.steps]
+        if not walls:
+            return row
+        wall, cpu = statistics.median(walls), statistics.median(cpus)
+        row.update({
+            "first_step_s": self.ready.get("first_step_s"), "steps_timed": sum(s["steps"] for s in self.steps),
+            "s_per_step": round(wall, 4), "samples_per_s": round(self.batch / wall, 4),
+            "cpu_s_per_step": round(cpu, 4), "samples_per_cpu_s": round(self.batch / cpu, 4),
+            "samples_per_s_spread": spread([self.batch / w for w in walls]),
+            "samples_per_cpu_s_spread": spread([self.batch / c for c in cpus]),
+            "loss_first": self.ready.get("loss_first"), "loss_last": round(self.steps[-1]["loss"], 4),
+            "peak_rss_mib": round(self.sampler.peak_tree / 2**20, 1), "worker_cpu_s": round(self.sampler.cpu_seconds, 1),
+            "wall_s": round(time.perf_counter() - self.started, 1),
+        })
+        row.update({k: self.done[k] for k in ("gpu", "gpu_peak_mem_mib") if k in self.done})
+        return row
+
+
+def _error_row(impl: str, variant: str, batch: int, threads: int, device: str, error: str) -> dict:
+    return {"impl": impl, "variant": variant, "batch": batch, "threads": threads, "device": device, "error": error}
+
+
+def _start(contenders, batch: int, threads: int, device: str, deadline: float) -> tuple[list[Worker], list[dict]]:
+    """Start the workers one after another (their warm-ups never overlap); those that fail become error rows."""
+    workers, errors = [], []
+    for python, impl, variant in contenders:
+        left = deadline - time.perf_counter()
+        if left < 5:
+            errors.append(_error_row(impl, variant, batch, threads, device, "skipped: budget spent"))
+            continue
+        cap = max(START_CAP_S, VARIANT_CAP_S[variant]) if VARIANTS[variant]["compile"] else START_CAP_S
+        w = Worker(python, impl, variant, batch, threads, device)
+        try:
+            w.wait_ready(min(left, cap))
+            workers.append(w)
+        except WorkerError as exc:
+            w.kill()
+            errors.append(_error_row(impl, variant, batch, threads, device, f"start/warm-up: {exc}"))
+    return workers, errors
+
+
+def compare(contenders, batch: int, threads: int, device: str, rounds: int, block: int, deadline: float
+            ) -> tuple[list[dict], dict | None]:
+    """Interleaved rounds over `contenders` [(python, impl, variant)], ours first. Returns their rows and the
+    comparison record (per-round ratios of every other contender's step time to ours)."""
+    load_before = load_average()
+    workers, rows = _start(contenders, batch, threads, device, deadline)
+    record = None
+    try:
+        done_rounds, round_s = 0, 0.0
+        while workers and done_rounds < rounds:
+            if done_rounds and time.perf_counter() + 1.2 * round_s > deadline:
+                break
+            t = time.perf_counter()
+            order = workers if done_rounds % 2 == 0 else workers[::-1]
+            for w in order:
+                w.step(timeout=max(5.0, deadline - time.perf_counter() + 60), n=block)
+            round_s = time.perf_counter() - t
+            done_rounds += 1
+    except WorkerError as exc:
+        rows.append({"error": f"during the interleaved steps: {exc}"})
+    finally:
+        for w in workers:
+            w.close()
+    ours = next((w for w in workers if w.impl == "seg-pipeline" and w.variant == contenders[0][2]), None)
+    if ours is not None and ours.steps:
+        record = {"variant": ours.variant, "batch": batch, "threads": threads, "device": device,
+                  "rounds": len(ours.steps), "steps_per_turn": block, "load_before": load_before,
+                  "load_after": load_average(), "versus": []}
+        for w in workers:
+            if w is ours or not w.steps:
+                continue
+            wall = [o["wall_s"] and b["wall_s"] / o["wall_s"] for o, b in zip(ours.steps, w.steps)]
+            cpu = [o["cpu_s"] and b["cpu_s"] / o["cpu_s"] for o, b in zip(ours.steps, w.steps)]
+            record["versus"].append({"impl": w.impl, "variant": w.variant, "rounds": len(wall),
+                                     "ratio_samples_per_s": spread(wall), "ratio_samples_per_cpu_s": spread(cpu),
+                                     "ratios_wall": [round(r, 4) for r in wall], "ratios_cpu": [round(r, 4) for r in cpu]})
+    rows = [w.row() for w in workers] + rows
+    return rows, record
+
+
+def alone(python: str, impl: str, variant: str, batch: int, threads: int, device: str, min_time: float,
+          max_steps: int, deadline: float) -> dict:
+    """One worker: start, then steps until `min_time` of timed steps or `max_steps`, within `deadline`."""
+    workers, errors = _start([(python, impl, variant)], batch, threads, device, deadline)
+    if not workers:
+        return errors[0]
+    w = workers[0]
+    try:
+        spent = 0.0
+        while len(w.steps) < max(1, max_steps) and (spent < min_time or not w.steps):
+            left = deadline - time.perf_counter()
+            if w.steps and left < 1.2 * w.steps[-1]["wall_s"]:
+                break
+            spent += w.step(timeout=max(5.0, left))["wall_s"]
+    except WorkerError as exc:
+        w.kill()
+        return _error_row(impl, variant, batch, threads, device,
+                          f"steps did not finish within the cap ({exc})" if "no answer" in str(exc) else str(exc))
+    w.close()
+    return w.row()
+
+
+# ------------------------------------------------------------------------------------------------
+# report
 
 
 def time_augmentation(plan: dict, batch: int, seconds: float = 5.0) -> list[dict]:
@@ -236,30 +452,66 @@ def _native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _label(impl: str, variant: str) -> str:
+    return f"{'nnU-Net' if impl == 'nnunet' else 'ours'} {variant}"
+
+
+def _x(s: dict | None) -> str:
+    """'1.52x (1.31-1.70, IQR 1.45-1.58)'."""
+    if not s or s.get("median") is None:
+        return "–"
+    text = f"{s['median']:.2f}x"
+    if s["n"] > 1:
+        text += f" ({s['min']:.2f}-{s['max']:.2f}, IQR {s['q1']:.2f}-{s['q3']:.2f})"
+    return text
+
+
 def markdown(result: dict) -> str:
     device = result.get("device", "cpu")
-    lines = [f"# Training step on {device.upper()} (forward + Dice/CE deep supervision + backward + SGD)", "",
+    lines = [f"# Training step on {device.upper()} (forward + Dice/CE deep supervision + backward + grad clip + SGD)", "",
              f"Plan: {result['plan_source']} — patch {result['plan']['patch_size']}, features "
              f"{result['plan']['features_per_stage']}, {len(result['plan']['strides'])} stages. "
              f"Machine: {machine_line(result['machine'])}; torch {result['machine']['torch']}. "
-             f"Native bf16 instructions (CPU): {'yes' if result['machine']['native_bf16'] else 'no'}. "
-             "Each row is one worker process run by benchmarks/harness.py (wall, CPU and peak RSS measured from outside).",
-             "",
-             "| impl | variant | batch | threads | s/step | samples/s | s/step scaled to batch 7 | first step s | peak RSS MiB "
-             "| GPU peak MiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Native bf16 instructions (CPU): {'yes' if result['machine']['native_bf16'] else 'no'}.", ""]
+    if result.get("comparisons"):
+        lines += ["## Interleaved comparison", "",
+                  "Each contender is one long-lived worker process, warmed up once; the driver then asks them for one "
+                  "step each in turn (order alternating every round), so each round's ratio compares steps taken "
+                  "seconds apart. Ratio = ours' samples/s ÷ theirs (> 1: ours faster), median (min-max, IQR) over "
+                  "the rounds. Per CPU-second: the CPU time the measuring process itself spent, which other "
+                  "processes on the machine disturb much less than wall time (at 2 threads less so: a thread spins "
+                  "while its peer waits for a core). Same batch, same thread count, same topology on both sides.", "",
+                  "| ours | versus | batch | threads | rounds | ratio, samples/s | ratio, samples per CPU-s | load before -> after |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in result["comparisons"]:
+            load = "/".join(f"{x:.1f}" for x in c["load_before"][:1]) + " -> " + "/".join(f"{x:.1f}" for x in c["load_after"][:1])
+            for v in c["versus"]:
+                lines.append(f"| {_label('seg-pipeline', c['variant'])} | {_label(v['impl'], v['variant'])} | {c['batch']} "
+                             f"| {c['threads']} | {v['rounds']} | {_x(v['ratio_samples_per_s'])} "
+                             f"| {_x(v['ratio_samples_per_cpu_s'])} | {load} |")
+        lines.append("")
+    lines += ["## Runs", "",
+              "samples/s and samples per CPU-second: median (min-max) over the timed steps. `first step s` holds "
+              "oneDNN's primitive creation, and for compiled variants the compilation (not amortised into the rates).",
+              "",
+              "| impl | variant | batch | threads | s/step | samples/s | samples per CPU-s | s/step scaled to batch 7 "
+              "| first step s | peak RSS MiB | GPU peak MiB | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['threads']} | – | – | – | – | – | – | {r['error']} |")
-        else:
+            lines.append(f"| {r.get('impl', '–')} | {r.get('variant', '–')} | {r.get('batch', '–')} | {r.get('threads', '–')} "
+                         f"| – | – | – | – | – | – | – | {r['error']} |")
+        elif "s_per_step" in r:
             lines.append(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['threads']} | {r['s_per_step']} | "
-                         f"{r['samples_per_s']} | {r['s_per_step'] / r['batch'] * 7:.2f} | {r['first_step_s']} | "
-                         f"{r.get('peak_rss_mib', '–')} | {r.get('gpu_peak_mem_mib', '–')} | {r['steps_timed']} steps timed |")
+                         f"{fmt_spread(r['samples_per_s_spread'], 3)} | {fmt_spread(r['samples_per_cpu_s_spread'], 3)} | "
+                         f"{r['s_per_step'] / r['batch'] * 7:.2f} | {r['first_step_s']} | {r.get('peak_rss_mib', '–')} | "
+                         f"{r.get('gpu_peak_mem_mib', '–')} | {r['steps_timed']} steps timed"
+                         f"{', interleaved' if r.get('interleaved') else ''} |")
     if device == "cpu":
         lines += ["", f"nnU-Net's own figure for this plan on this CPU: {NNUNET_NOTE_S_PER_IT} s/iteration at batch 7 "
-                  "(from the task notes); rows `nnunet` (with `--nnunet-python`) run nnU-Net's network and loss here, "
-                  "side by side. bf16 without native instructions and torch.compile's first step (compilation) "
-                  "may not fit their time caps."]
+                  "(from the task notes). Ours `fp32` is what training runs (channels-last activations on CPU, "
+                  "pipeline/model.py); `ncdhw` is ours in nnU-Net's layout. bf16 without native instructions and "
+                  "torch.compile's first step (compilation) may not fit their time caps."]
     if result.get("augmentation"):
         lines += ["", "## Augmentation (pipeline.augmentation, one batch, CPU)", "", "| config | threads | batch | ms/batch |",
                   "|---|---|---|---|"]
@@ -268,28 +520,48 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, new_figure):
-    ok = [r for r in result["runs"] if "error" not in r]
+    ok = [r for r in result["runs"] if "s_per_step" in r]
+    comps = [(c, v) for c in result.get("comparisons", []) for v in c["versus"]]
     if not ok:
         return None
-    fig, axes = new_figure(max(6.0, 1.1 * len(ok) + 2), 3.6)
-    labels = [f"{'nnU-Net' if r['impl'] == 'nnunet' else 'ours'} {r['variant']} b{r['batch']} t{r['threads']}" for r in ok]
+    ncols = 2 if comps else 1
+    fig, axes = new_figure(max(6.0, 1.1 * len(ok) + 2) + (5 if comps else 0), 3.8, 1, ncols)
+    labels = [f"{_label(r['impl'], r['variant'])} b{r['batch']} t{r['threads']}" for r in ok]
     colors = ["tab:orange" if r["impl"] == "nnunet" else "tab:blue" for r in ok]
     bar_panel(axes[0][0], labels, [r["samples_per_s"] for r in ok], ylabel="samples/s", colors=colors,
-              title=f"training step throughput ({result.get('device', 'cpu')})")
+              low=[r["samples_per_s_spread"]["min"] for r in ok], high=[r["samples_per_s_spread"]["max"] for r in ok],
+              title=f"training step throughput ({result.get('device', 'cpu')}), median (min-max)")
+    if comps:
+        ax = axes[0][1]
+        for i, (c, v) in enumerate(comps):
+            for j, (key, color) in enumerate((("ratios_wall", "tab:blue"), ("ratios_cpu", "tab:green"))):
+                ys = v[key]
+                ax.scatter([i + (j - 0.5) * 0.25] * len(ys), ys, s=14, color=color,
+                           label=("per wall second" if j == 0 else "per CPU-second") if i == 0 else None)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(1.5, color="tab:red", linewidth=0.8, linestyle="--", label="target 1.5x")
+        ax.set_xticks(range(len(comps)))
+        ax.set_xticklabels([f"vs {_label(v['impl'], v['variant'])}\nb{c['batch']} t{c['threads']}" for c, v in comps],
+                           fontsize=8)
+        ax.set_ylabel("ours ÷ theirs, per round")
+        ax.set_title("interleaved rounds: speed ratio", fontsize=10)
+        ax.legend(fontsize=7)
     return fig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=3, metavar=("IMPL", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--batch", type=int, default=None, help="batch size for the variant comparison (CPU 2, CUDA the plan's)")
-    ap.add_argument("--full-batch", action="store_true", help="add a float32 run at the plan's batch size")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="batch size of the comparisons (CPU 2, CUDA the plan's)")
+    ap.add_argument("--full-batch", action="store_true", help="add an interleaved comparison at the plan's batch size")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of every worker (CPU: 1 is compared as well)")
     ap.add_argument("--budget", type=float, default=280.0, help="seconds for all training-step runs together")
-    ap.add_argument("--min-time", type=float, default=10.0, help="time at least this long per variant (after warm-up)")
-    ap.add_argument("--max-steps", type=int, default=5)
-    ap.add_argument("--variants", default=None, help=f"comma-separated (default: CPU all but amp*, CUDA {CUDA_VARIANTS})")
+    ap.add_argument("--pairs", type=int, default=6, help="interleaved rounds per comparison (fewer if the budget ends)")
+    ap.add_argument("--steps-per-turn", type=int, default=None, help="steps a worker takes per turn (CPU 1, CUDA 10)")
+    ap.add_argument("--min-time", type=float, default=10.0, help="variants run alone: time at least this long")
+    ap.add_argument("--max-steps", type=int, default=5, help="variants run alone: at most this many timed steps")
+    ap.add_argument("--variants", default=None, help=f"comma-separated (default: CPU {CPU_VARIANTS}, CUDA {CUDA_VARIANTS})")
     ap.add_argument("--nnunet-python", help="interpreter with nnunetv2 installed: adds nnU-Net's network + loss")
     ap.add_argument("--aug-seconds", type=float, default=5.0, help="time per augmentation setting (0: skip)")
     ap.add_argument("--name", default=None, help="result file name (default train_step; gpu_train_step on CUDA)")
@@ -297,9 +569,9 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
 
-    if args.worker:
-        impl, variant, batch = args.worker
-        print(json.dumps(worker(impl, variant, int(batch), args.threads, args.min_time, args.max_steps, args.device)))
+    if args.serve:
+        impl, variant, batch = args.serve
+        serve(impl, variant, int(batch), args.threads, args.device)
         return
 
     import torch
@@ -307,30 +579,59 @@ def main() -> None:
     machine = machine_info()
     plan, source = load_plan()
     args.batch = args.batch or (plan["batch_size"] if cuda else 2)
-    variants = (args.variants or (CUDA_VARIANTS if cuda else "fp32,channels_last_3d,bf16_autocast,torch_compile")).split(",")
+    block = args.steps_per_turn or (10 if cuda else 1)
+    variants = (args.variants or (CUDA_VARIANTS if cuda else CPU_VARIANTS)).split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    me, nn_py = sys.executable, args.nnunet_python
+    shared = [v for v in variants if v in (("fp32", "amp") if cuda else ("fp32",))]  # nnU-Net has these too
+    head = shared[0] if shared else variants[0]
+    # interleaved comparisons: (variant, batch, threads, contenders)
+    plans = []
+    thread_counts = [args.threads] if cuda else sorted({1, args.threads})
+    for variant in (shared or [head]):
+        for threads in thread_counts:
+            contenders = [(me, "seg-pipeline", variant)]
+            if nn_py and variant in shared:
+                contenders.append((nn_py, "nnunet", variant))
+            if variant == "fp32" and "ncdhw" in variants and threads == thread_counts[0]:
+                contenders.append((me, "seg-pipeline", "ncdhw"))
+            plans.append((variant, args.batch, threads, contenders))
+    if args.full_batch and plan["batch_size"] != args.batch:
+        contenders = [(me, "seg-pipeline", head)] + ([(nn_py, "nnunet", head)] if nn_py and head in shared else [])
+        plans.append((head, plan["batch_size"], 1 if not cuda else args.threads, contenders))
+    solo = [v for v in variants if v not in shared and v != "ncdhw" and v != head]
+
     start = time.perf_counter()
-    jobs = [(sys.executable, "seg-pipeline", v, args.batch, args.threads) for v in variants]
-    if args.threads != 1 and not cuda:  # on shared cores one thread can beat two: show both
-        jobs.insert(1, (sys.executable, "seg-pipeline", "fp32", args.batch, 1))
-    if args.nnunet_python:
-        nn_threads = [args.threads] if cuda else sorted({args.threads, 1}, reverse=True)
-        nn_variants = ["fp32", "amp"] if cuda else ["fp32"]
-        jobs[1:1] = [(args.nnunet_python, "nnunet", v, args.batch, t) for v in nn_variants for t in nn_threads]
-    if args.full_batch:
-        jobs.append((sys.executable, "seg-pipeline", "fp32", plan["batch_size"], 1))
-    runs = []
-    for python, impl, variant, batch, threads in jobs:
-        left = args.budget - (time.perf_counter() - start)
+    end = start + args.budget
+    runs, comparisons = [], []
+    for i, (variant, batch, threads, contenders) in enumerate(plans):
+        # a fair share of what is left for each comparison still to come, and some for the variants run alone
+        left = end - time.perf_counter()
+        share = left * (0.7 if solo else 1.0) / (len(plans) - i)
+        rounds = args.pairs if batch == args.batch else max(2, args.pairs // 2)
+        rows, record = compare(contenders, batch, threads, args.device, rounds, block, time.perf_counter() + share)
+        for r in rows:
+            r["interleaved"] = len(contenders) > 1
+            print(json.dumps({k: v for k, v in r.items() if not k.endswith("_spread")}), flush=True)
+        runs += rows
+        if record:
+            comparisons.append(record)
+            for v in record["versus"]:
+                print(f"ours {variant} vs {_label(v['impl'], v['variant'])}, batch {batch}, {threads} thread(s): "
+                      f"samples/s {_x(v['ratio_samples_per_s'])}; per CPU-s {_x(v['ratio_samples_per_cpu_s'])}",
+                      flush=True)
+    for variant in solo:
+        left = end - time.perf_counter()
         if left < 5:
-            runs.append({"impl": impl, "variant": variant, "batch": batch, "threads": threads, "error": "skipped: budget spent"})
+            runs.append(_error_row("seg-pipeline", variant, args.batch, args.threads, args.device, "skipped: budget spent"))
             continue
-        cap = VARIANT_CAP_S[variant] * (1 if cuda else max(1, batch / args.batch))
-        r = run_one(python, impl, variant, batch, threads, args, min(left, cap))
+        cap = VARIANT_CAP_S[variant] if not cuda else max(VARIANT_CAP_S[variant], 60.0)
+        r = alone(me, "seg-pipeline", variant, args.batch, args.threads, args.device, args.min_time, args.max_steps,
+                  time.perf_counter() + min(left, cap))
         runs.append(r)
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if not k.endswith("_spread")}), flush=True)
     augmentation = time_augmentation(plan, plan["batch_size"], args.aug_seconds) if args.aug_seconds > 0 else []
     for a in augmentation:
         print(json.dumps(a))
@@ -338,11 +639,11 @@ def main() -> None:
     result = {
         "benchmark": args.name or ("gpu_train_step" if cuda else "train_step"), "device": args.device,
         "plan": plan, "plan_source": source, "num_classes": NUM_CLASSES,
-        "machine": machine, "runs": runs, "augmentation": augmentation,
+        "machine": machine, "comparisons": comparisons, "runs": runs, "augmentation": augmentation,
         "reference": {"nnunet_s_per_iteration_batch7": NNUNET_NOTE_S_PER_IT, "source": "task notes (not re-measured)"},
         "total_s": round(time.perf_counter() - start, 1),
     }
-    result["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["load_after"] = load_average()
     paths = write_results(result["benchmark"], result, markdown(result), lambda nf: plot(result, nf), args.out)
     print(paths["md"].read_text())
 

@@ -10,6 +10,21 @@ that a plan produced here and nnU-Net's own plans give the same network:
 * deep supervision: a 1x1 conv head at every decoder resolution, outputs ordered highest resolution first.
 
 Plans are in store axis order and so is every tensor: the network is agnostic to which axis is which.
+
+On CPU the activations run channels-last (NDHWC) inside `forward` (`channels_last_cpu`, on by default;
+the same parameters and the same function, only faster: benchmarks/train_step.py). From NCDHW oneDNN
+computes the weight gradients of the full-resolution convolutions with an im2col GEMM about 3x slower
+than from NDHWC. Keeping the activations NDHWC takes three more pieces, each computing exactly what the
+module it stands in for computes:
+* `InstanceNorm3d/2d`: PyTorch's instance norm turns NDHWC back into NCDHW; this one works on the
+  channels-last layout directly (`_ChannelsLastInstanceNorm`);
+* the decoder's first convolution over cat(upsampled, skip) is computed as the sum of two convolutions
+  with the two halves of its weight, so the concatenation and its copies disappear; the transposed
+  convolution (kernel = stride) is one matrix product over channels plus a reordering of blocks;
+* the 1x1 heads are matrix products over the channel axis.
+Callers see the usual layout: inputs of any layout are accepted and the logits come back contiguous.
+On other devices, and for a batch of one (which PyTorch's oneDNN convolution computes NCDHW whatever
+the strides), the network runs as nnU-Net's, in the layout it is given.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SegPipeError
@@ -25,7 +41,72 @@ from .plans import ConfigurationPlan
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+class _ChannelsLastInstanceNorm(torch.autograd.Function):
+    """Affine instance norm of a channels-last tensor, kept channels-last, forward and backward.
+
+    Channels-last, each sample is a (voxels, channels) matrix, so the statistics are column sums of a
+    view (PyTorch's pairwise summation: as accurate as its own instance norm, unlike the naive float sums
+    of ATen's channels-last batch-norm kernel, whose ~1e-5 errors compounded to 2% in the first layer's
+    weight gradient), and the rest is two fused multiply-adds each way. The centred input is kept for
+    the backward instead of the input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        n, c, *spatial = x.shape
+        v = _voxels_by_channels(x)
+        voxels = v.shape[1]
+        centred = v - v.sum(1, keepdim=True).div_(voxels)
+        invstd = centred.square().sum(1, keepdim=True).div_(voxels).add_(eps).rsqrt_()
+        out = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.ndim - 2])  # a tensor of its own, not a view:
+        torch.addcmul(bias, centred, invstd * weight, out=_voxels_by_channels(out))  # LeakyReLU works in place
+        ctx.save_for_backward(centred, invstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        centred, invstd, weight = ctx.saved_tensors
+        n, voxels, c = centred.shape
+        g = _voxels_by_channels(grad_out.contiguous(memory_format=_CHANNELS_LAST[grad_out.ndim - 2]))
+        sum_g = g.sum(1, keepdim=True)
+        dot = (g * centred).sum(1, keepdim=True)  # sum of g * xhat, over invstd
+        scale = invstd * weight
+        # d/dx of w * xhat + b: scale * (g - mean(g) - xhat * mean(g * xhat))
+        grad_x = torch.empty_like(grad_out, memory_format=_CHANNELS_LAST[grad_out.ndim - 2])
+        gx = torch.addcmul(scale * sum_g.div(-voxels), g, scale, out=_voxels_by_channels(grad_x))
+        gx.addcmul_(centred, scale * invstd.square() * dot.div(-voxels))
+        return grad_x, (dot * invstd).sum((0, 1)), sum_g.sum((0, 1)), None
+
+
+def _voxels_by_channels(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last (N, C, *spatial) tensor as the (N, voxels, C) matrix it is in memory: a view."""
+    return x.permute(0, *range(2, x.ndim), 1).view(x.shape[0], -1, x.shape[1])
+
+
+def _instance_norm_forward(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> torch.Tensor:
+    if (norm.affine and not norm.track_running_stats and x.ndim in (4, 5) and x.device.type == "cpu"
+            and x.dtype == norm.weight.dtype == torch.float32
+            and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim - 2]) and not x.is_contiguous()):
+        return _ChannelsLastInstanceNorm.apply(x, norm.weight, norm.bias, norm.eps)
+    return nn.modules.instancenorm._InstanceNorm.forward(norm, x)
+
+
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """nn.InstanceNorm3d that keeps a channels-last CPU input channels-last (see the module docstring)."""
+
+    forward = _instance_norm_forward
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d that keeps a channels-last CPU input channels-last (see the module docstring)."""
+
+    forward = _instance_norm_forward
+
+
+_NORM = {2: InstanceNorm2d, 3: InstanceNorm3d}
 
 
 class ConvBlock(nn.Sequential):
@@ -48,11 +129,64 @@ class StackedConvBlocks(nn.Sequential):
         super().__init__(*blocks)
 
 
+def _head_channels_last(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 segmentation head as the matrix product over the channel axis that it is, without the NCDHW
+    copy of `x` PyTorch's own 1x1 path makes; the logits (a few channels) come back contiguous."""
+    out = F.linear(x.permute(0, *range(2, x.ndim), 1), conv.weight.flatten(1), conv.bias)
+    return out.permute(0, x.ndim - 1, *range(1, x.ndim - 1)).contiguous()
+
+
+def _upsample_channels_last(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transposed convolution (kernel = stride, no padding: every input voxel writes its own block of
+    output voxels) as one matrix product over the channel axis and a reordering of the blocks into place.
+    oneDNN's kernel for it computes the weight gradient several times slower (benchmarks/train_step.py)."""
+    n, c, *sp = x.shape
+    k, o, nd = list(up.kernel_size), up.out_channels, len(sp)
+    blocks = int(np.prod(k))
+    # weight (C, O, *k) -> (*k, O, C): output features ordered block voxel first, channel last
+    w = up.weight.permute(*range(2, 2 + nd), 1, 0).reshape(blocks * o, c)
+    y = F.linear(x.permute(0, *range(2, 2 + nd), 1), w, up.bias.repeat(blocks))  # (N, *sp, *k * O)
+    y = y.view(n, *sp, *k, o)
+    interleave = [0] + [i for a in range(nd) for i in (1 + a, 1 + nd + a)] + [1 + 2 * nd]  # n, d, kd, h, kh, ...
+    y = y.permute(interleave).reshape(n, *[a * b for a, b in zip(sp, k)], o)
+    return y.permute(0, nd + 1, *range(1, nd + 1))  # (N, O, *spatial), channels-last strides
+
+
+def _decoder_stage_channels_last(up: nn.Module, stage: nn.Sequential, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """`stage(cat(up(x), skip))` without the concatenation: the first convolution over the concatenated
+    channels is the sum of one convolution per part, with the matching slices of the same weight. The
+    concatenated tensor and the copies its backward makes are never needed, and oneDNN's GEMM path for
+    the weight gradient is faster on the two halves than on the whole."""
+    if tuple(up.kernel_size) == tuple(up.stride) and not any(up.padding) and not any(up.output_padding) \
+            and up.groups == 1 and all(d == 1 for d in up.dilation):
+        upsampled = _upsample_channels_last(up, x)
+    else:
+        upsampled = up(x)
+    conv, norm, act = stage[0]
+    c = upsampled.shape[1]
+    y = conv._conv_forward(upsampled, conv.weight[:, :c], conv.bias)
+    y = y.add_(conv._conv_forward(skip, conv.weight[:, c:], None))  # conv outputs are not saved for backward
+    y = act(norm(y))
+    for block in list(stage)[1:]:
+        y = block(y)
+    return y
+
+
+def _channels_last_strides(x: torch.Tensor) -> torch.Tensor:
+    """`x` with channels-last strides, also where it has one channel: oneDNN picks its layout from the
+    strides, and `x.contiguous(memory_format=...)` leaves a 1-channel NCDHW tensor as it is (both layouts
+    hold it the same way), so the whole network would run NCDHW."""
+    fmt = _CHANNELS_LAST[x.ndim - 2]
+    if x.is_contiguous(memory_format=fmt) and (x.shape[1] > 1 or x.stride(1) == 1):
+        return x
+    return torch.empty_like(x, memory_format=fmt).copy_(x)
+
+
 class PlainConvUNet(nn.Module):
     def __init__(self, dims: int, in_channels: int, num_classes: int, features: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
                  n_conv_per_stage: int = 2, n_conv_per_stage_decoder: int | None = None,
-                 deep_supervision: bool = True):
+                 deep_supervision: bool = True, channels_last_cpu: bool = True):
         super().__init__()
         n_stages = len(features)
         if not (len(kernel_sizes) == len(strides) == n_stages) or n_stages < 2:
@@ -63,6 +197,7 @@ class PlainConvUNet(nn.Module):
         self.num_classes = num_classes
         self.strides = [list(s) for s in strides]
         self.deep_supervision = deep_supervision
+        self.channels_last_cpu = channels_last_cpu  # activations NDHWC on CPU (module docstring); off: as given
 
         self.encoder = nn.ModuleList()
         in_ch = in_channels
@@ -79,6 +214,10 @@ class PlainConvUNet(nn.Module):
             self.seg_layers.append(_CONV[dims](skip, num_classes, 1, 1, 0, bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        # oneDNN computes a batch of one in NCDHW whatever the strides say, so there is nothing to gain
+        channels_last = self.channels_last_cpu and x.device.type == "cpu" and x.shape[0] > 1
+        if channels_last:
+            x = _channels_last_strides(x)
         skips = []
         for stage in self.encoder:
             x = stage(x)
@@ -86,9 +225,12 @@ class PlainConvUNet(nn.Module):
         outputs = []
         last = len(self.decoder) - 1
         for s, (up, stage) in enumerate(zip(self.transpconvs, self.decoder)):
-            x = stage(torch.cat((up(x), skips[-(s + 2)]), 1))
+            if channels_last:
+                x = _decoder_stage_channels_last(up, stage, x, skips[-(s + 2)])
+            else:
+                x = stage(torch.cat((up(x), skips[-(s + 2)]), 1))
             if self.deep_supervision or s == last:
-                outputs.append(self.seg_layers[s](x))
+                outputs.append(_head_channels_last(self.seg_layers[s], x) if channels_last else self.seg_layers[s](x))
         outputs.reverse()  # highest resolution first, as the loss weights expect
         return outputs if self.deep_supervision else outputs[0]
 
@@ -102,8 +244,11 @@ def init_he(module: nn.Module, neg_slope: float = 1e-2) -> None:
 
 
 def build_network(config_plan: ConfigurationPlan, num_input_channels: int, num_classes: int,
-                  deep_supervision: bool = True) -> PlainConvUNet:
-    """The U-Net a configuration plan describes (resolved plan: use `Plans.configuration(name)`)."""
+                  deep_supervision: bool = True, channels_last_cpu: bool = True) -> PlainConvUNet:
+    """The U-Net a configuration plan describes (resolved plan: use `Plans.configuration(name)`).
+
+    `channels_last_cpu=False` keeps the activations in the input's layout (the speed comparison).
+    """
     p = config_plan
     missing = [f for f in ("patch_size", "kernel_sizes", "strides", "features_per_stage") if getattr(p, f) is None]
     if missing:
@@ -119,7 +264,8 @@ def build_network(config_plan: ConfigurationPlan, num_input_channels: int, num_c
         raise SegPipeError(f"configuration {p.name!r}: patch size {p.patch_size} is not divisible by the "
                            f"network's total downsampling {total.tolist()}")
     net = PlainConvUNet(dims, num_input_channels, num_classes, p.features_per_stage, p.kernel_sizes, p.strides,
-                        n_conv_per_stage=p.n_conv_per_stage or 2, deep_supervision=deep_supervision)
+                        n_conv_per_stage=p.n_conv_per_stage or 2, deep_supervision=deep_supervision,
+                        channels_last_cpu=channels_last_cpu)
     net.apply(init_he)
     return net
 

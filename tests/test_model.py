@@ -86,6 +86,38 @@ def test_topology_matches_nnunet_plain_conv_unet():
     assert sum(p.numel() for p in net.parameters()) == 5_603_177
 
 
+@pytest.mark.parametrize("plan", [dataclasses.replace(narrow(HIPPOCAMPUS), patch_size=[24, 32, 16]), narrow(TWO_D)],
+                         ids=["3d", "2d"])
+def test_channels_last_on_cpu_computes_what_the_plain_layout_computes(plan):
+    """On CPU the network runs channels-last with its own norm, decoder and heads: the same function, and
+    gradients as close to exact (float64) as those of the plain layout PyTorch's own modules compute in."""
+    torch.manual_seed(0)
+    fast = build_network(plan, 1, 3)
+    for m in fast.modules():  # non-zero biases, so that every bias path counts
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.normal_(m.bias)
+    plain = build_network(plan, 1, 3, channels_last_cpu=False)
+    exact = build_network(plan, 1, 3, channels_last_cpu=False).double()
+    plain.load_state_dict(fast.state_dict())
+    exact.load_state_dict(fast.state_dict())
+    layout = torch.channels_last_3d if len(plan.patch_size) == 3 else torch.channels_last
+    seen = []
+    fast.encoder[0][0][1].register_forward_hook(
+        lambda module, args, out: seen.append(out.is_contiguous(memory_format=layout) and not out.is_contiguous()))
+    x = torch.randn(2, 1, *plan.patch_size)
+    outputs = [net(x.to(dtype)) for net, dtype in ((fast, torch.float32), (plain, torch.float32), (exact, torch.float64))]
+    assert seen == [True]  # the fast path was taken (a 1-channel input is ambiguous about its layout)
+    for u, v in zip(outputs[0], outputs[2]):
+        assert u.is_contiguous()
+        torch.testing.assert_close(u.double(), v, rtol=1e-4, atol=1e-4)
+    for out in outputs:
+        sum(o.square().mean() for o in out).backward()
+    for (name, f), p, e in zip(fast.named_parameters(), plain.parameters(), exact.parameters()):
+        if e.grad.norm() > 1e-9:  # conv biases right before a norm have a gradient of exactly 0
+            error = lambda g: ((g.double() - e.grad).norm() / e.grad.norm()).item()  # noqa: E731
+            assert error(f.grad) <= max(2 * error(p.grad), 1e-3), name
+
+
 def test_anisotropic_kernels_pad_to_keep_the_coarse_axis():
     net = build_network(SPINALCORD, num_input_channels=1, num_classes=2)
     first = net.encoder[0][0][0]
