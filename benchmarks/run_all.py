@@ -430,6 +430,13 @@ def headline_rows() -> list[tuple]:
             _num(dice(nn), 3) if nn else "not run",
             f"{dice(ours) - dice(nn):+.3f}" if dice(ours) is not None and dice(nn) is not None else "–",
             _device(q), "quality_vs_nnunet.md", q)
+    th = _read("train_hippocampus")
+    if th and th.get("foreground_mean_dice") is not None:
+        pseudo = th.get("pseudo_foreground_dice")
+        add(f"Hippocampus fold 0 after {th['budget_min']:g} min of training ({th['config']}, {th['validation_cases']} "
+            f"val cases scored whole; training pseudo-Dice), mean Dice (target >= 0.85)",
+            f"{_num(th['foreground_mean_dice'], 3)} ({'–' if pseudo is None else _num(pseudo, 3)})", "–", "–",
+            "CPU", "train_hippocampus.md", th)
     return rows
 
 
