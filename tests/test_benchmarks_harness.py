@@ -113,3 +113,18 @@ def test_summary_and_readme_table_come_from_the_result_files(tmp_path, monkeypat
     new = readme.read_text()
     assert "old" not in new and new.endswith("<!-- results:end -->\n\n## Next\n")
     assert "(benchmarks/results/preprocess.md)" in new and "`python benchmarks/run_all.py --quick`" in new
+
+
+def test_a_quick_run_never_hides_the_full_suites_figure(tmp_path, monkeypatch):
+    run_all = load_run_all()
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    assert run_all.results_dir(True) == tmp_path / "quick" and run_all.results_dir(False) == tmp_path
+    (tmp_path / "quick").mkdir()
+    val = lambda s: json.dumps({"machine": {"date": "2026-01-02 03:04 UTC"}, "cases": 208,  # noqa: E731
+                                "threads": [4], "best_s": {"headers only": 0.1, "full": s}})
+    (tmp_path / "quick" / "validation_speed.json").write_text(val(9.0))
+    row = next(r for r in run_all.headline_rows() if "validate" in r[0])
+    assert "quick/validation_speed.md" in row[-1] and "quick run" in row[-1]
+    (tmp_path / "validation_speed.json").write_text(val(1.0))  # the full suite's result wins
+    row = next(r for r in run_all.headline_rows() if "validate" in r[0])
+    assert "(validation_speed.md)" in row[-1] and "quick" not in row[-1]
