@@ -496,7 +496,8 @@ def update_readme(readme: Path, machine: dict, command: str) -> None:
         raise SystemExit(f"{readme} lacks the {README_START} ... {README_END} markers (put them under '## Measured results')")
     block = "\n".join([
         README_START,
-        f"Produced by `{command}`; machine: {machine_line(machine)}. "
+        f"Table written by `{command}` from the result files; each source names the command and machine that "
+        f"measured it (this machine: {machine_line(machine)}). "
         "Details, plots and every other figure: [benchmarks/results/SUMMARY.md](benchmarks/results/SUMMARY.md).",
         "", headline_table(headline_rows()).replace("](", "](benchmarks/results/"), README_END])
     new = re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)
