@@ -103,11 +103,13 @@ def _plot_series(ax, x, y, label, **kw):
         ax.plot(x[ok], y[ok], marker="o" if ok.sum() < 30 else None, markersize=3, label=label, **kw)
 
 
-def plot_training_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None) -> Path:
+def plot_training_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None,
+                         label_names: Mapping[str, str] | None = None) -> Path:
     """Losses, validation Dice per class (and their mean), learning rate and epoch time against epoch.
 
     The CSV has columns epoch, train_loss, val_loss, val_dice_<label> (one per class), lr and
-    seconds (the epoch's wall time); any may be missing or empty on some rows.
+    seconds (the epoch's wall time); any may be missing or empty on some rows. `label_names`
+    ({"1": "Anterior", ...}) names the classes in the legend.
     """
     cols = read_metrics_csv(metrics_csv)
     n = len(next(iter(cols.values()))) if cols else 0
@@ -122,7 +124,8 @@ def plot_training_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathL
 
     dice_cols = [c for c in cols if c.startswith("val_dice_")]
     for c in dice_cols:
-        _plot_series(ax_dice, epoch, cols[c], c[len("val_dice_"):], alpha=0.8, linewidth=1)
+        value = c[len("val_dice_"):]
+        _plot_series(ax_dice, epoch, cols[c], (label_names or {}).get(value, value), alpha=0.8, linewidth=1)
     if len(dice_cols) > 1:
         stacked = np.vstack([cols[c] for c in dice_cols])
         with warnings.catch_warnings():  # an epoch without validation: all-NaN column -> NaN, silently

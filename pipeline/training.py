@@ -695,7 +695,8 @@ class _WorkerRun:
 
         try:
             plot_training_curves(self.run_dir / "metrics.csv", self.run_dir / "training_curves.png",
-                                 title=f"{self.settings.config} fold {self.settings.fold}")
+                                 title=f"{self.settings.config} fold {self.settings.fold}",
+                                 label_names={str(k): v for k, v in self.plans.labels.items()})
         except Exception as exc:  # noqa: BLE001 - a figure is never worth a training run
             self._log(f"could not plot training curves: {type(exc).__name__}: {exc}")
 
