@@ -279,6 +279,7 @@ def prepare_workdir(args, tmp: Path) -> Path:
 
 
 def markdown(result: dict) -> str:
+    reused = next((r["reused_from"] for r in result["rows"] if r.get("reused_from")), None)
     rows = []
     budget_s = result["budget_min"] * 60
     for r in result["rows"]:
@@ -305,7 +306,8 @@ def markdown(result: dict) -> str:
         "", "Equal compute holds only as far as the train-loop seconds agree: both stop before an epoch that would "
         "end past the budget, so an epoch longer than the budget overshoots it (compare `samples seen`). "
         "Command wall/CPU/RSS: the whole training command (nnU-Net's includes its own validation predictions; "
-        "ours predicts in a separate `segpipe predict`).",
+        + ("ours is the run of benchmarks/train_hippocampus.py in " + str(reused) + ", predicted by "
+           "`segpipe evaluate-cv --folds 0`)." if reused else "ours predicts in a separate `segpipe predict`)."),
     ]) + "\n"
 
 
@@ -324,7 +326,8 @@ def plot(result: dict, new_figure):
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(classes) + 1)]
         vals = [r["dice_per_class"].get(c) or 0.0 for c in classes] + [r.get("dice_mean") or 0.0]
-        ax.bar(xs, vals, width, label=f"{r['tool']} ({r['config']})")
+        bars = ax.bar(xs, vals, width, label=f"{r['tool']} ({r['config']})")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)  # a Dice of 0 is otherwise an invisible bar
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(classes) + 1)])
     ax.set_xticklabels(classes + ["mean"])
     ax.set_ylim(0, 1)
