@@ -252,13 +252,13 @@ import sys
 from pathlib import Path
 
 from pipeline.dataset import load_dataset
-from pipeline.run import _heldout_inputs
+from pipeline.crossval import link_inputs
 from pipeline.splits import load_or_create_splits
 from pipeline.workdir import Workdir
 
 dataset = load_dataset(sys.argv[1])
 heldout = load_or_create_splits(Workdir.at(sys.argv[2]), dataset.case_ids).validation_cases("0")
-_heldout_inputs(dataset, heldout, Path(sys.argv[3]))
+link_inputs(dataset, heldout, Path(sys.argv[3]))
 PY
 rm -rf "$PRED_OUT"
 step predict_job "$REPO/cluster/ray/submit.sh" --address "$DASHBOARD" --config "$CONFIG" --steps predict \
