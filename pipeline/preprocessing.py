@@ -360,8 +360,8 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
     with store.lock():
         cs = store.config(conf.data_identifier, plans.hash(config), create=True, **config_attrs(plans, config))
         report.deleted_incomplete = cs.delete_incomplete()
-        complete = set(cs.case_ids())
-        stored = cs.sources()
+        stored = cs.sources()  # the complete cases, with the stamps of the files they were made from
+        complete = set(stored)
         report.changed = [c.case_id for c in dataset.cases
                           if c.case_id in complete and source_changed(dataset, c.case_id, stored[c.case_id])]
         if report.changed:

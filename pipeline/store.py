@@ -207,12 +207,17 @@ class ConfigStore:
             return None
         return group
 
-    def _status(self) -> dict[str, bool]:
-        status = {}
+    def _complete_attrs(self) -> dict[str, dict | None]:
+        """Every case group's attributes when the case is complete, None when it is not (one read each)."""
+        out: dict[str, dict | None] = {}
         for name in _child_names(self.group, "cases"):
             group = self._case_group(name)
-            status[name] = bool(group is not None and group.attrs.get("complete") is True)
-        return status
+            attrs = dict(group.attrs) if group is not None else {}
+            out[name] = attrs if attrs.get("complete") is True else None
+        return out
+
+    def _status(self) -> dict[str, bool]:
+        return {name: attrs is not None for name, attrs in self._complete_attrs().items()}
 
     def case_ids(self) -> list[str]:
         """Complete cases only: a case interrupted mid-write is invisible to readers."""
@@ -268,8 +273,10 @@ class ConfigStore:
         return (1, *patch), tuple(patch)
 
     def sources(self) -> dict[str, dict]:
-        """The raw-file stamps each complete case was made from (`write_case(source=...)`; {} if none)."""
-        return {case_id: dict(self._case_group(case_id).attrs.get("source") or {}) for case_id in self.case_ids()}
+        """The raw-file stamps of each complete case (its keys are `case_ids()`): what it was made from
+        (`write_case(source=...)`; {} for a case stored without them)."""
+        return {name: dict(attrs.get("source") or {}) for name, attrs in sorted(self._complete_attrs().items())
+                if attrs is not None}
 
     def write_case(self, case_id: str, pre, source: dict | None = None) -> None:
         """Write one case (`preprocessing.PreprocessedCase`); `complete` is set last, after every array.
