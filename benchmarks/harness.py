@@ -52,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 # where result files go; SEGPIPE_BENCH_RESULTS redirects every script (tests, trial runs)
 RESULTS = Path(os.environ.get("SEGPIPE_BENCH_RESULTS", REPO / "benchmarks" / "results"))
 SHARED = Path(os.environ.get("SEGPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# nnU-Net's reference environment (venv/, raw/, preprocessed/) for the side-by-side rows
+NNUNET_REF = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 MIB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

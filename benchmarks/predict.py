@@ -58,10 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (MIB, RESULTS, SHARED, bar_panel, machine_info, machine_line, md_table,  # noqa: E402
+from harness import (MIB, NNUNET_REF, RESULTS, SHARED, bar_panel, machine_info, machine_line, md_table,  # noqa: E402
                      process_tree, python_env, run_command, write_results)
 
-NNUNET_REF = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 NNUNET_DATASET = "Dataset004_Hippocampus"
 CONFIG = "3d_fullres"
 OURS, NNUNET = "seg-pipeline", "nnU-Net v2"

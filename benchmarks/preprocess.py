@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (MIB, RESULTS, SHARED, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
+from harness import (MIB, NNUNET_REF, RESULTS, SHARED, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
                      python_env, run_command, subset_dataset, write_results)
 from pipeline.dataset import load_dataset, read_case  # noqa: E402
 from pipeline.fingerprint import compute_fingerprint  # noqa: E402
@@ -52,7 +52,6 @@ from pipeline.parallel import dask_client  # noqa: E402
 from pipeline.planning import plan_experiment  # noqa: E402
 from pipeline.preprocessing import run_preprocessing  # noqa: E402
 
-NNUNET_REF = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 CONFIG = "3d_fullres"
 
 

@@ -42,10 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (RESULTS, SHARED, machine_info, machine_line, md_table, python_env,  # noqa: E402
+from harness import (NNUNET_REF, RESULTS, SHARED, machine_info, machine_line, md_table, python_env,  # noqa: E402
                      run_command, subset_dataset, write_results)
 
-NNUNET_REF = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 NNUNET_DATASET = "Dataset004_Hippocampus"
 NNUNET_S_PER_IT_FALLBACK = 13.3  # nnU-Net's figure for this plan on this 2-core CPU at batch 7 (task notes)
 TRAINER = "nnUNetTrainer_SegpipeBudget"

@@ -39,13 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from harness import RESULTS, Run, gpu_names, machine_info, machine_line, md_table, python_env, run_command  # noqa: E402
+from harness import (NNUNET_REF, RESULTS, Run, gpu_names, machine_info, machine_line, md_table, python_env,  # noqa: E402
+                     run_command)
 
 QUICK_BUDGET_S = 570.0  # --quick must finish in under 10 minutes, summary included
 SUMMARY_RESERVE_S = 15.0
 NNUNET_VENV_LOCAL = BENCH / ".nnunet-venv"
 NNUNET_REF_LOCAL = BENCH / ".nnunet-ref"
-NNUNET_REF_SHARED = Path(os.environ.get("SEGPIPE_NNUNET_REF", REPO.parent / "nnunet_ref"))
 QUICK_SUBDIR = "quick"  # make bench-quick writes here (results_dir)
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -140,7 +140,7 @@ def find_nnunet(args) -> tuple[str | None, Path | None, list[str]]:
     notes = []
     venv = args.nnunet_venv
     if venv is None:
-        venv = next((v for v in (NNUNET_VENV_LOCAL, NNUNET_REF_SHARED / "venv") if (v / "bin" / "python").exists()), None)
+        venv = next((v for v in (NNUNET_VENV_LOCAL, NNUNET_REF / "venv") if (v / "bin" / "python").exists()), None)
     if venv is None and args.setup_nnunet:
         venv = setup_nnunet_venv(NNUNET_VENV_LOCAL)
     python = None
@@ -156,7 +156,7 @@ def find_nnunet(args) -> tuple[str | None, Path | None, list[str]]:
                      "nnU-Net rows skipped")
     ref = args.nnunet_ref
     if ref is None:
-        ref = next((r for r in (NNUNET_REF_SHARED, NNUNET_REF_LOCAL)
+        ref = next((r for r in (NNUNET_REF, NNUNET_REF_LOCAL)
                     if (r / "preprocessed" / "Dataset004_Hippocampus" / "nnUNetPlans.json").is_file()), None)
     if ref is None and python and args.setup_nnunet:
         ref = setup_nnunet_ref(python, NNUNET_REF_LOCAL)
