@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/segpipe demo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check pipeline tests benchmarks cluster
 	$(PY) -m pytest -q --timeout=900 tests
 
 bench: $(VENV)/.installed

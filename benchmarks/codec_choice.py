@@ -1,7 +1,7 @@
 """Which Zarr codec and image dtype for the store? Measured on real preprocessed cases.
 
 For each dataset (Task04_Hippocampus, SCT_spinalcord, TotalSegmentator_CT from ../shared/data) the
-cases are fingerprinted, planned (pipeline.planning) and preprocessed in memory (3d_fullres), then
+cases are fingerprinted, planned (pipeline.planning.planner) and preprocessed in memory (3d_fullres), then
 written with every candidate codec chain (each followed by crc32c, as the store does) and image
 dtype, in the store's chunking (chunk = patch). Measured:
 
@@ -41,11 +41,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from harness import RESULTS, SHARED, machine_info, machine_line, write_results  # noqa: E402
 
-from pipeline.dataset import load_dataset, read_case  # noqa: E402
-from pipeline.fingerprint import compute_fingerprint  # noqa: E402
-from pipeline.planning import plan_experiment  # noqa: E402
-from pipeline.preprocessing import preprocess_case  # noqa: E402
-
+from pipeline.data.dataset import load_dataset, read_case  # noqa: E402
+from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
+from pipeline.planning.planner import plan_experiment  # noqa: E402
+from pipeline.preprocessing.preprocess import preprocess_case  # noqa: E402
 
 # name -> (numcodecs codec for the pure codec timing, zarr v3 codecs for the store)
 CODECS = {

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import MIB, SHARED, TreeSampler, bar_panel, machine_info, machine_line, process_tree, rss_bytes, write_results  # noqa: E402
 
-from pipeline.dataset import load_dataset  # noqa: E402
-from pipeline.fingerprint import compute_fingerprint  # noqa: E402
+from pipeline.data.dataset import load_dataset  # noqa: E402
 from pipeline.parallel import dask_client  # noqa: E402
+from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
 
 DATA = SHARED / "Task04_Hippocampus"
 

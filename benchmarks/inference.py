@@ -39,15 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (MIB, RESULTS, SHARED, Clock, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
-                     write_results)
+from harness import MIB, RESULTS, SHARED, Clock, TreeSampler, bar_panel, machine_info, machine_line, write_results  # noqa: E402
 
-from pipeline.dataset import load_dataset  # noqa: E402
-from pipeline.fingerprint import compute_fingerprint  # noqa: E402
-from pipeline.inference import accumulator_bytes, predict_folder, sliding_window_predict, window_slices  # noqa: E402
-from pipeline.model import build_network  # noqa: E402
-from pipeline.planning import plan_experiment  # noqa: E402
-from pipeline.training import save_model_file  # noqa: E402
+from pipeline.data.dataset import load_dataset  # noqa: E402
+from pipeline.inference.predict import predict_folder  # noqa: E402
+from pipeline.inference.sliding_window import accumulator_bytes, sliding_window_predict, window_slices  # noqa: E402
+from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
+from pipeline.planning.planner import plan_experiment  # noqa: E402
+from pipeline.training.loop import save_model_file  # noqa: E402
+from pipeline.training.model import build_network  # noqa: E402
 from pipeline.workdir import Workdir  # noqa: E402
 
 FORWARD_VARIANTS = {"fp32": (False, False), "amp": (True, False), "compile": (False, True), "amp_compile": (True, True)}
@@ -117,7 +117,7 @@ def bench_large(size: int, tmp: Path, device: str | None = None) -> list[dict]:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         if accumulate == "zarr":
-            from pipeline.inference import _argmax_chunked
+            from pipeline.inference.predictor import _argmax_chunked
 
             labels = _argmax_chunked(probs, np.uint8)
         results[accumulate] = labels
@@ -137,8 +137,8 @@ def bench_forward(variants: list[str], device: str, batch: int, min_time: float,
     """Windows/s of the network alone (nnU-Net's 3d_fullres hippocampus plan, our PlainConvUNet), per variant."""
     from train_step import NUM_CLASSES, _native_bf16, load_plan
 
-    from pipeline.model import build_network
-    from pipeline.plans import ConfigurationPlan
+    from pipeline.planning.plans import ConfigurationPlan
+    from pipeline.training.model import build_network
 
     plan, _ = load_plan()
     conf = ConfigurationPlan(name="3d_fullres", **{k: v for k, v in plan.items() if k != "batch_size"})

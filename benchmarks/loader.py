@@ -39,10 +39,10 @@ DATA = SHARED / "Task04_Hippocampus"
 
 def build_workdir(root: Path, cases: int | None = None) -> Path:
     """plans.json + store.zarr (3d_fullres, shared by 3d_lean) of the first `cases` hippocampus cases (default all 208)."""
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
-    from pipeline.preprocessing import run_preprocessing
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.preprocessing.preprocess import run_preprocessing
 
     if not (DATA / "dataset.json").is_file():
         sys.exit(f"{DATA} not found")
@@ -57,13 +57,13 @@ def build_workdir(root: Path, cases: int | None = None) -> Path:
 
 def make_worker(workdir: Path, config: str, world: int = 2):
     """Network, loss, optimizer and batch specs exactly as `training._WorkerRun` builds them for rank 0."""
-    from pipeline.augmentation import AugmentationConfig
-    from pipeline.losses import DeepSupervisionLoss, build_loss
-    from pipeline.model import build_network
-    from pipeline.plans import Plans
-    from pipeline.sampling import PatchSpec, foreground_slots
-    from pipeline.store import open_store
-    from pipeline.training import RECIPES, TrainSettings, supervision_weights
+    from pipeline.planning.plans import Plans
+    from pipeline.preprocessing.store import open_store
+    from pipeline.training.augmentation import AugmentationConfig
+    from pipeline.training.loop import RECIPES, TrainSettings, supervision_weights
+    from pipeline.training.losses import DeepSupervisionLoss, build_loss
+    from pipeline.training.model import build_network
+    from pipeline.training.sampling import PatchSpec, foreground_slots
 
     plans = Plans.load(workdir / "plans.json")
     settings = TrainSettings(str(workdir), config=config, epochs=1).resolved(plans)
@@ -92,7 +92,7 @@ def step(net, opt, loss_fn, batch, clip: float) -> None:
 
 
 def bench_config(workdir: Path, config: str, batches: int, steps: int) -> dict:
-    from pipeline.sampling import BatchSampler, TrainBatches, batch_iterator, close_iterator
+    from pipeline.training.sampling import BatchSampler, TrainBatches, batch_iterator, close_iterator
 
     torch.set_num_threads(1)
     net, opt, loss_fn, spec, recipe = make_worker(workdir, config)

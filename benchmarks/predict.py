@@ -58,8 +58,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (MIB, NNUNET_REF, RESULTS, SHARED, bar_panel, machine_info, machine_line, md_table,  # noqa: E402
-                     process_tree, python_env, run_command, write_results)
+from harness import (  # noqa: E402
+    MIB,
+    NNUNET_REF,
+    RESULTS,
+    SHARED,
+    bar_panel,
+    machine_info,
+    machine_line,
+    md_table,
+    process_tree,
+    python_env,
+    run_command,
+    write_results,
+)
 
 NNUNET_DATASET = "Dataset004_Hippocampus"
 CONFIG = "3d_fullres"
@@ -98,12 +110,12 @@ def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: boo
     import torch
 
     torch.set_num_threads(threads)
-    from pipeline.inference import predict_folder
+    from pipeline.inference.predict import predict_folder
 
     workers = int(variant.removeprefix("ray"))
     start = time.perf_counter()
     if variant == "ray1":  # one actor: start Ray the way predict_folder would, then let it join that Ray
-        from pipeline.predict_ray import ray_runtime
+        from pipeline.inference.ray_backend import ray_runtime
 
         with ray_runtime(1, None):
             report = predict_folder(workdir, input_dir, output_dir, config=CONFIG, fold="0", tta=tta,
@@ -203,11 +215,10 @@ def topology_check(plans, nnunet_plans: Path) -> dict:
 def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple[object, dict]:
     """Plans from the whole dataset's fingerprint; the 3d_fullres model file with nnU-Net's weights when given."""
     import torch
-
     from inference import make_model  # benchmarks/inference.py: plans + a seeded untrained model file
 
-    from pipeline.model import build_network
-    from pipeline.training import save_model_file
+    from pipeline.training.loop import save_model_file
+    from pipeline.training.model import build_network
 
     wd, plans = make_model(workdir, dataset, [CONFIG])
     info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run"}
@@ -499,7 +510,7 @@ def markdown(result: dict) -> str:
               "workers and the pool of 12 processes it forks to list the input folder. **peak RSS tree** (sampled every "
               "20 ms by the harness) counts shared pages once per process, as `top` does: an upper bound, badly "
               "inflated by forked processes (nnU-Net's), hardly by Ray's (its workers are separate interpreters).",
-              "* `ours Ray, 1 worker` starts Ray as `predict_folder` does for Ray (pipeline.predict_ray.ray_runtime) "
+              "* `ours Ray, 1 worker` starts Ray as `predict_folder` does for Ray (pipeline.inference.ray_backend.ray_runtime) "
               "and runs one actor in it: the cost of Ray alone. `nnU-Net -npp 0 -nps 0` is nnU-Net's sequential mode "
               "(one process, like our in-process path); larger -npp/-nps overlap preprocessing and export with the "
               "forward passes in worker processes.",
@@ -596,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
 
-    from pipeline.dataset import load_dataset
+    from pipeline.data.dataset import load_dataset
 
     root = SHARED / "Task04_Hippocampus"
     if not (root / "dataset.json").is_file():
@@ -647,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = plan_rows(args, cases)
         # warm the page cache for the libraries a first run would otherwise load cold (Ray's are large)
         if any(r["tool"] == OURS and r["variant"] != "1" for r in rows):
-            run_command([sys.executable, "-c", "import ray, torch, pipeline.inference"], env=python_env(), timeout=300)
+            run_command([sys.executable, "-c", "import ray, torch, pipeline.inference.sliding_window"], env=python_env(), timeout=300)
         measured: list[dict] = []
 
         def save(complete: bool, agreement: list[dict] = ()) -> dict:

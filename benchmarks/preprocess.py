@@ -1,6 +1,6 @@
 """Preprocessing throughput and memory: cases/second and peak RSS per Dask worker.
 
-Runs `pipeline.preprocessing.run_preprocessing` (3d_fullres, the real planner's plans) into a fresh
+Runs `pipeline.preprocessing.preprocess.run_preprocessing` (3d_fullres, the real planner's plans) into a fresh
 temporary store for
 
 * the Task04_Hippocampus training cases (208, small 1 mm MRI), in-process and with 1 and 2 Dask
@@ -44,13 +44,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (MIB, NNUNET_REF, RESULTS, SHARED, TreeSampler, bar_panel, machine_info, machine_line,  # noqa: E402
-                     python_env, run_command, subset_dataset, write_results)
-from pipeline.dataset import load_dataset, read_case  # noqa: E402
-from pipeline.fingerprint import compute_fingerprint  # noqa: E402
+from harness import (  # noqa: E402
+    MIB,
+    NNUNET_REF,
+    RESULTS,
+    SHARED,
+    TreeSampler,
+    bar_panel,
+    machine_info,
+    machine_line,
+    python_env,
+    run_command,
+    subset_dataset,
+    write_results,
+)
+
+from pipeline.data.dataset import load_dataset, read_case  # noqa: E402
 from pipeline.parallel import dask_client  # noqa: E402
-from pipeline.planning import plan_experiment  # noqa: E402
-from pipeline.preprocessing import run_preprocessing  # noqa: E402
+from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
+from pipeline.planning.planner import plan_experiment  # noqa: E402
+from pipeline.preprocessing.preprocess import run_preprocessing  # noqa: E402
 
 CONFIG = "3d_fullres"
 
@@ -71,7 +84,7 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
     else:
         with dask_client(workers=workers) as client:
             worker_pids = sorted(client.run(os.getpid).values())
-            client.run(lambda: __import__("pipeline.preprocessing"))  # imports are not preprocessing time
+            client.run(lambda: __import__("pipeline.preprocessing.preprocess"))  # imports are not preprocessing time
             with TreeSampler(os.getpid()) as sampler:
                 start = time.perf_counter()
                 report = run_preprocessing(dataset, plans, CONFIG, store, client=client, progress=False)

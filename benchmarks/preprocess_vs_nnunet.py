@@ -27,12 +27,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline.dataset import load_dataset  # noqa: E402
-from pipeline.fingerprint import compute_fingerprint  # noqa: E402
-from pipeline.nifti import apply_orientation  # noqa: E402
-from pipeline.planning import plan_experiment  # noqa: E402
-from pipeline.preprocessing import run_preprocessing  # noqa: E402
-from pipeline.store import open_store  # noqa: E402
+from pipeline.data.dataset import load_dataset  # noqa: E402
+from pipeline.data.nifti import apply_orientation  # noqa: E402
+from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
+from pipeline.planning.planner import plan_experiment  # noqa: E402
+from pipeline.preprocessing.preprocess import run_preprocessing  # noqa: E402
+from pipeline.preprocessing.store import open_store  # noqa: E402
 
 DATA = Path(os.environ.get("SEGPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 DATASETS = {"Task04_Hippocampus": "Dataset004_Hippocampus", "SCT_spinalcord": "Dataset501_SCT"}

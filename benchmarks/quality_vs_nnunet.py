@@ -3,7 +3,7 @@
 Both train on the same fold-0 training cases (our split is nnU-Net's own KFold; the same lists are
 written into nnU-Net's splits_final.json) for `--budget-min` minutes of training loop on this
 machine, then predict the same validation cases with mirroring TTA, and both prediction folders are
-scored by the same code: `pipeline.evaluation.evaluate_folders` against the dataset's labels.
+scored by the same code: `pipeline.evaluation.metrics.evaluate_folders` against the dataset's labels.
 
 * ours: `segpipe train --config CONFIG --fold 0 --time-budget-min M` (the LR schedule follows the
   clock), then `segpipe predict` of the validation images. CONFIG defaults to 3d_lean, the preset
@@ -42,8 +42,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (NNUNET_REF, RESULTS, SHARED, machine_info, machine_line, md_table, python_env,  # noqa: E402
-                     run_command, subset_dataset, write_results)
+from harness import (  # noqa: E402
+    NNUNET_REF,
+    RESULTS,
+    SHARED,
+    machine_info,
+    machine_line,
+    md_table,
+    python_env,
+    run_command,
+    subset_dataset,
+    write_results,
+)
 
 NNUNET_DATASET = "Dataset004_Hippocampus"
 NNUNET_S_PER_IT_FALLBACK = 13.3  # nnU-Net's figure for this plan on this 2-core CPU at batch 7 (task notes)
@@ -203,7 +213,7 @@ def run_ours(workdir: Path, config: str, budget_min: float, val_dir: Path, out: 
 
     with (run_dir / "metrics.csv").open() as f:
         epochs = list(csv.DictReader(f))
-    from pipeline.plans import Plans
+    from pipeline.planning.plans import Plans
 
     batch = int(Plans.load(workdir / "plans.json").configuration(config).batch_size)
     row.update(recipe=settings.get("recipe"), epochs=len(epochs),
@@ -223,7 +233,7 @@ def reuse_ours(workdir: Path, config: str, budget_min: float, val: list[str], tm
     made by `segpipe evaluate-cv --folds 0`: one 30-minute training serves both benchmarks."""
     import csv
 
-    from pipeline.plans import Plans
+    from pipeline.planning.plans import Plans
 
     run_dir = workdir / "runs" / config / "fold_0"
     settings = json.loads((run_dir / "train_settings.json").read_text())
@@ -251,7 +261,7 @@ def reuse_ours(workdir: Path, config: str, budget_min: float, val: list[str], tm
 
 
 def score(row: dict, tmp: Path, labels: dict) -> None:
-    from pipeline.evaluation import evaluate_folders
+    from pipeline.evaluation.metrics import evaluate_folders
 
     pred = Path(row["predictions"])
     if "error" in row or not pred.is_dir():
@@ -294,7 +304,7 @@ def markdown(result: dict) -> str:
         f"# Quality at equal compute: {result['budget_min']} min of training each, hippocampus fold 0", "",
         f"Machine: {machine_line(result['machine'])}.", "",
         f"Both train on the {result['train_cases']} fold-0 training cases and are scored by "
-        f"`pipeline.evaluation.evaluate_folders` on {result['val_cases']} validation case(s) "
+        f"`pipeline.evaluation.metrics.evaluate_folders` on {result['val_cases']} validation case(s) "
         f"({'all of fold 0' if result['all_val_cases'] else 'the first of fold 0'}), predicted "
         f"{'with' if result.get('tta', True) else 'without'} mirroring TTA. "
         f"nnU-Net's schedule: {s['epochs']} epochs x {s['iterations']} iterations (+{s['val_iterations']} validation), "
@@ -362,8 +372,8 @@ def main(argv=None) -> int:
     if not args.skip_nnunet and not (Path(python).exists() and (args.nnunet_ref / "preprocessed" / NNUNET_DATASET).is_dir()):
         parser.error(f"nnU-Net needs {python} and {args.nnunet_ref}/preprocessed/{NNUNET_DATASET} (or pass --skip-nnunet)")
 
-    from pipeline.dataset import load_dataset
-    from pipeline.splits import load_or_create_splits
+    from pipeline.data.dataset import load_dataset
+    from pipeline.training.splits import load_or_create_splits
     from pipeline.workdir import Workdir
 
     machine = machine_info()

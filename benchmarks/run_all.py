@@ -39,8 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from harness import (NNUNET_REF, RESULTS, Run, gpu_names, machine_info, machine_line, md_table, python_env,  # noqa: E402
-                     run_command)
+from harness import NNUNET_REF, RESULTS, Run, gpu_names, machine_info, machine_line, md_table, python_env, run_command  # noqa: E402
 
 QUICK_BUDGET_S = 570.0  # --quick must finish in under 10 minutes, summary included
 SUMMARY_RESERVE_S = 15.0

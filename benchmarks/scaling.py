@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (RESULTS, SHARED, machine_info, machine_line, md_table, python_env,  # noqa: E402
-                     run_command, write_results)
+from harness import RESULTS, SHARED, machine_info, machine_line, md_table, python_env, run_command, write_results  # noqa: E402
 
 CONFIG = "3d_lean"
 
@@ -48,9 +47,9 @@ def dask_scaling(cases: int | None, workers: list[int], tmp: Path) -> list[dict]
     from preprocess import CONFIG as PRE_CONFIG
     from preprocess import run_ours
 
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
 
     dataset = load_dataset(SHARED / "Task04_Hippocampus")
     if cases:
@@ -75,7 +74,7 @@ def epoch_seconds(run_dir: Path) -> list[float]:
 
 
 def ray_scaling(workdir: Path, workers: list[int], epochs: int, iterations: int, timeout: float) -> list[dict]:
-    from pipeline.plans import Plans
+    from pipeline.planning.plans import Plans
 
     global_batch = int(Plans.load(workdir / "plans.json").configuration(CONFIG).batch_size)
     rows = []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline.splits import load_or_create_splits  # noqa: E402
+from pipeline.training.splits import load_or_create_splits  # noqa: E402
 from pipeline.workdir import Workdir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -46,8 +46,9 @@ def child(workdir: Path, config: str, num_cases: int, epochs: int, iterations: i
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.store import open_store
-    from pipeline.training import TrainSettings, prepare_run, train_loop_per_worker
+    from pipeline.preprocessing.store import open_store
+    from pipeline.training.launch import prepare_run
+    from pipeline.training.loop import TrainSettings, train_loop_per_worker
 
     with tempfile.TemporaryDirectory(prefix="segpipe-mem-") as tmp:
         settings = TrainSettings(str(workdir), config=config, fold="all", epochs=epochs, iterations_per_epoch=iterations,
@@ -84,7 +85,7 @@ def tenfold_store(src: Path, dst: Path, data_identifier: str) -> None:
 def decoded_bytes(workdir: Path, data_identifier: str, num_cases: int) -> int:
     import numpy as np
 
-    from pipeline.store import open_store
+    from pipeline.preprocessing.store import open_store
 
     cs = open_store(workdir / "store.zarr", "r").config(data_identifier)
     ids = cs.case_ids()[:num_cases]
@@ -97,8 +98,8 @@ def memory_curve(workdir: Path, config: str, sizes: list[int], repeats: int, epo
 
     Sizes above the store's case count use a store listing every case ten times (built in `scratch`).
     """
-    from pipeline.plans import Plans
-    from pipeline.store import open_store
+    from pipeline.planning.plans import Plans
+    from pipeline.preprocessing.store import open_store
 
     data_id = Plans.load(workdir / "plans.json").configuration(config).data_identifier
     stored = len(open_store(workdir / "store.zarr", "r").config(data_id).case_ids())

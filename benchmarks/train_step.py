@@ -1,7 +1,7 @@
 """Training-step throughput: forward + deep-supervised Dice+CE + backward + grad clip + SGD, samples per second.
 
 The plan is nnU-Net's own 3d_fullres for Task04_Hippocampus (tests/reference/nnunet_v2_plans.json when
-present, else the same values written below). `seg-pipeline` is ours (pipeline.model + pipeline.losses,
+present, else the same values written below). `seg-pipeline` is ours (pipeline.training.model + pipeline.training.losses,
 exactly what training runs: on CPU the network computes channels-last); `nnunet` builds
 dynamic_network_architectures' PlainConvUNet with nnunetv2's DC_and_CE_loss + DeepSupervisionWrapper and
 needs an interpreter where those are installed: `--nnunet-python /path/to/venv/bin/python` adds it.
@@ -54,8 +54,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import (RESULTS, TreeSampler, _end_processes, bar_panel, fmt_spread, load_average,  # noqa: E402
-                     machine_info, machine_line, python_env, spread, write_results)
+from harness import (  # noqa: E402
+    RESULTS,
+    TreeSampler,
+    _end_processes,
+    bar_panel,
+    fmt_spread,
+    load_average,
+    machine_info,
+    machine_line,
+    python_env,
+    spread,
+    write_results,
+)
 
 REFERENCE = REPO / "tests" / "reference" / "nnunet_v2_plans.json"
 FALLBACK_PLAN = {  # nnU-Net v2 3d_fullres, Task04_Hippocampus
@@ -99,9 +110,9 @@ def load_plan() -> tuple[dict, str]:
 
 
 def _build_ours(plan: dict, variant: str):
-    from pipeline.losses import build_loss
-    from pipeline.model import build_network
-    from pipeline.plans import ConfigurationPlan
+    from pipeline.planning.plans import ConfigurationPlan
+    from pipeline.training.losses import build_loss
+    from pipeline.training.model import build_network
 
     conf = ConfigurationPlan(name="3d_fullres", **{k: v for k, v in plan.items() if k != "batch_size"})
     net = build_network(conf, 1, NUM_CLASSES, channels_last_cpu=VARIANTS[variant]["memory_format"] != "ncdhw")
@@ -422,7 +433,7 @@ def time_augmentation(plan: dict, batch: int, seconds: float = 5.0) -> list[dict
     import numpy as np
     import torch
 
-    from pipeline.augmentation import AugmentationConfig, Augmenter
+    from pipeline.training.augmentation import AugmentationConfig, Augmenter
 
     rows = []
     image = np.random.default_rng(0).normal(size=(batch, 1, *plan["patch_size"])).astype(np.float32)
@@ -513,7 +524,7 @@ def markdown(result: dict) -> str:
                   "pipeline/model.py); `ncdhw` is ours in nnU-Net's layout. bf16 without native instructions and "
                   "torch.compile's first step (compilation) may not fit their time caps."]
     if result.get("augmentation"):
-        lines += ["", "## Augmentation (pipeline.augmentation, one batch, CPU)", "", "| config | threads | batch | ms/batch |",
+        lines += ["", "## Augmentation (pipeline.training.augmentation, one batch, CPU)", "", "| config | threads | batch | ms/batch |",
                   "|---|---|---|---|"]
         lines += [f"| {a['config']} | {a['threads']} | {a['batch']} | {a['ms_per_batch']} |" for a in result["augmentation"]]
     return "\n".join(lines) + "\n"

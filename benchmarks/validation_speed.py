@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import SHARED, Clock, bar_panel, machine_info, machine_line, write_results  # noqa: E402
 
-from pipeline.validation import check_dataset  # noqa: E402
+from pipeline.data.validation import check_dataset  # noqa: E402
 
 DATA = SHARED / "Task04_Hippocampus"
 

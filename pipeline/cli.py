@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import BadInputError, SegPipeError
-from .workdir import Workdir
+from pipeline.console import number
+from pipeline.errors import BadInputError, SegPipeError
+from pipeline.workdir import Workdir
 
 log = logging.getLogger("segpipe")
 
@@ -59,10 +60,6 @@ def _setup_logging(workdir: Path | None, command: str, debug: bool) -> None:
         root.addHandler(fh)
 
 
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 def _emit(args, payload: dict, human: str | None = None) -> None:
     if getattr(args, "json", False):
         print(json.dumps(payload, indent=2, default=str))
@@ -74,7 +71,7 @@ def _emit(args, payload: dict, human: str | None = None) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .validation import check_dataset
+    from pipeline.data.validation import check_dataset
 
     report = check_dataset(args.dataset)
     _emit(args, report.to_json())
@@ -90,58 +87,26 @@ def cmd_validate(args) -> int:
     return 2 if report.problems else 0
 
 
-def _load_valid_dataset(path):
-    from .validation import check_dataset
-    from .dataset import load_dataset
-
-    report = check_dataset(path)
-    if report.problems:
-        raise BadInputError(report.problems)
-    for w in report.warnings:  # legal input the run goes on with (a constant image, an empty label)
-        log.warning("%s %s", _color("warning", "33"), w)
-    return load_dataset(path)
-
-
-def _fingerprint(args, dataset=None):
-    from .fingerprint import Fingerprint, compute_fingerprint
-    from .parallel import dask_client
-
-    wd = Workdir.at(args.workdir)
-    if wd.fingerprint.is_file() and not getattr(args, "force", False) and args.command != "fingerprint":
-        return Fingerprint.load(wd.fingerprint)
-    dataset = dataset or _load_valid_dataset(args.dataset)
-    with dask_client(getattr(args, "workers", None), getattr(args, "dask_address", None)) as client:
-        fp = compute_fingerprint(dataset, client=client, progress=not args.json)
-    fp.save(wd.fingerprint)
-    log.info("fingerprint of %d cases -> %s", len(dataset.cases), wd.fingerprint)
-    return fp
+def _dask(args) -> dict:
+    return {"workers": getattr(args, "workers", None), "dask_address": getattr(args, "dask_address", None)}
 
 
 def cmd_fingerprint(args) -> int:
-    fp = _fingerprint(args)
+    from pipeline import stages
+
+    dataset = stages.load_dataset(args.dataset)
+    fp = stages.fingerprint(dataset, args.workdir, progress=not args.json, **_dask(args))
     _emit(args, {"fingerprint": str(Workdir.at(args.workdir).fingerprint), "cases": len(fp.cases)})
     return 0
 
 
-def _plan(args, dataset=None):
-    from .planning import plan_experiment
-    from .plans import Plans
-
-    wd = Workdir.at(args.workdir)
-    if wd.plans.is_file() and args.command not in ("plan",):
-        return Plans.load(wd.plans)
-    dataset = dataset or _load_valid_dataset(args.dataset)
-    fp = _fingerprint(args, dataset)
-    plans = plan_experiment(fp, dataset, gpu_memory_gb=getattr(args, "gpu_memory_gb", 8.0))
-    plans.save(wd.plans)
-    log.info("plans -> %s", wd.plans)
-    return plans
-
-
 def cmd_plan(args) -> int:
-    from .planning import explain_plans
+    from pipeline import stages
+    from pipeline.planning.planner import explain_plans
 
-    plans = _plan(args)
+    dataset = stages.load_dataset(args.dataset)
+    plans = stages.plan(dataset, args.workdir, gpu_memory_gb=args.gpu_memory_gb, reuse=False, progress=not args.json,
+                        **_dask(args))
     if args.json:
         print(json.dumps(plans.to_json(), indent=2))
     elif args.explain:
@@ -155,95 +120,92 @@ def cmd_plan(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from .parallel import dask_client
-    from .preprocessing import run_preprocessing
+    from pipeline import stages
 
-    dataset = _load_valid_dataset(args.dataset)
-    plans = _plan(args, dataset)
-    wd = Workdir.at(args.workdir)
-    with dask_client(args.workers, args.dask_address) as client:
-        report = run_preprocessing(dataset, plans, args.config, wd.store, client=client, progress=not args.json)
+    dataset = stages.load_dataset(args.dataset)
+    report = stages.preprocess(dataset, args.workdir, args.config, progress=not args.json, **_dask(args))
     _emit(args, report.to_json(), str(report))
     return 0 if not report.failed else 2
 
 
 def cmd_train(args) -> int:
-    from .training import TrainSettings, run_training
+    from pipeline.training.launch import run_training
+    from pipeline.training.loop import TrainSettings
 
-    settings = TrainSettings.from_args(args)
-    result = run_training(settings)
+    result = run_training(TrainSettings.from_args(args))
     _emit(args, result.to_json(), str(result))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .inference import predict_folder
+    from pipeline import stages
 
-    report = predict_folder(
-        Workdir.at(args.workdir), Path(args.input_dir), Path(args.output_dir), config=args.config,
-        fold=args.fold, tta=not args.no_tta, save_probabilities=args.save_probabilities,
-        num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json,
+    report = stages.predict(
+        args.workdir, args.input_dir, args.output_dir, config=args.config, fold=args.fold, tta=not args.no_tta,
+        save_probabilities=args.save_probabilities, num_workers=args.num_workers, ray_address=args.ray_address,
+        progress=not args.json,
     )
     _emit(args, report.to_json(), str(report))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_folders
+    from pipeline import stages
 
     out = Path(args.out) if args.out else Path(args.pred_dir) / "evaluation"
     pictures = False if args.pictures is None else True if args.pictures == "all" else \
         [c.strip() for c in args.pictures.split(",") if c.strip()]
-    summary = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), out, progress=not args.json,
-                               pictures=pictures, images_dir=args.images)
+    summary = stages.evaluate(args.pred_dir, args.ref_dir, out, progress=not args.json, pictures=pictures,
+                              images_dir=args.images)
     fg = summary["foreground_mean"]
-    _emit(args, summary, f"foreground mean Dice {_num(fg['dice'])}  IoU {_num(fg['iou'])}  -> {out / 'summary.json'}")
+    _emit(args, summary, f"foreground mean Dice {number(fg['dice'])}  IoU {number(fg['iou'])}  -> {out / 'summary.json'}")
     return 0
 
 
-def _trained_config(wd: Workdir) -> str:
-    """The one configuration with trained folds (evaluate-cv without --config)."""
-    from .crossval import trained_folds
-
-    runs = wd.root / "runs"
-    configs = sorted(d.name for d in runs.iterdir() if d.is_dir() and trained_folds(wd, d.name)) if runs.is_dir() else []
-    if len(configs) == 1:
-        return configs[0]
-    if not configs:
-        raise SegPipeError(f"no trained model in {runs}: run `segpipe train --workdir {wd.root} --fold K` first")
-    raise BadInputError(f"several configurations are trained ({', '.join(configs)}): choose one with --config")
-
-
 def cmd_evaluate_cv(args) -> int:
-    from .crossval import evaluate_crossval
+    from pipeline import stages
 
-    wd = Workdir.at(args.workdir)
-    dataset = _load_valid_dataset(args.dataset)
-    config = args.config or _trained_config(wd)
-    report = evaluate_crossval(wd, dataset.root, config=config, folds=args.folds, tta=not args.no_tta,
-                               num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json)
+    dataset = stages.load_dataset(args.dataset)
+    report = stages.evaluate_cv(dataset, args.workdir, config=args.config, folds=args.folds, tta=not args.no_tta,
+                                num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json)
     _emit(args, report.to_json(), str(report))
     return 0
 
 
-def cmd_run(args) -> int:
-    from .run import run_all
+def _run_options(args, demo: bool):
+    from pipeline.run import RunOptions
+    from pipeline.training.loop import TrainSettings
 
-    result = run_all(args)
+    train = TrainSettings.from_args(args).to_json()
+    for name in ("workdir", "config", "fold"):
+        train.pop(name)
+    return RunOptions(config=args.config, fold=str(args.fold), workers=args.workers, dask_address=args.dask_address,
+                      gpu_memory_gb=args.gpu_memory_gb, tta=not args.no_tta, demo=demo, train=train)
+
+
+def cmd_run(args) -> int:
+    from pipeline.run import run_all
+
+    if args.dataset is None:  # `segpipe run` without a dataset: the demo's phantoms
+        return cmd_demo(args)
+    result = run_all(args.dataset, args.workdir, _run_options(args, demo=False))
     _emit(args, result, f"report: {result.get('report')}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
+    from pipeline.run import run_all
 
     wd = Workdir.at(args.workdir)
-    args.dataset = str(make_demo_dataset(wd.root / "demo_dataset", num_cases=args.cases))
-    return cmd_run(args)
+    dataset = make_demo_dataset(wd.root / "demo_dataset", num_cases=args.cases)
+    result = run_all(dataset, wd.root, _run_options(args, demo=True))
+    _emit(args, result, f"report: {result.get('report')}")
+    return 0
 
 
 def cmd_import_msd(args) -> int:
-    from .conversion import import_msd
+    from pipeline.data.conversion import import_msd
 
     path = import_msd(args.source, Path(args.dest))
     _emit(args, {"dataset": str(path)}, f"imported {path}")
@@ -251,7 +213,7 @@ def cmd_import_msd(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .conversion import msd_to_nnunet, nnunet_to_msd
+    from pipeline.data.conversion import msd_to_nnunet, nnunet_to_msd
 
     convert = msd_to_nnunet if args.to == "nnunetv2" else nnunet_to_msd
     path = convert(Path(args.source), Path(args.dest))
@@ -261,7 +223,7 @@ def cmd_convert(args) -> int:
 
 def cmd_verify(args) -> int:
     """Read every chunk of every complete case: a flipped bit fails its CRC32C and is named here."""
-    from .store import open_store, verify_store
+    from pipeline.preprocessing.store import open_store, verify_store
 
     problems = verify_store(args.store)
     store = open_store(args.store, "r")
@@ -397,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (sub.choices["run"], sub.choices["demo"]):
         p.set_defaults(config="auto")
         p.add_argument("--no-tta", action="store_true", help="predict the held-out cases without mirroring")
-    sub.choices["demo"].add_argument("--cases", type=int, default=24, help="synthetic cases to generate (default 24)")
+    for p in (sub.choices["run"], sub.choices["demo"]):
+        p.add_argument("--cases", type=int, default=24,
+                       help="synthetic cases to generate when there is no DATASET (default 24)")
 
     p = add("import-msd", "unpack a Decathlon task tarball (path or http(s) URL) and check it")
     p.add_argument("source")
@@ -422,8 +386,6 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run" and args.dataset is None:
-        args.command = "demo"
     workdir = getattr(args, "workdir", None)
     start = time.perf_counter()
     try:

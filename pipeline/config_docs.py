@@ -21,11 +21,11 @@ END = "<!-- config-reference:end -->"
 
 # (module, class, what it configures)
 DOCUMENTED = [
-    ("pipeline.plans", "Plans", "`plans.json`: dataset-level choices"),
-    ("pipeline.plans", "ConfigurationPlan", "`plans.json` → `configurations.<name>` (fields left null are inherited)"),
-    ("pipeline.plans", "ChannelNormalization", "`plans.json` → `normalization[i]`, one per channel"),
-    ("pipeline.training", "TrainSettings", "`segpipe train` flags and `train_settings.json` beside each model"),
-    ("pipeline.augmentation", "AugmentationConfig", "on-the-fly augmentation (nnU-Net's probabilities by default)"),
+    ("pipeline.planning.plans", "Plans", "`plans.json`: dataset-level choices"),
+    ("pipeline.planning.plans", "ConfigurationPlan", "`plans.json` → `configurations.<name>` (fields left null are inherited)"),
+    ("pipeline.planning.plans", "ChannelNormalization", "`plans.json` → `normalization[i]`, one per channel"),
+    ("pipeline.training.loop", "TrainSettings", "`segpipe train` flags and `train_settings.json` beside each model"),
+    ("pipeline.training.augmentation", "AugmentationConfig", "on-the-fly augmentation (nnU-Net's probabilities by default)"),
 ]
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*([^=#]+?)(?:\s*=\s*([^#]+?))?\s*(?:#\s*(.*))?$")

@@ -22,14 +22,48 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import distributed
 
 # A single case must not take the machine down: each worker is capped, and Dask's nanny
 # restarts a worker that passes the limit (the task is then reported failed with its case id).
 DEFAULT_MEMORY_LIMIT = "4GiB"
 
 
-def default_workers() -> int:
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and SLURM set), at least 1."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Local Dask workers and the local Ray's CPUs: one per CPU of this process."""
+    return cpu_count()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the duration of the block: an already-initialised session is used as it is (and left
+    running); `address` joins a cluster; otherwise a local Ray starts on 127.0.0.1 without a
+    dashboard, with `num_cpus` (default: this process's CPUs), and stops at the end."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    common = dict(include_dashboard=False, configure_logging=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        prepare_ray_address(address)
+        ray.init(address=address, **common)
+    else:
+        keep_local_ray_on_loopback()
+        ray.init(num_cpus=num_cpus or default_workers(), _node_ip_address="127.0.0.1", **common)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -209,7 +243,7 @@ def _raise_if_blind(checked: list[dict], kind: str) -> None:
     lines = [f"{kind} {r['where']} cannot see {problem}" for r in checked for problem in r["problems"]]
     lines += [f"{kind} {r['where']}: {r['error']}" for r in checked if r.get("error")]
     if lines:
-        from .errors import SegPipeError
+        from pipeline.errors import SegPipeError
 
         raise SegPipeError("\n".join([*lines, SHARED_PATHS_HINT]))
 

@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.storage import replacing
+
 TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")  # plus val_dice_<label> per class
 
 
@@ -31,10 +33,8 @@ def new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1):
 
 def save_figure(fig: Figure, out_png: str | os.PathLike, dpi: int = 100) -> Path:
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, out)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return out
 
 

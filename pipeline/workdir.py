@@ -1,4 +1,11 @@
-"""The workdir layout every stage agrees on (part of the CLI contract; other tools read it)."""
+"""The workdir layout every stage agrees on (part of the CLI contract; other tools read it).
+
+```
+W/fingerprint.json  W/plans.json  W/splits.json  W/store.zarr/  W/logs/  W/report/
+W/runs/<config>/fold_<k>/   model_final.pt  model_best.pt  plans.json  metrics.csv  ...
+W/runs/ray/                 Ray Train's storage (checkpoints of every run)
+```
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,29 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# the files of a run folder W/runs/<config>/fold_<k>/
+MODEL_FINAL = "model_final.pt"
+MODEL_BEST = "model_best.pt"
+RUN_PLANS = "plans.json"
+METRICS_CSV = "metrics.csv"
+TRAINING_CURVES = "training_curves.png"
+TRAINING_LOG = "training_log.txt"
+TRAIN_SETTINGS = "train_settings.json"
+
+
+def model_file(run_dir: str | os.PathLike, which: str = "final") -> Path:
+    """`model_final.pt` or `model_best.pt` of a run folder."""
+    return Path(run_dir) / f"model_{which}.pt"
+
 
 @dataclass(frozen=True)
 class Workdir:
     root: Path
 
     @classmethod
-    def at(cls, path: str | os.PathLike) -> Workdir:
+    def at(cls, path: str | os.PathLike | Workdir) -> Workdir:
+        if isinstance(path, Workdir):
+            return path
         return cls(Path(path).expanduser().absolute())
 
     @property
@@ -31,8 +54,17 @@ class Workdir:
     def splits(self) -> Path:
         return self.root / "splits.json"
 
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def ray_storage(self) -> Path:
+        """Ray Train's `storage_path`: every run's checkpoints, by run name."""
+        return self.runs / "ray"
+
     def run_dir(self, config: str, fold: int | str) -> Path:
-        return self.root / "runs" / config / f"fold_{fold}"
+        return self.runs / config / f"fold_{fold}"
 
     @property
     def logs(self) -> Path:

@@ -61,7 +61,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
     """The embedded phantom dataset (small, seeded), made once per session."""
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("synthetic") / "Phantom", num_cases=8, seed=0)
 

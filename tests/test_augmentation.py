@@ -9,8 +9,18 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pipeline.augmentation import (AugmentationConfig, Augmenter, contrast_, gamma, gaussian_blur, initial_patch_size,
-                                   mirror, rotation_matrix, simulate_low_resolution, spatial_transform)
+from pipeline.training.augmentation import (
+    AugmentationConfig,
+    Augmenter,
+    contrast_,
+    gamma,
+    gaussian_blur,
+    initial_patch_size,
+    mirror,
+    rotation_matrix,
+    simulate_low_resolution,
+    spatial_transform,
+)
 
 EVERYTHING = AugmentationConfig(p_rotation=1, p_scale=1, p_noise=1, p_blur=1, p_blur_per_channel=1, p_brightness=1,
                                 p_contrast=1, p_lowres=1, p_lowres_per_channel=1, p_gamma=1, p_gamma_inverted=1)
@@ -34,7 +44,7 @@ def test_labels_keep_their_values_under_every_transform():
 
 
 def test_real_hippocampus_case_keeps_its_labels(hippocampus):
-    from pipeline.dataset import load_dataset, read_case
+    from pipeline.data.dataset import load_dataset, read_case
 
     dataset = load_dataset(hippocampus)
     case = read_case(dataset, dataset.case_ids[0])

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.store import open_store, verify_store
+from pipeline.preprocessing.store import open_store, verify_store
 from pipeline.workdir import Workdir
 
 NUM_CASES = 4
@@ -147,10 +147,10 @@ def lost_cases(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def make_workdir(root: Path, dataset: Path, plans_edit=None) -> Workdir:
     """fingerprint + plan + preprocess in this process (faster than a CLI with a Dask cluster)."""
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
-    from pipeline.preprocessing import run_preprocessing
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.preprocessing.preprocess import run_preprocessing
 
     wd = Workdir.at(root)
     wd.root.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def make_workdir(root: Path, dataset: Path, plans_edit=None) -> Workdir:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
 
     root = tmp_path_factory.mktemp("bad_input")
     dataset = make_demo_dataset(root / "Phantom", num_cases=NUM_CASES, seed=0)
@@ -334,7 +334,7 @@ def forged_huge_shape(ds, outside):
 
 def nnunet_missing_channel(ds, outside):
     """nnU-Net v2 layout with two channels; the victim has only its _0000 file."""
-    from pipeline.conversion import msd_to_nnunet
+    from pipeline.data.conversion import msd_to_nnunet
 
     v2 = msd_to_nnunet(ds, ds.parent / "ds_v2")
     shutil.rmtree(ds)

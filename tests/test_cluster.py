@@ -33,11 +33,11 @@ def running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_running(tmp_path):
-    from pipeline.dataset import load_dataset
-    from pipeline.plans import Plans
-    from pipeline.splits import load_or_create_splits
-    from pipeline.store import open_store
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.synthetic import make_demo_dataset
+    from pipeline.planning.plans import Plans
+    from pipeline.preprocessing.store import open_store
+    from pipeline.training.splits import load_or_create_splits
 
     dataset = make_demo_dataset(tmp_path / "Phantom", num_cases=6)
     workdir = tmp_path / "work"
@@ -87,11 +87,11 @@ def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_ru
 def test_a_dask_worker_that_cannot_see_the_store_is_named_before_any_case_is_written(dask_client, synthetic_dataset):
     """A `memory://` store lives in the driver's process only: each Dask worker process sees none,
     as a worker on another machine would not see a driver-local folder."""
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
-    from pipeline.preprocessing import run_preprocessing
-    from pipeline.store import open_store
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.preprocessing.preprocess import run_preprocessing
+    from pipeline.preprocessing.store import open_store
 
     dataset = load_dataset(synthetic_dataset)
     plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)

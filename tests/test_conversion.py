@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.dataset import LAYOUT_MSD, LAYOUT_NNUNET, load_dataset, read_case
+from pipeline.data.dataset import LAYOUT_MSD, LAYOUT_NNUNET, load_dataset, read_case
 
 
 @pytest.fixture

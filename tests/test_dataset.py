@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.dataset import LAYOUT_MSD, LAYOUT_NNUNET, LabelMap, load_dataset, read_case
+from pipeline.data.dataset import LAYOUT_MSD, LAYOUT_NNUNET, LabelMap, load_dataset, read_case
+from pipeline.data.nifti import from_ras, read_volume, to_ras, write_volume
 from pipeline.errors import BadInputError
-from pipeline.nifti import from_ras, read_volume, to_ras, write_volume
 
 HIPPO_CASES = ("hippocampus_003", "hippocampus_004", "hippocampus_006")
 

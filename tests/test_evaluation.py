@@ -16,7 +16,7 @@ from scipy.spatial.distance import cdist
 
 from pipeline.cli import main
 from pipeline.errors import BadInputError
-from pipeline.evaluation import OUTPUT_FILES, case_metrics, evaluate_folders, hausdorff_distance
+from pipeline.evaluation.metrics import OUTPUT_FILES, case_metrics, evaluate_folders, hausdorff_distance
 from pipeline.plotting import plot_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -337,7 +337,7 @@ def test_cli_evaluate_exits_2_on_bad_input(hippocampus, hippo_preds, tmp_path, c
 
 
 def test_pictures_on_request_one_png_per_case_drawn_where_the_structures_are(hippocampus, hippo_preds, tmp_path):
-    from pipeline.pictures import pick_slices
+    from pipeline.evaluation.pictures import pick_slices
 
     out = tmp_path / "eval"
     assert main(["evaluate", str(hippo_preds), str(hippocampus), "--out", str(out), "--pictures"]) == 0

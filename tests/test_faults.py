@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_bad_input import CONFIG, cli_env, lost_cases, make_workdir, run_cli, store_checksums
 
 from pipeline.errors import SegPipeError
-from pipeline.store import open_store, verify_store
-from test_bad_input import CONFIG, cli_env, lost_cases, make_workdir, run_cli, store_checksums
+from pipeline.preprocessing.store import open_store, verify_store
 
 SLOW_CASES = 8
 # Preprocessing to a 3.3x finer grid makes each phantom case take ~0.4 s (idle core), so a fault lands mid-run.
@@ -165,10 +165,10 @@ def assert_nothing_lost(store: Path, before: dict[str, str], reliability: dict) 
 @pytest.fixture(scope="module")
 def slow_template(tmp_path_factory):
     """An 8-case phantom dataset and a workdir with its fingerprint and plans, nothing preprocessed."""
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.synthetic import make_demo_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
 
     root = tmp_path_factory.mktemp("faults")
     dataset = make_demo_dataset(root / "Phantom", num_cases=SLOW_CASES, seed=1)
@@ -343,9 +343,9 @@ def read_only(path: Path):
 
 @pytest.mark.slow
 def test_a_read_only_store_fails_cleanly_and_keeps_what_it_holds(slow, tmp_path, reliability):
-    from pipeline.dataset import load_dataset
-    from pipeline.plans import Plans
-    from pipeline.preprocessing import run_preprocessing
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.plans import Plans
+    from pipeline.preprocessing.preprocess import run_preprocessing
 
     dataset, wd, cases = slow
     store = wd / "store.zarr"
@@ -393,7 +393,7 @@ def test_a_store_path_that_is_a_file_fails_cleanly(slow, tmp_path, reliability):
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
 
     root = tmp_path_factory.mktemp("integrity")
     dataset = make_demo_dataset(root / "Phantom", num_cases=3, seed=2)
@@ -437,7 +437,7 @@ def test_verify_names_the_case_and_array_of_a_corrupt_or_missing_chunk(small_sto
 
 def test_sampling_a_corrupt_chunk_raises_naming_the_case_instead_of_training_on_garbage(small_store, tmp_path,
                                                                                         reliability):
-    from pipeline.sampling import BatchSampler, PatchSpec, TrainBatches, batch_iterator, close_iterator
+    from pipeline.training.sampling import BatchSampler, PatchSpec, TrainBatches, batch_iterator, close_iterator
 
     store = tmp_path / "store.zarr"
     shutil.copytree(small_store.store, store)
@@ -476,7 +476,7 @@ TRAIN_ITERATIONS = 4
 @pytest.fixture(scope="module")
 def train_workdir(tmp_path_factory):
     """6 phantom cases preprocessed for a 3-stage 4..16-feature U-Net on 16x32x32 patches."""
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
 
     def tiny(plans):
         conf = plans.configurations[CONFIG]
@@ -490,7 +490,7 @@ def train_workdir(tmp_path_factory):
 
 
 def _checkpoint_epoch(ray_run: Path) -> int | None:
-    from pipeline.ray_train import latest_checkpoint_epoch
+    from pipeline.training.launch import latest_checkpoint_epoch
 
     return latest_checkpoint_epoch(ray_run)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.dataset import load_dataset
+from pipeline.data.dataset import load_dataset
 from pipeline.errors import BadInputError, SegPipeError
-from pipeline.fingerprint import (
+from pipeline.planning.fingerprint import (
     INTENSITY_SAMPLE_BUDGET,
     Fingerprint,
     compute_fingerprint,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.inference import (
+from pipeline.inference.sliding_window import (
     compute_steps,
     gaussian_importance_map,
     mirror_axes_combinations,
@@ -199,9 +199,10 @@ import os  # noqa: E402
 import nibabel as nib  # noqa: E402
 
 from pipeline.cli import main as cli_main  # noqa: E402
-from pipeline.dataset import CaseFiles, LabelMap, load_dataset  # noqa: E402
+from pipeline.data.dataset import CaseFiles, LabelMap, load_dataset  # noqa: E402
 from pipeline.errors import BadInputError, SegPipeError  # noqa: E402
-from pipeline.inference import ModelSpec, Predictor, group_input_files, predict_case, predict_folder  # noqa: E402
+from pipeline.inference.predict import group_input_files, predict_folder  # noqa: E402
+from pipeline.inference.predictor import ModelSpec, Predictor, predict_case  # noqa: E402
 from pipeline.workdir import Workdir  # noqa: E402
 
 CONFIG = "3d_lean"  # the smallest real topology: the tests run on 2 CPU cores
@@ -209,10 +210,10 @@ CONFIG = "3d_lean"  # the smallest real topology: the tests run on 2 CPU cores
 
 def make_model(workdir, dataset_path, num_cases=2, config=CONFIG, favour_class=None, fold="0"):
     """A model folder as training leaves it, holding an untrained network built from a real plan."""
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.model import build_network
-    from pipeline.planning import plan_experiment
-    from pipeline.training import save_model_file
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.training.loop import save_model_file
+    from pipeline.training.model import build_network
 
     dataset = load_dataset(dataset_path)
     dataset = dataclasses.replace(dataset, cases=dataset.cases[:num_cases])
@@ -419,7 +420,7 @@ def test_ray_workers_predict_like_the_sequential_path(ray_session, hippo_model, 
 
 
 def test_fold_ensemble_averages_the_logits_as_nnunet(tmp_path):
-    from pipeline.inference import _Ensemble
+    from pipeline.inference.predictor import _Ensemble
 
     rng = np.random.default_rng(6)
     image = rng.normal(size=(1, 30, 22, 17)).astype(np.float32)
@@ -436,8 +437,9 @@ def test_fold_ensemble_averages_the_logits_as_nnunet(tmp_path):
 def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model, hippocampus, tmp_path):
     import shutil
 
-    from pipeline.postprocessing import PostprocessingRule, keep_largest
     from scipy import ndimage
+
+    from pipeline.inference.postprocessing import PostprocessingRule, keep_largest
 
     wd = Workdir.at(tmp_path / "w")
     shutil.copytree(hippo_model[0].root, wd.root)
@@ -466,7 +468,7 @@ def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model,
 
 def test_evaluate_cv_predicts_each_fold_with_its_own_model_pools_the_scores_and_keeps_the_rule(hippocampus, tmp_path,
                                                                                                capsys):
-    from pipeline.inference import POSTPROCESSING_FILE
+    from pipeline.inference.predictor import POSTPROCESSING_FILE
 
     wd = Workdir.at(tmp_path / "W")
     cases = sorted(load_dataset(hippocampus).case_ids)[:5]

@@ -7,11 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (CELoss, DeepSupervisionLoss, DiceCELoss, SoftDiceLoss, build_loss, dice_from_counts,
-                             downsample_target, pseudo_dice)
-from pipeline.model import build_network, deep_supervision_weights
-from pipeline.plans import ConfigurationPlan
-
+from pipeline.planning.plans import ConfigurationPlan
+from pipeline.training.losses import (
+    CELoss,
+    DeepSupervisionLoss,
+    DiceCELoss,
+    SoftDiceLoss,
+    build_loss,
+    dice_from_counts,
+    downsample_target,
+    pseudo_dice,
+)
+from pipeline.training.model import build_network, deep_supervision_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

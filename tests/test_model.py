@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegPipeError
-from pipeline.model import build_network, deep_supervision_weights, downsample_target_scales
-from pipeline.plans import ChannelNormalization, ConfigurationPlan, Plans
-
+from pipeline.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
+from pipeline.training.model import build_network, deep_supervision_weights, downsample_target_scales
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

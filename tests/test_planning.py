@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.dataset import CaseFiles, Dataset, load_dataset
+from pipeline.data.dataset import CaseFiles, Dataset, load_dataset
 from pipeline.errors import BadInputError
-from pipeline.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, compute_fingerprint
-from pipeline.planning import (
+from pipeline.planning.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, compute_fingerprint
+from pipeline.planning.planner import (
     _plan_configuration,
     explain_plans,
     feature_map_voxels,
     plan_experiment,
     pool_and_conv_props,
 )
-from pipeline.plans import Plans
+from pipeline.planning.plans import Plans
 
 S2, S3 = [2, 2], [2, 2, 2]
 K2, K3 = [3, 3], [3, 3, 3]

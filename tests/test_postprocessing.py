@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import BadInputError
-from pipeline.postprocessing import (PostprocessingRule, apply_postprocessing, decide_postprocessing,
-                                     keep_largest, largest_component)
+from pipeline.evaluation.postprocessing import decide_postprocessing
+from pipeline.inference.postprocessing import PostprocessingRule, apply_postprocessing, keep_largest, largest_component
 
 SHAPE = (32, 32, 16)
 

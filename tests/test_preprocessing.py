@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 from scipy.ndimage import affine_transform
 
-from pipeline.dataset import load_dataset, read_case
+from pipeline.data.dataset import load_dataset, read_case
 from pipeline.errors import BadInputError
-from pipeline.export import restore_label, restore_probabilities, write_prediction
-from pipeline.fingerprint import compute_fingerprint
-from pipeline.nifti import read_volume
-from pipeline.normalization import normalize_channel
-from pipeline.planning import plan_experiment
-from pipeline.plans import ChannelNormalization
-from pipeline.preprocessing import preprocess_case, run_preprocessing
-from pipeline.resampling import resample_image, resample_label
-from pipeline.store import open_store
+from pipeline.inference.export import restore_label, restore_probabilities, write_prediction
+from pipeline.planning.fingerprint import compute_fingerprint
+from pipeline.planning.planner import plan_experiment
+from pipeline.planning.plans import ChannelNormalization
+from pipeline.preprocessing.normalization import normalize_channel
+from pipeline.preprocessing.preprocess import preprocess_case, run_preprocessing
+from pipeline.preprocessing.resampling import resample_image, resample_label
+from pipeline.preprocessing.store import open_store
 
 
 def subset(dataset, case_ids):

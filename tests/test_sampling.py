@@ -15,12 +15,13 @@ import zarr
 from torch.utils.data import DataLoader
 
 from pipeline.errors import BadInputError
-from pipeline.sampling import (
+from pipeline.preprocessing.store import open_store
+from pipeline.training.sampling import (
+    BatchSampler,
     PatchSpec,
     ThreadPrefetcher,
     TrainBatches,
     ValidationBatches,
-    BatchSampler,
     batch_iterator,
     close_iterator,
     foreground_slots,
@@ -28,8 +29,7 @@ from pipeline.sampling import (
     patch_bbox,
     read_patch,
 )
-from pipeline.splits import Splits, kfold_splits, load_or_create_splits
-from pipeline.store import open_store
+from pipeline.training.splits import Splits, kfold_splits, load_or_create_splits
 from pipeline.workdir import Workdir
 
 TINY_PATCH = [16, 24, 16]
@@ -37,10 +37,10 @@ TINY_PATCH = [16, 24, 16]
 
 def make_tiny_workdir(root: Path, dataset_path: Path, num_cases: int = 6) -> Workdir:
     """A workdir whose plans train a 3-stage 4..16-feature U-Net on 16x24x16 patches, preprocessed for real."""
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
-    from pipeline.preprocessing import run_preprocessing
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.preprocessing.preprocess import run_preprocessing
 
     wd = Workdir.at(root)
     dataset = load_dataset(dataset_path)
@@ -167,7 +167,7 @@ def test_batches_are_deterministic_per_key_and_differ_across_ranks(tiny):
 def test_training_stream_is_the_same_for_any_number_of_loader_workers(tiny):
     """Batch i of epoch e is the same whether made in-process or by either of two DataLoader processes,
     and a stream restarted at epoch 1 continues exactly where the first epoch left off."""
-    from pipeline.augmentation import AugmentationConfig
+    from pipeline.training.augmentation import AugmentationConfig
 
     spec = spec_for(tiny, augmentation=AugmentationConfig.light().to_json())  # random mirroring
     inline = [b for _, b in zip(range(6), TrainBatches(spec, iterations_per_epoch=3))]
@@ -194,7 +194,7 @@ def test_validation_batches_repeat_and_are_shared_out_over_ranks(tiny):
 
 
 def test_augmented_batches_come_out_at_the_network_patch_size(tiny):
-    from pipeline.augmentation import AugmentationConfig
+    from pipeline.training.augmentation import AugmentationConfig
 
     aug = AugmentationConfig.for_patch(TINY_PATCH).to_json()
     spec = spec_for(tiny, augmentation=aug)

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pipeline.errors import BadInputError, SegPipeError
 from test_bad_input import cli_env
 
+from pipeline.errors import BadInputError, SegPipeError
 
 # ---------------------------------------------------------------- malicious checkpoints
 
@@ -45,10 +44,10 @@ def _malicious_model(path: Path, marker: Path) -> None:
 @pytest.fixture
 def run_dir_with_malicious_model(tmp_path):
     """A run folder as inference finds it (plans.json + model_final.pt), the model a code-running pickle."""
-    from pipeline.synthetic import make_demo_dataset
-    from pipeline.dataset import load_dataset
-    from pipeline.fingerprint import compute_fingerprint
-    from pipeline.planning import plan_experiment
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.synthetic import make_demo_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
 
     ds = load_dataset(make_demo_dataset(tmp_path / "Phantom", num_cases=2, seed=4))
     plans = plan_experiment(compute_fingerprint(ds, client=None, progress=False), ds)
@@ -68,8 +67,9 @@ def test_the_payload_is_live_so_the_refusals_below_mean_something(tmp_path):
 
 
 def test_inference_and_training_refuse_a_pickle_that_would_run_code(run_dir_with_malicious_model, reliability):
-    from pipeline.inference import Predictor
-    from pipeline.training import collect_result, load_trained_network
+    from pipeline.inference.predictor import Predictor
+    from pipeline.training.launch import collect_result
+    from pipeline.training.loop import load_trained_network
 
     workdir, run_dir, marker = run_dir_with_malicious_model
     reliability["bad_inputs"] += 1
@@ -87,7 +87,7 @@ def test_a_training_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path
     """Resuming (after `--resume` or a Ray worker restart) loads the checkpoint's model.pt and state.pt."""
     from ray.train import Checkpoint
 
-    from pipeline.training import _WorkerRun
+    from pipeline.training.loop import _WorkerRun
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "checkpoint"
@@ -186,17 +186,15 @@ def _is_loopback(ip: str) -> bool:
 def test_ray_started_for_training_and_prediction_listens_on_loopback_only():
     found = _run_in_own_session('''
         import ray
-        from pipeline.ray_train import _ensure_ray
-        from pipeline.predict_ray import ray_runtime
+        from pipeline.parallel import ray_session
 
         out = {}
-        assert _ensure_ray(None)  # what `segpipe train` does without --ray-address
-        time.sleep(2)  # let the agents open their ports
-        node = ray._private.worker.global_worker.node
-        out["train"] = {"node_ip": node.node_ip_address, "webui_url": node.address_info.get("webui_url"),
-                        "listeners": listeners()}
-        ray.shutdown()
-        with ray_runtime(num_workers=1, ray_address=None):  # what `segpipe predict --num-workers` does
+        with ray_session(None):  # what `segpipe train` does without --ray-address
+            time.sleep(2)  # let the agents open their ports
+            node = ray._private.worker.global_worker.node
+            out["train"] = {"node_ip": node.node_ip_address, "webui_url": node.address_info.get("webui_url"),
+                            "listeners": listeners()}
+        with ray_session(None, num_cpus=1):  # what `segpipe predict --num-workers` does
             time.sleep(2)
             node = ray._private.worker.global_worker.node
             out["predict"] = {"node_ip": node.node_ip_address, "listeners": listeners()}
@@ -237,7 +235,7 @@ def test_dask_local_cluster_listens_on_loopback_only():
 
 
 def _msd(tmp_path: Path) -> tuple[Path, Path]:
-    from pipeline.synthetic import make_demo_dataset
+    from pipeline.data.synthetic import make_demo_dataset
 
     ds = tmp_path / "ds"
     shutil.copytree(make_demo_dataset(tmp_path / "Phantom", num_cases=2, seed=5), ds)
@@ -277,7 +275,7 @@ def _folder_symlink(ds, outside):
 
 
 def _nnunet_label_symlink(ds, outside):
-    from pipeline.conversion import msd_to_nnunet
+    from pipeline.data.conversion import msd_to_nnunet
 
     v2 = msd_to_nnunet(ds, ds.parent / "v2")
     shutil.rmtree(ds)
@@ -291,8 +289,8 @@ def _nnunet_label_symlink(ds, outside):
 @pytest.mark.parametrize("escape", [_relative_escape, _absolute_path, _file_symlink, _folder_symlink,
                                     _nnunet_label_symlink], ids=lambda f: f.__name__.strip("_"))
 def test_dataset_paths_that_escape_the_folder_are_rejected(tmp_path, escape, reliability):
-    from pipeline.dataset import load_dataset
-    from pipeline.validation import check_dataset
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.validation import check_dataset
 
     ds, outside = _msd(tmp_path)
     phrase = escape(ds, outside)

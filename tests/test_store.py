@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.preprocessing as preprocessing
-from pipeline.dataset import load_dataset, read_case
+import pipeline.preprocessing.preprocess as preprocessing
+from pipeline.data.dataset import load_dataset, read_case
 from pipeline.errors import SegPipeError
-from pipeline.fingerprint import compute_fingerprint
-from pipeline.planning import plan_experiment
-from pipeline.preprocessing import preprocess_case, run_preprocessing
-from pipeline.store import StoreLock, config_attrs, open_store, verify_store
+from pipeline.planning.fingerprint import compute_fingerprint
+from pipeline.planning.planner import plan_experiment
+from pipeline.preprocessing.preprocess import preprocess_case, run_preprocessing
+from pipeline.preprocessing.store import StoreLock, config_attrs, open_store, verify_store
 
 CONFIG = "3d_fullres"
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from pipeline.dataset import load_dataset, read_case
+from pipeline.data.dataset import load_dataset, read_case
+from pipeline.data.synthetic import make_demo_dataset
+from pipeline.data.validation import check_dataset
 from pipeline.errors import BadInputError
-from pipeline.synthetic import make_demo_dataset
-from pipeline.validation import check_dataset
 
 
 def _files(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -10,24 +10,22 @@ import math
 
 import pytest
 import torch
+from test_sampling import make_tiny_workdir
 
 from pipeline.cli import build_parser
 from pipeline.errors import BadInputError
-from pipeline.plans import Plans
-from pipeline.ray_train import latest_checkpoint_epoch, prepare_storage, run_name
-from pipeline.training import (
+from pipeline.planning.plans import Plans
+from pipeline.training.launch import latest_checkpoint_epoch, prepare_run, prepare_storage, run_name, run_training
+from pipeline.training.loop import (
     RECIPES,
     TrainSettings,
     epoch_iterations,
     epoch_learning_rates,
     load_trained_network,
     poly_lr,
-    prepare_run,
-    run_training,
     supervision_weights,
     training_progress,
 )
-from test_sampling import make_tiny_workdir
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.validation import check_dataset, validate_dataset
 from pipeline.errors import Problem
-from pipeline.validation import check_dataset, validate_dataset
 
 CASES = ("hippocampus_003", "hippocampus_004", "hippocampus_006")
 VICTIM = "hippocampus_004"

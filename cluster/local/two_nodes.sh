@@ -251,9 +251,9 @@ say "training placement: 2 workers on 2 Ray nodes ($RUN_DIR/placement.json)"
 import sys
 from pathlib import Path
 
-from pipeline.dataset import load_dataset
-from pipeline.crossval import link_inputs
-from pipeline.splits import load_or_create_splits
+from pipeline.data.dataset import load_dataset
+from pipeline.evaluation.crossval import link_inputs
+from pipeline.training.splits import load_or_create_splits
 from pipeline.workdir import Workdir
 
 dataset = load_dataset(sys.argv[1])

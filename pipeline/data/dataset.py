@@ -1,0 +1,373 @@
+"""One in-memory picture of a labelled dataset, read from either raw layout.
+
+Two layouts are understood:
+
+* Medical Segmentation Decathlon: `dataset.json` with `modality`, `labels` {"0": "background"},
+  and a `training` list of {"image", "label"} paths; a multi-channel case is one 4D image whose
+  last axis is the channel.
+* nnU-Net v2 raw: `dataset.json` with `channel_names`, `labels` {"background": 0}, `file_ending`;
+  `imagesTr/CASE_0000.nii.gz` (one file per channel) and `labelsTr/CASE.nii.gz`.
+
+Reading the dataset description touches no voxels; `read_case` loads one case. Label values may be
+non-contiguous (TotalSegmentator's 0..117): `LabelMap` maps them to contiguous training indices
+and back, so predictions are written with the dataset's own values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.files import NIFTI_ENDINGS, strip_ending
+from pipeline.data.nifti import Geometry, geometry_of, load_header, read_array, to_ras
+from pipeline.errors import BadInputError, Problem
+
+LAYOUT_MSD = "msd"
+LAYOUT_NNUNET = "nnunetv2"
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Original label values <-> contiguous training indices (index i is `values[i]`, 0 is background)."""
+
+    values: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.values or self.values[0] != 0:
+            raise ValueError("label values must start with background 0")
+        if list(self.values) != sorted(set(self.values)):
+            raise ValueError("label values must be unique and sorted")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.values)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.values == tuple(range(len(self.values)))
+
+    def _lookup(self, max_value: int) -> np.ndarray:
+        lut = np.full(max(max_value, self.values[-1]) + 1, -1, dtype=np.int16)
+        lut[list(self.values)] = np.arange(len(self.values), dtype=np.int16)
+        return lut
+
+    def to_index(self, label: np.ndarray) -> np.ndarray:
+        """Original values -> training indices (uint8 when it fits). Undeclared values raise."""
+        label = np.asarray(label)
+        if label.size == 0:
+            return label.astype(np.uint8)
+        lo, hi = int(label.min()), int(label.max())
+        if lo < 0:
+            raise ValueError(f"negative label value {lo}")
+        out = self._lookup(hi)[label.astype(np.int64, copy=False)]
+        if (out < 0).any():
+            bad = sorted(set(np.unique(label[out < 0]).tolist()))[:10]
+            raise ValueError(f"label values {bad} are not declared in dataset.json")
+        return out.astype(self.index_dtype)
+
+    def to_values(self, index: np.ndarray) -> np.ndarray:
+        """Training indices -> original values, in the smallest integer type that holds them."""
+        return np.asarray(self.values, dtype=self.value_dtype)[np.asarray(index, dtype=np.int64)]
+
+    @property
+    def index_dtype(self):
+        return np.uint8 if len(self.values) <= 255 else np.int16
+
+    @property
+    def value_dtype(self):
+        return np.uint8 if self.values[-1] <= 255 else np.int16 if self.values[-1] <= 32767 else np.int32
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case's files are. `images` holds one path per channel, or one 4D file (`four_d`)."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+    four_d: bool = False
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    name: str
+    layout: str
+    channels: tuple[str, ...]  # modality / channel name per channel, e.g. ("CT",) or ("T2", "ADC")
+    labels: dict[int, str]  # original value -> name, background 0 included
+    cases: tuple[CaseFiles, ...]
+    file_ending: str = ".nii.gz"
+    raw_json: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def label_map(self) -> LabelMap:
+        return LabelMap(tuple(sorted(self.labels)))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    def case(self, case_id: str) -> CaseFiles:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(case_id)
+
+@dataclass
+class CaseData:
+    """One case loaded in the project frame: image (C, X, Y, Z) float32 in RAS, label (X, Y, Z)."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None  # original label values
+    geometry: Geometry  # of the first channel's file, for export
+    spacing: tuple[float, ...]
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """True when `path`, symlinks resolved, stays inside `root` (resolved)."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return os.path.commonpath([real_root, real]) == real_root
+
+
+def _check_path(root: Path, rel: object, case: str, what: str, problems: list[Problem]) -> Path | None:
+    if not isinstance(rel, str) or not rel:
+        problems.append(Problem(case, f"{what} path must be a non-empty string, got {rel!r}"))
+        return None
+    path = root / rel
+    if os.path.isabs(rel) or ".." in Path(rel).parts:
+        problems.append(Problem(case, f"{what} path {rel!r} escapes the dataset folder"))
+        return None
+    if not _inside(root, path):
+        problems.append(Problem(case, f"{what} path {rel!r} is a link that points outside the dataset folder"))
+        return None
+    return path
+
+
+def _parse_labels_msd(raw: object, problems: list[Problem]) -> dict[int, str]:
+    labels: dict[int, str] = {}
+    if not isinstance(raw, dict) or not raw:
+        problems.append(Problem(None, "dataset.json 'labels' must be a non-empty object like {\"0\": \"background\"}"))
+        return labels
+    for key, name in raw.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            problems.append(Problem(None, f"dataset.json label key {key!r} is not an integer value"))
+            continue
+        if value < 0:
+            problems.append(Problem(None, f"dataset.json label value {value} is negative"))
+            continue
+        labels[value] = str(name)
+    return labels
+
+
+def _parse_labels_nnunet(raw: object, problems: list[Problem]) -> dict[int, str]:
+    labels: dict[int, str] = {}
+    if not isinstance(raw, dict) or not raw:
+        problems.append(Problem(None, "dataset.json 'labels' must be a non-empty object like {\"background\": 0}"))
+        return labels
+    for name, value in raw.items():
+        if isinstance(value, (list, tuple)):
+            problems.append(Problem(None, f"label {name!r}: region-based labels (lists of values) are not supported"))
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+            problems.append(Problem(None, f"label {name!r} has value {value!r}: expected a non-negative integer"))
+            continue
+        labels[int(value)] = str(name)
+    return labels
+
+
+def _parse_channels(raw: object, key: str, problems: list[Problem]) -> tuple[str, ...]:
+    if not isinstance(raw, dict) or not raw:
+        problems.append(Problem(None, f"dataset.json '{key}' must be a non-empty object like {{\"0\": \"MRI\"}}"))
+        return ()
+    try:
+        items = sorted(((int(k), str(v)) for k, v in raw.items()))
+    except (TypeError, ValueError):
+        problems.append(Problem(None, f"dataset.json '{key}' keys must be channel indices 0, 1, ..."))
+        return ()
+    if [i for i, _ in items] != list(range(len(items))):
+        problems.append(Problem(None, f"dataset.json '{key}' keys must be 0..{len(items) - 1}"))
+        return ()
+    return tuple(v for _, v in items)
+
+
+def _msd_cases(root: Path, meta: dict, n_channels: int, problems: list[Problem]) -> list[CaseFiles]:
+    training = meta.get("training")
+    if not isinstance(training, list):
+        problems.append(Problem(None, "dataset.json 'training' must be a list of {\"image\", \"label\"} entries"))
+        return []
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry:
+            problems.append(Problem(f"training[{i}]", "entry must be an object with 'image' and 'label'"))
+            continue
+        image_rel = entry.get("image")
+        case_id = strip_ending(Path(image_rel).name) if isinstance(image_rel, str) else f"training[{i}]"
+        image = _check_path(root, image_rel, case_id, "image", problems)
+        label = _check_path(root, entry.get("label"), case_id, "label", problems) if "label" in entry else None
+        if "label" not in entry:
+            problems.append(Problem(case_id, "training entry has no 'label'"))
+        if image is None:
+            continue
+        cases.append(CaseFiles(case_id, (image,), label, four_d=n_channels > 1))
+    return cases
+
+
+def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem]) -> list[CaseFiles]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        problems.append(Problem(None, "imagesTr/ folder is missing"))
+        return []
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(images_dir.iterdir()):
+        m = pattern.match(path.name)
+        if not m:
+            if path.name.endswith(ending):
+                problems.append(Problem(strip_ending(path.name), f"image {path.name} lacks the _XXXX channel suffix"))
+            continue
+        found.setdefault(m.group(1), {})[int(m.group(2))] = path
+    label_ids = {p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending)} if labels_dir.is_dir() else set()
+    cases = []
+    for case_id in sorted(set(found) | label_ids):
+        files = found.get(case_id, {})
+        missing = [c for c in range(channels) if c not in files]
+        extra = sorted(c for c in files if c >= channels)
+        if missing:
+            problems.append(Problem(case_id, f"missing channel file(s) {', '.join(f'{case_id}_{c:04d}{ending}' for c in missing)}"))
+        if extra:
+            problems.append(Problem(case_id, f"channel file(s) {extra} beyond the {channels} declared in channel_names"))
+        label = labels_dir / f"{case_id}{ending}"
+        if case_id not in label_ids:
+            problems.append(Problem(case_id, f"missing label file labelsTr/{case_id}{ending}"))
+        paths = []
+        for c in range(channels):
+            if c in files:
+                if not _inside(root, files[c]):
+                    problems.append(Problem(case_id, f"{files[c].name} is a link that points outside the dataset folder"))
+                else:
+                    paths.append(files[c])
+        label_ok = case_id in label_ids
+        if label_ok and not _inside(root, label):
+            problems.append(Problem(case_id, f"label {label.name} is a link that points outside the dataset folder"))
+            label_ok = False
+        if len(paths) == channels and not missing:
+            cases.append(CaseFiles(case_id, tuple(paths), label if label_ok else None))
+    return cases
+
+
+def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]]:
+    """Read the dataset description, collecting every problem found instead of stopping at the first."""
+    root = Path(path).absolute()  # case paths travel to workers that may run in another folder
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return None, [Problem(None, f"{root} is not a folder")]
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return None, [Problem(None, f"no dataset.json in {root}")]
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, [Problem(None, f"dataset.json is not valid JSON ({exc})")]
+    except OSError as exc:
+        return None, [Problem(None, f"dataset.json cannot be read ({exc})")]
+    if not isinstance(meta, dict):
+        return None, [Problem(None, "dataset.json must hold a JSON object")]
+
+    if "channel_names" in meta:
+        layout = LAYOUT_NNUNET
+        channels = _parse_channels(meta["channel_names"], "channel_names", problems)
+        labels = _parse_labels_nnunet(meta.get("labels"), problems)
+        ending = meta.get("file_ending", ".nii.gz")
+        if ending not in NIFTI_ENDINGS:
+            problems.append(Problem(None, f"file_ending {ending!r} is not supported (use .nii.gz or .nii)"))
+            ending = ".nii.gz"
+        cases = _nnunet_cases(root, len(channels), ending, problems) if channels else []
+    elif "modality" in meta:
+        layout = LAYOUT_MSD
+        channels = _parse_channels(meta["modality"], "modality", problems)
+        labels = _parse_labels_msd(meta.get("labels"), problems)
+        ending = ".nii.gz"
+        cases = _msd_cases(root, meta, max(len(channels), 1), problems)
+    else:
+        return None, [Problem(None, "dataset.json lacks 'modality' (Decathlon) or 'channel_names' (nnU-Net v2)")]
+
+    if labels and 0 not in labels:
+        problems.append(Problem(None, "dataset.json labels must declare background as value 0"))
+    seen: dict[str, int] = {}
+    for c in cases:
+        seen[c.case_id] = seen.get(c.case_id, 0) + 1
+    for case_id, n in seen.items():
+        if n > 1:
+            problems.append(Problem(case_id, f"duplicate case id ({n} entries)"))
+    if not cases and not any(p.case is None for p in problems):
+        problems.append(Problem(None, "the dataset has no training cases"))
+    name = str(meta.get("name") or root.name)
+    if problems and (not channels or not labels):
+        return None, problems
+    dataset = Dataset(root, name, layout, channels, labels, tuple(cases), ending, meta)
+    return dataset, problems
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """The dataset description, or a BadInputError listing every problem with it."""
+    dataset, problems = scan_dataset(path)
+    if problems or dataset is None:
+        raise BadInputError(problems)
+    return dataset
+
+
+def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) -> CaseData:
+    """Load one case into the project frame (RAS, channels first), checking its files agree."""
+    if isinstance(case, str):
+        case = dataset.case(case)
+    cid = case.case_id
+    arrays, geometry = [], None
+    for path in case.images:
+        img = load_header(path, cid)
+        g = geometry_of(img)
+        data = read_array(img, path, cid)
+        if case.four_d:
+            if data.ndim == 3 and dataset.num_channels == 1:
+                data = data[..., None]
+            if data.ndim != 4 or data.shape[3] != dataset.num_channels:
+                raise BadInputError(f"image has shape {data.shape}; expected 4D with {dataset.num_channels} channels last", cid)
+            arrays.extend(np.moveaxis(to_ras(data, g), 3, 0))
+        else:
+            if data.ndim == 4 and data.shape[3] == 1:
+                data = data[..., 0]
+            if data.ndim != 3:
+                raise BadInputError(f"{path.name} has {data.ndim} dimensions (shape {data.shape}); expected a 3D volume", cid)
+            arrays.append(to_ras(data, g))
+        if geometry is None:
+            geometry = g
+        elif not geometry.allclose(g):
+            raise BadInputError(f"channel {path.name} has a different shape or affine than the first channel", cid)
+    image = np.stack(arrays).astype(np.float32, copy=False)
+    label = None
+    if with_label and case.label is not None:
+        limg = load_header(case.label, cid)
+        lg = geometry_of(limg)
+        if lg.shape != geometry.shape:
+            raise BadInputError(f"label shape {lg.shape} differs from image shape {geometry.shape}", cid)
+        raw = read_array(limg, case.label, cid, dtype=np.float64)
+        if raw.ndim == 4 and raw.shape[3] == 1:
+            raw = raw[..., 0]
+        rounded = np.rint(raw)
+        if not np.array_equal(rounded, raw):
+            raise BadInputError("label holds non-integer values (e.g. 1.0000001)", cid)
+        fits = rounded.size == 0 or (rounded.min() >= 0 and rounded.max() <= dataset.label_map.values[-1])
+        label = to_ras(rounded.astype(dataset.label_map.value_dtype if fits else np.int32), lg)
+    return CaseData(cid, image, label, geometry, geometry.spacing)

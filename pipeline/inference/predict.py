@@ -1,0 +1,189 @@
+"""A folder of cases predicted into a folder of label maps: inputs grouped into cases, cases already
+written skipped (resume), the rest in this process or streamed over Ray actors (`ray_backend`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.console import progress_bar
+from pipeline.data.files import image_files, split_channel
+from pipeline.errors import BadInputError, Problem
+from pipeline.inference.predictor import (
+    OUTPUT_ENDING,
+    ModelSpec,
+    Predictor,
+    find_model,
+    npz_path,
+    parse_folds,
+    predict_one,
+)
+from pipeline.workdir import Workdir
+
+log = logging.getLogger("segpipe.predict")
+
+# ---------------------------------------------------------------- a folder of cases
+
+
+def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_names: Sequence[str] = ()):
+    """Group INPUT_DIR's NIfTI files into cases and check each has the model's channel count.
+
+    `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ... are one case's channels (nnU-Net v2); any other
+    `CASE.nii.gz` is a case on its own (MSD: one channel, or a 4D file with channels last). Every
+    problem is collected and raised together as a BadInputError naming the cases.
+    """
+    from pipeline.data.dataset import CaseFiles, strip_ending
+    from pipeline.data.nifti import load_header
+
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise BadInputError(f"input folder {folder} does not exist")
+    files = image_files(folder)
+    if not files:
+        raise BadInputError(f"input folder {folder} holds no NIfTI images (.nii.gz / .nii)")
+    groups: dict[str, dict[int, Path]] = {}
+    singles: dict[str, Path] = {}
+    for path in files:
+        stem = strip_ending(path.name)
+        channel = split_channel(stem)
+        if channel:
+            groups.setdefault(channel[0], {})[channel[1]] = path
+        else:
+            singles[stem] = path
+    for base in [b for b, chans in groups.items() if 0 not in chans]:  # e.g. "scan_2019.nii.gz": not a channel
+        for c, path in groups.pop(base).items():
+            singles[strip_ending(path.name)] = path
+
+    expected = f"{num_channels} channel(s)" + (f" ({', '.join(channel_names)})" if channel_names else "")
+    problems, cases = [], []
+    for case_id in sorted(set(groups) | set(singles)):
+        if case_id in groups and case_id in singles:
+            problems.append(Problem(case_id, f"both {singles[case_id].name} and per-channel files {case_id}_XXXX exist"))
+            continue
+        if case_id in groups:
+            chans = groups[case_id]
+            if sorted(chans) != list(range(num_channels)):
+                found = ", ".join(p.name for _, p in sorted(chans.items()))
+                problems.append(Problem(case_id, f"has channel files {found}; the model expects {expected}: "
+                                                 f"{', '.join(f'{case_id}_{c:04d}' for c in range(num_channels))}"))
+                continue
+            cases.append(CaseFiles(case_id, tuple(chans[c] for c in range(num_channels)), None))
+            continue
+        path = singles[case_id]
+        try:
+            shape = load_header(path, case_id).shape
+        except BadInputError as exc:
+            problems.extend(exc.problems)
+            continue
+        found = 1 if len(shape) == 3 else shape[3] if len(shape) == 4 else None
+        if len(shape) < 3 or found is None:
+            problems.append(Problem(case_id, f"{path.name} has shape {tuple(shape)}; expected a 3D volume or 4D with channels last"))
+        elif found != num_channels:
+            problems.append(Problem(case_id, f"{path.name} has {found} channel(s) (shape {tuple(shape)}); the model expects {expected}"))
+        else:
+            cases.append(CaseFiles(case_id, (path,), None, four_d=num_channels > 1))
+    if problems:
+        raise BadInputError(problems)
+    return cases
+
+
+@dataclass
+class PredictReport:
+    """What `predict_folder` did."""
+
+    output_dir: str
+    config: str
+    folds: list[str]
+    tta: bool
+    workers: int
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already written before this run (resume)
+    failed: list[dict] = field(default_factory=list)  # {"case", "message"}
+    seconds_per_case: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        per = [self.seconds_per_case[c] for c in self.predicted]
+        mean = f", {np.mean(per):.1f}s per case" if per else ""
+        lines = [f"predicted {len(self.predicted)} case(s) with {self.config} fold {','.join(self.folds)}"
+                 f"{' (mirroring TTA)' if self.tta else ''} -> {self.output_dir} in {self.seconds:.1f}s{mean}; "
+                 f"{len(self.skipped)} already there, {len(self.failed)} failed"]
+        lines.extend(f"  failed {f['case']}: {f['message']}" for f in self.failed)
+        return "\n".join(lines)
+
+
+def _is_done(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
+    out = output_dir / f"{case_id}{OUTPUT_ENDING}"  # written last, so it marks the case complete
+    return out.is_file() and (not save_probabilities or npz_path(out).is_file())
+
+
+def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence = "0",
+                   tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
+                   ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
+                   step: float = 0.5, batch_size: int = 2, device: str | None = None,
+                   postprocess: bool = True) -> PredictReport:
+    """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.nii.gz, skipping cases already written.
+
+    Several folds ('0,1,2') average their probabilities. The post-processing rule beside the model
+    (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
+    the cases are spread over Ray workers, each loading the model once (`pipeline.inference.ray_backend`);
+    otherwise they run one after another in this process. Cases with bad input are reported and the
+    others still written; the run then ends with a BadInputError listing them (exit 2).
+    """
+    from pipeline.planning.plans import Plans
+
+    start = time.perf_counter()
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    folds = parse_folds(fold)
+    run_dirs = find_model(wd, config, folds, checkpoint)
+    if output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve():
+        raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
+    plans = Plans.load(run_dirs[0] / "plans.json")
+    cases = group_input_files(input_dir, len(plans.channels), plans.channels)
+    spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
+                     batch_size=batch_size, device=device, postprocess=postprocess)
+    use_ray = bool(ray_address) or (num_workers or 1) > 1
+    report = PredictReport(str(output_dir), config, folds, tta, workers=1)
+    report.skipped = [c.case_id for c in cases if _is_done(output_dir, c.case_id, save_probabilities)]
+    todo = [c for c in cases if c.case_id not in set(report.skipped)]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if todo and use_ray:
+        from pipeline.inference.ray_backend import predict_cases_ray
+
+        results, report.workers = predict_cases_ray(spec, todo, output_dir, save_probabilities, num_workers,
+                                                    ray_address, progress)
+    elif todo:
+        predictor = Predictor.from_spec(spec)
+        results = []
+        with progress_bar(len(todo), progress and len(todo) > 1, desc="predict", unit="case") as bar:
+            for case in todo:
+                results.append(predict_one(predictor, case, output_dir, save_probabilities,
+                                           progress=progress and len(todo) == 1))
+                bar.update()
+    else:
+        results = []
+    order = {c.case_id: i for i, c in enumerate(todo)}
+    for r in sorted(results, key=lambda r: order[r.case_id]):
+        if r.ok:
+            report.predicted.append(r.case_id)
+            report.seconds_per_case[r.case_id] = round(r.seconds, 3)
+        else:
+            report.failed.append({"case": r.case_id, "message": r.message})
+    report.seconds = time.perf_counter() - start
+    log.debug("%s", report)
+    if report.failed:
+        from pipeline.errors import Problem
+
+        raise BadInputError([Problem(f["case"], f["message"]) for f in report.failed])
+    return report

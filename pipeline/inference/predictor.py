@@ -1,0 +1,283 @@
+"""A trained model loaded once (one fold or an ensemble of folds) and one case predicted with it:
+raw files -> the model's own preprocessing -> sliding window -> restored to the input's geometry,
+label values and post-processing -> written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import BadInputError, SegPipeError
+from pipeline.inference.sliding_window import network_logits, sliding_window_predict
+from pipeline.storage import replacing
+from pipeline.workdir import MODEL_BEST, Workdir, model_file
+
+log = logging.getLogger("segpipe.predict")
+
+POSTPROCESSING_FILE = "postprocessing.json"  # beside the model; applied when present
+OUTPUT_ENDING = ".nii.gz"
+
+
+# ---------------------------------------------------------------- a trained model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a predictor loads from and how it predicts: small and picklable, so Ray workers can
+    each load the model once from it."""
+
+    run_dirs: tuple[str, ...]  # one per fold; several folds form an ensemble (logits averaged, as nnU-Net)
+    checkpoint: str = "final"  # model_<checkpoint>.pt
+    tta: bool = True
+    step: float = 0.5
+    batch_size: int = 2
+    device: str | None = None  # None: CUDA when available, else CPU
+    accumulate: str = "auto"
+    postprocess: bool = True  # apply the postprocessing.json beside the model, when there is one
+
+
+def parse_folds(fold: str | int | Sequence) -> list[str]:
+    """'0', 0, '0,1,2' or ['0', '1'] -> ['0', ...] (duplicates dropped, order kept)."""
+    items = fold.split(",") if isinstance(fold, str) else [fold] if isinstance(fold, int) else list(fold)
+    folds = [str(f).strip() for f in items if str(f).strip()]
+    if not folds:
+        raise BadInputError(f"no fold given ({fold!r})")
+    return list(dict.fromkeys(folds))
+
+
+def find_model(workdir, config: str, fold: str | int | Sequence = "0", checkpoint: str = "final") -> list[Path]:
+    """The run folders of the requested folds, or a SegPipeError saying which command makes them."""
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    run_dirs = []
+    for f in parse_folds(fold):
+        run_dir = wd.run_dir(config, f)
+        model = model_file(run_dir, checkpoint)
+        train = f"segpipe train --workdir {wd.root}" + (f" --config {config}" if config != "3d_fullres" else "") + f" --fold {f}"
+        if not model.is_file():
+            if checkpoint == "final" and (run_dir / MODEL_BEST).is_file():
+                raise SegPipeError(f"fold {f} of {config} has not finished training ({model} is missing, only "
+                                   f"model_best.pt): finish it with `{train} --resume`")
+            raise SegPipeError(f"no trained model for configuration {config} fold {f} ({model} is missing): "
+                               f"train it first with `{train}`")
+        if not (run_dir / "plans.json").is_file():
+            raise SegPipeError(f"{run_dir / 'plans.json'} is missing beside the model: re-run `{train}`")
+        run_dirs.append(run_dir)
+    return run_dirs
+
+
+class _Ensemble(torch.nn.Module):
+    """Several folds' networks as one: the mean of their logits, as nnU-Net v2 ensembles folds
+    (one pass over the windows for all folds)."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(network_logits(net, x).float() for net in self.members) / len(self.members)
+
+
+class Predictor:
+    """A trained model loaded once: plans, label map, network(s), post-processing rule."""
+
+    def __init__(self, network: torch.nn.Module, plans, config_name: str, label_map, rule=None,
+                 spec: ModelSpec | None = None):
+        self.spec = spec or ModelSpec(run_dirs=())
+        self.device = torch.device(self.spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = network.to(self.device).eval()
+        self.plans = plans
+        self.config_name = config_name
+        self.config = plans.configuration(config_name)
+        self.label_map = label_map
+        self.rule = rule
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> Predictor:
+        from pipeline.data.dataset import LabelMap
+        from pipeline.training.loop import load_trained_network
+
+        if not spec.run_dirs:
+            raise SegPipeError("a model needs at least one run folder")
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        networks, first = [], None
+        for run_dir in spec.run_dirs:
+            net, plans, payload = load_trained_network(run_dir, spec.checkpoint, device)
+            facts = (payload["configuration"], payload["num_input_channels"], tuple(payload["label_values"]),
+                     plans.hash(payload["configuration"]))
+            if first is None:
+                first, first_plans = facts, plans
+            elif facts != first:
+                raise SegPipeError(f"{run_dir} was trained with other plans, channels or labels than "
+                                   f"{spec.run_dirs[0]}: these folds cannot form an ensemble")
+            networks.append(net)
+        config_name, channels, label_values, _ = first
+        if channels != len(first_plans.channels):
+            raise SegPipeError(f"{spec.run_dirs[0]}: the model takes {channels} channel(s) but its plans declare "
+                               f"{len(first_plans.channels)}")
+        network = networks[0] if len(networks) == 1 else _Ensemble(networks)
+        rule = _load_rule(spec.run_dirs) if spec.postprocess else None
+        return cls(network, first_plans, config_name, LabelMap(label_values), rule,
+                   dataclasses.replace(spec, device=str(device)))
+
+    @classmethod
+    def load(cls, workdir, config: str = "3d_fullres", fold: str | int | Sequence = "0", **options) -> Predictor:
+        """`options` are ModelSpec fields (checkpoint, tta, step, batch_size, device, accumulate)."""
+        checkpoint = options.get("checkpoint", "final")
+        run_dirs = find_model(workdir, config, fold, checkpoint)
+        return cls.from_spec(ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), **options))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.plans.channels)
+
+    def store_probabilities(self, image: np.ndarray, progress: bool = False):
+        """Sliding-window probabilities of a preprocessed image (store frame, padded)."""
+        s = self.spec
+        return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_classes,
+                                      step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
+                                      accumulate=s.accumulate, progress=progress)
+
+
+def _load_rule(run_dirs: Sequence[str]):
+    """The post-processing rule beside the model; an ensemble uses one only when every fold agrees."""
+    from pipeline.inference.postprocessing import PostprocessingRule
+
+    rules = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / POSTPROCESSING_FILE
+        if not path.is_file():
+            return None
+        rules.append(PostprocessingRule.load(path))
+    steps = {(r.labels, r.keep_largest_foreground, r.keep_largest_per_class) for r in rules}
+    if len(steps) != 1:
+        log.info("the folds' post-processing rules differ: the ensemble is not post-processed")
+        return None
+    return rules[0]
+
+
+# ---------------------------------------------------------------- one case
+
+
+def input_dataset(plans, root: Path, cases: Sequence = ()):
+    """A `Dataset` describing prediction inputs, so `read_case` checks and reads them like training data."""
+    from pipeline.data.dataset import Dataset
+
+    return Dataset(root=Path(root), name=plans.dataset_name, layout="predict", channels=tuple(plans.channels),
+                   labels={int(k): v for k, v in plans.labels.items()}, cases=tuple(cases))
+
+
+def predict_case(model, case, output_path: str | os.PathLike | None = None, save_probabilities: bool = False,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One case from raw input to a label map in its own geometry.
+
+    `model` is a run folder (W/runs/<config>/fold_<k>), a ModelSpec or a loaded Predictor; `case`
+    a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
+    (label, probabilities): the label holds the dataset's own values in the voxel order of the input
+    file - the array the written NIfTI holds; probabilities (K, *RAS shape) float32 on the original
+    grid, or None unless asked for. With `output_path` (CASE.nii.gz) the label is written there with
+    the input's affine and header (atomically), and with `save_probabilities` also CASE.npz.
+    """
+    from pipeline.data.dataset import CaseData, read_case
+    from pipeline.data.nifti import from_ras
+    from pipeline.inference.export import (
+        restore_label,
+        restore_probabilities,
+        write_prediction,
+    )
+    from pipeline.inference.postprocessing import apply_postprocessing
+    from pipeline.preprocessing.preprocess import preprocess_case
+
+    predictor = _as_predictor(model)
+    reference = None
+    if not isinstance(case, CaseData):
+        reference = case.images[0]
+        case = read_case(input_dataset(predictor.plans, Path(reference).parent, [case]), case, with_label=False)
+    if case.image.shape[0] != predictor.num_channels:
+        raise BadInputError(f"image has {case.image.shape[0]} channel(s); the model expects {predictor.num_channels}",
+                            case.case_id)
+    case = dataclasses.replace(case, label=None)
+    pre = preprocess_case(case, predictor.plans, predictor.config_name, predictor.label_map)
+    meta, image = pre.meta, pre.image
+    del pre
+    store_probs = predictor.store_probabilities(image, progress=progress)
+    del image
+    label_map = predictor.label_map
+    probabilities = None
+    if save_probabilities or isinstance(store_probs, np.ndarray):
+        probabilities = restore_probabilities(np.asarray(store_probs[...]), meta)
+        del store_probs
+        label = label_map.to_values(probabilities.argmax(0))
+    else:  # too large for memory: argmax chunk by chunk in the store frame, restore the label only
+        label = restore_label(_argmax_chunked(store_probs, label_map.index_dtype), meta, label_map)
+        del store_probs
+    if predictor.rule is not None:
+        label = apply_postprocessing(label, predictor.rule)
+    if output_path is not None:
+        output_path = Path(output_path)
+        if save_probabilities:
+            save_probabilities_npz(probabilities, label_map.values, npz_path(output_path))
+        write_prediction(label, case.geometry, output_path, reference)
+    return from_ras(label, case.geometry), probabilities if save_probabilities else None
+
+
+def _as_predictor(model) -> Predictor:
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, ModelSpec):
+        return Predictor.from_spec(model)
+    return Predictor.from_spec(ModelSpec(run_dirs=(str(model),)))
+
+
+def _argmax_chunked(probs, dtype) -> np.ndarray:
+    """Argmax over the class axis of a (Zarr) array, one chunk of the spatial axes at a time."""
+    spatial = probs.shape[1:]
+    chunks = getattr(probs, "chunks", probs.shape)[1:]
+    out = np.empty(spatial, dtype=dtype)
+    for block in itertools.product(*(range(0, s, c) for s, c in zip(spatial, chunks))):
+        index = tuple(slice(b, b + c) for b, c in zip(block, chunks))
+        out[index] = np.asarray(probs[(slice(None), *index)]).argmax(0)
+    return out
+
+
+def npz_path(output_path: Path) -> Path:
+    from pipeline.data.dataset import strip_ending
+
+    return output_path.with_name(strip_ending(output_path.name) + ".npz")
+
+
+def save_probabilities_npz(probabilities: np.ndarray, label_values: Sequence[int], path: Path) -> None:
+    """CASE.npz: `probabilities` (K, *RAS shape) float16 on the original grid, `labels` the value of
+    each channel. Written under a temporary name, then renamed."""
+    with replacing(path, ".npz") as tmp:  # numpy appends .npz to a name without it
+        np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16),
+                            labels=np.asarray(label_values, dtype=np.int32))
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    ok: bool
+    seconds: float = 0.0
+    message: str = ""
+
+
+def predict_one(predictor: Predictor, case, output_dir: str | os.PathLike, save_probabilities: bool,
+                progress: bool = False) -> CaseResult:
+    """Predict and write one case; bad input comes back as a failed result naming the case."""
+    start = time.perf_counter()
+    try:
+        predict_case(predictor, case, Path(output_dir) / f"{case.case_id}{OUTPUT_ENDING}", save_probabilities, progress)
+    except BadInputError as exc:
+        return CaseResult(case.case_id, False, time.perf_counter() - start, "; ".join(p.message for p in exc.problems))
+    except MemoryError:
+        return CaseResult(case.case_id, False, time.perf_counter() - start, "out of memory predicting this case")
+    return CaseResult(case.case_id, True, time.perf_counter() - start)

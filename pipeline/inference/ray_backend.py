@@ -1,0 +1,97 @@
+"""Cases spread over Ray workers: an ActorPool of predictors, each loading the model once.
+
+Thin wiring over `inference.predict_one`: each actor builds a `Predictor` from the picklable
+`ModelSpec`, reads its cases' files and writes their outputs itself, so only (absolute) file paths
+and small results travel. Actors may run on other machines: every node must see the model folders,
+the input files and the output folder at the same paths (checked on each node before the actors
+start, `parallel.check_ray_nodes_see`). An already-initialised Ray (a session, a test fixture) is
+reused as it is; otherwise Ray is started on 127.0.0.1 without a dashboard (or joined at
+`ray_address`) and shut down afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.console import progress_bar
+from pipeline.inference.predictor import (
+    CaseResult,
+    ModelSpec,
+    Predictor,
+    predict_one,
+)
+from pipeline.parallel import (
+    SharedPath,
+    check_ray_nodes_see,
+    cpu_count,
+    ray_session,
+    whereami,
+)
+
+log = logging.getLogger("segpipe.predict")
+
+
+class _PredictorActor:
+    """One model in one worker process; torch keeps to the CPU share Ray gave the actor."""
+
+    def __init__(self, spec: ModelSpec, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.predictor = Predictor.from_spec(spec)
+
+    def where(self) -> dict:
+        return whereami()
+
+    def predict(self, case, output_dir: str, save_probabilities: bool) -> CaseResult:
+        try:
+            return predict_one(self.predictor, case, output_dir, save_probabilities)
+        except Exception as exc:  # noqa: BLE001 - one line naming the case; the other cases go on
+            return CaseResult(case.case_id, False, 0.0, f"{type(exc).__name__}: {exc}")
+
+
+def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, save_probabilities: bool,
+                      num_workers: int | None, ray_address: str | None, progress: bool) -> tuple[list[CaseResult], int]:
+    """Predict `cases` (CaseFiles) on an ActorPool; returns the per-case results and the worker count."""
+    import ray
+    from ray.util import ActorPool
+
+    # the actors may run in another folder or on another machine: absolute paths only
+    output_dir = Path(output_dir).absolute()
+    cases = [dataclasses.replace(c, images=tuple(Path(p).absolute() for p in c.images),
+                                 label=Path(c.label).absolute() if c.label else None) for c in cases]
+    with ray_session(ray_address, num_cpus=max(num_workers or 1, cpu_count())):
+        inputs = sorted({str(p.parent) for c in cases for p in c.images})
+        check_ray_nodes_see([*(SharedPath("model folder", d) for d in spec.run_dirs),
+                             *(SharedPath("input folder", d) for d in inputs),
+                             SharedPath("output folder", str(output_dir), "write")])
+        resources = ray.cluster_resources()
+        cpus = max(1, int(resources.get("CPU", 1)))
+        # one CPU slot per actor, so every actor gets scheduled; torch threads share out the cores
+        workers = max(1, min(len(cases), num_workers or cpus, cpus))
+        node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+        threads = max(1, min(cpus // workers, node_cpus))
+        gpus = resources.get("GPU", 0.0)
+        options = {"num_cpus": 1}
+        if gpus and not (spec.device or "").startswith("cpu"):  # share the GPUs; an actor without one uses its CPU
+            options["num_gpus"] = min(1.0, gpus / workers)
+        actor_cls = ray.remote(_PredictorActor).options(**options)
+        actors = [actor_cls.remote(spec, threads=threads) for _ in range(workers)]
+        try:
+            places = ray.get([a.where.remote() for a in actors])
+            log.info("predicting %d case(s) on %d Ray worker(s) on %d node(s)", len(cases), workers,
+                     len({p.get("node_id") for p in places}))
+            pool = ActorPool(actors)
+            results = []
+            with progress_bar(len(cases), progress, desc=f"predict ({workers} Ray workers)", unit="case") as bar:
+                for result in pool.map_unordered(
+                        lambda actor, case: actor.predict.remote(case, str(output_dir), save_probabilities), cases):
+                    results.append(result)
+                    bar.update()
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    return results, workers

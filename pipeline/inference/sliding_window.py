@@ -1,0 +1,334 @@
+"""Sliding-window inference: a network over a whole (preprocessed) volume, one patch-sized window at a time.
+
+The network only ever sees patches of the training size. Windows overlap by half a patch
+(nnU-Net's `compute_steps_for_sliding_window` rule) and every window's softmax is weighted by a
+Gaussian importance map, because a U-Net is least reliable at a patch border where it lacks
+context. Mirroring test-time augmentation averages the softmax over every combination of flipped
+axes. The weighted sums live in memory, or, for a volume whose accumulators would not fit in RAM,
+in a temporary Zarr array chunked by patch, so one huge case never takes the machine down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from pipeline.console import progress_bar
+
+log = logging.getLogger("segpipe.predict")
+
+# The accumulators ((K + 1) float32 values per voxel) go to disk past this share of available RAM.
+ZARR_RAM_FRACTION = 0.25
+
+
+# ---------------------------------------------------------------- sliding-window geometry
+
+
+def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
+    """Window start positions per axis: as few windows as cover the axis with at most `step` * patch
+    between starts, spread evenly so the last window ends on the border (nnU-Net's rule)."""
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    steps = []
+    for size, patch in zip(image_size, patch_size):
+        if size < patch:
+            raise ValueError(f"image size {tuple(image_size)} is smaller than the patch {tuple(patch_size)}")
+        n = int(math.ceil((size - patch) / (patch * step))) + 1
+        stride = (size - patch) / (n - 1) if n > 1 else 0.0
+        steps.append([int(round(stride * i)) for i in range(n)])
+    return steps
+
+
+@lru_cache(maxsize=8)
+def _gaussian(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    delta = np.zeros(patch_size, dtype=np.float64)
+    delta[tuple(p // 2 for p in patch_size)] = 1.0
+    g = gaussian_filter(delta, [p * sigma_scale for p in patch_size], order=0, mode="constant", cval=0.0)
+    g /= g.max()
+    # Beyond the filter's truncation radius the map is 0; a voxel covered only there would divide by 0.
+    g[g == 0] = g[g > 0].min()
+    g = g.astype(np.float32)
+    g.setflags(write=False)
+    return g
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Per-voxel weight of a window's prediction: 1 at the patch centre, sigma = patch * sigma_scale,
+    strictly positive everywhere (read-only, cached)."""
+    return _gaussian(tuple(int(p) for p in patch_size), float(sigma_scale))
+
+
+def mirror_axes_combinations(ndim: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of an (N, C, *spatial) batch, the empty one (no flip) first:
+    8 for 3d patches, 4 for 2d."""
+    axes = range(2, 2 + ndim)
+    return [c for r in range(ndim + 1) for c in itertools.combinations(axes, r)]
+
+
+def pad_to_patch(image: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Zero-pad the trailing axes of (C, *spatial) up to the patch where smaller, centred as nnU-Net
+    does; returns the padded array and the spatial slices that crop it back."""
+    spatial = image.shape[1:]
+    lead = len(spatial) - len(patch_size)
+    pads, crop = [(0, 0)], []
+    for axis, size in enumerate(spatial):
+        target = max(size, patch_size[axis - lead]) if axis >= lead else size
+        before = (target - size) // 2
+        pads.append((before, target - size - before))
+        crop.append(slice(before, before + size))
+    if all(p == (0, 0) for p in pads):
+        return image, tuple(crop)
+    return np.pad(image, pads, mode="constant", constant_values=0), tuple(crop)
+
+
+def window_slices(spatial: Sequence[int], patch_size: Sequence[int], step: float) -> list[tuple]:
+    """Index tuples (over the spatial axes) of every window. A 2d patch over a 3d volume slides over
+    the last two axes of every slice along the first (the store's lowest-resolution axis)."""
+    lead = len(spatial) - len(patch_size)
+    if lead not in (0, 1):
+        raise ValueError(f"patch {tuple(patch_size)} does not fit a volume of {len(spatial)} dimensions")
+    steps = compute_steps(spatial[lead:], patch_size, step)
+    planes = [(d,) for d in range(spatial[0])] if lead else [()]
+    return [
+        (*plane, *(slice(s, s + p) for s, p in zip(starts, patch_size)))
+        for plane in planes
+        for starts in itertools.product(*steps)
+    ]
+
+
+# ---------------------------------------------------------------- accumulators
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (psutil when present, else sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with ray[default]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def accumulator_bytes(num_classes: int, spatial: Sequence[int]) -> int:
+    return (num_classes + 1) * int(np.prod(spatial, dtype=np.int64)) * 4
+
+
+def softmax_(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the first (class) axis, in place."""
+    logits -= logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    return logits
+
+
+class _MemoryAccumulator:
+    """Gaussian-weighted logits of the windows; `result` turns their weighted mean into probabilities."""
+
+
+    def __init__(self, num_classes: int, spatial: Sequence[int]):
+        self.sums = np.zeros((num_classes, *spatial), dtype=np.float32)
+        self.weights = np.zeros(tuple(spatial), dtype=np.float32)
+
+    def add(self, index: tuple, weighted: np.ndarray, weight: np.ndarray) -> None:
+        self.sums[(slice(None), *index)] += weighted
+        self.weights[index] += weight
+
+    def result(self) -> np.ndarray:
+        np.divide(self.sums, self.weights[None], out=self.sums)
+        for row in range(self.sums.shape[1]):  # row by row: temporaries stay one row in size
+            softmax_(self.sums[:, row])
+        return self.sums
+
+
+class _ZarrAccumulator:
+    """Weighted sums over a slab of the first axis in memory; finished rows go to a Zarr array.
+
+    Windows come ordered by their start on the first axis (`window_slices`), so once a window
+    starts at row s no later one touches rows before s: those are normalised and written out
+    (uncompressed, chunked by patch, one writer: this process) and the slab moves on. Memory is
+    (K + 1) x patch[0] x the other axes (one slice for 2d patches), whatever the first axis' length.
+    """
+
+    def __init__(self, num_classes: int, spatial: Sequence[int], patch_size: Sequence[int], directory: str):
+        import zarr
+        from zarr.storage import LocalStore
+
+        chunks = (1,) * (len(spatial) - len(patch_size)) + tuple(patch_size)
+        self.shape = tuple(spatial)
+        self.depth = chunks[0]
+        self.probs = zarr.create_array(LocalStore(directory), shape=(num_classes, *spatial),
+                                       chunks=(num_classes, *(min(c, s) for c, s in zip(chunks, spatial))),
+                                       dtype="float32", fill_value=0.0, compressors=None)
+        self.slab = np.zeros((num_classes, self.depth, *spatial[1:]), dtype=np.float32)
+        self.slab_weights = np.zeros((self.depth, *spatial[1:]), dtype=np.float32)
+        self.lo = 0  # first-axis row of slab row 0
+
+    def _flush(self, upto: int) -> None:
+        """Write rows [lo, upto) out, normalised, and shift the slab to start at `upto`."""
+        n = min(upto, self.shape[0]) - self.lo
+        if n <= 0:
+            return
+        self.probs[:, self.lo:self.lo + n] = softmax_(self.slab[:, :n] / self.slab_weights[None, :n])
+        keep = self.depth - n
+        if keep > 0:
+            self.slab[:, :keep] = self.slab[:, n:]
+            self.slab_weights[:keep] = self.slab_weights[n:]
+        self.slab[:, max(keep, 0):] = 0
+        self.slab_weights[max(keep, 0):] = 0
+        self.lo += n
+
+    def add(self, index: tuple, weighted: np.ndarray, weight: np.ndarray) -> None:
+        first = index[0]
+        start = first if isinstance(first, int) else first.start
+        if start < self.lo:
+            raise ValueError("windows must come ordered by their start on the first axis")
+        self._flush(start)
+        rows = slice(start - self.lo, start - self.lo + 1) if isinstance(first, int) else \
+            slice(start - self.lo, first.stop - self.lo)
+        local = (rows, *index[1:])
+        if isinstance(first, int):  # a 2d window lacks the first axis
+            weighted, weight = weighted[:, None], weight[None]
+        self.slab[(slice(None), *local)] += weighted
+        self.slab_weights[local] += weight
+
+    def result(self):
+        """Everything written and normalised; the returned Zarr array reads like a NumPy one."""
+        self._flush(self.shape[0])
+        return self.probs
+
+
+# ---------------------------------------------------------------- the sliding window
+
+
+def network_logits(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = network(batch)
+    if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution head comes first
+        out = out[0]
+    return out
+
+
+def _predict_batch(network, batch: torch.Tensor, mirror: list[tuple[int, ...]], amp: bool) -> torch.Tensor:
+    """Logits of the network, averaged over the mirrored copies of the batch (float32).
+
+    Logits, not probabilities, are averaged - over mirrors here, over overlapping windows by the
+    accumulators, which apply the softmax once at the end - as nnU-Net v2 does, so that our
+    predictions from nnU-Net's weights equal its own (benchmarks/predict.py compares them).
+    """
+    total = None
+    for axes in mirror:
+        x = torch.flip(batch, axes) if axes else batch
+        with torch.autocast(batch.device.type, enabled=amp):
+            logits = network_logits(network, x).float()
+        if axes:
+            logits = torch.flip(logits, axes)
+        total = logits if total is None else total.add_(logits)
+    return total.div_(len(mirror))
+
+
+def sliding_window_predict(
+    network: torch.nn.Module,
+    image: torch.Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    num_classes: int,
+    step: float = 0.5,
+    tta_mirror: bool = True,
+    batch_size: int = 2,
+    device: str | torch.device | None = None,
+    accumulate: str = "auto",
+    zarr_threshold_bytes: int | None = None,
+    zarr_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+):
+    """Class probabilities (K, *spatial) float32 for an image (C, *spatial) in the store frame.
+
+    `patch_size` has as many entries as the image has spatial axes (3d), or one fewer (2d: slices
+    along the first axis). `accumulate` is "memory", "zarr" or "auto" (Zarr when the accumulators
+    would exceed `zarr_threshold_bytes`, by default a quarter of the RAM available now). The memory
+    path returns a NumPy array; the Zarr path a normalised `zarr.Array` living in a temporary
+    folder (under `zarr_dir` when given) that is deleted when the array is garbage collected.
+    """
+    patch_size = tuple(int(p) for p in patch_size)
+    if device is None:
+        param = next(iter(network.parameters()), None)
+        device = param.device if param is not None else "cpu"
+    device = torch.device(device)
+    data = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    data = data.astype(np.float32, copy=False)
+    if data.ndim - 1 not in (len(patch_size), len(patch_size) + 1):
+        raise ValueError(f"image of shape {data.shape} does not match patch {patch_size}")
+    original_spatial = data.shape[1:]
+    data, crop = pad_to_patch(data, patch_size)
+    spatial = data.shape[1:]
+    windows = window_slices(spatial, patch_size, step)
+
+    if accumulate == "auto":
+        threshold = zarr_threshold_bytes if zarr_threshold_bytes is not None else int(available_memory() * ZARR_RAM_FRACTION)
+        accumulate = "zarr" if accumulator_bytes(num_classes, spatial) > threshold else "memory"
+    tmp = None
+    if accumulate == "memory":
+        acc = _MemoryAccumulator(num_classes, spatial)
+    elif accumulate == "zarr":
+        tmp = tempfile.mkdtemp(prefix="segpipe_sw_", dir=zarr_dir)
+        acc = _ZarrAccumulator(num_classes, spatial, patch_size, tmp)
+    else:
+        raise ValueError(f"accumulate must be 'memory', 'zarr' or 'auto', got {accumulate!r}")
+
+    gaussian = gaussian_importance_map(patch_size)
+    gaussian_dev = torch.tensor(gaussian, device=device)
+    mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
+    amp = device.type == "cuda"
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode(), progress_bar(len(windows), progress, desc="windows", unit="win", leave=False) as bar:
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start:start + batch_size]
+                batch = np.stack([data[(slice(None), *w)] for w in chunk])
+                logits = _predict_batch(network, torch.from_numpy(batch).to(device), mirror, amp)
+                if logits.shape[1] != num_classes:
+                    raise ValueError(f"network predicts {logits.shape[1]} classes, expected {num_classes}")
+                weighted = (logits * gaussian_dev).cpu().numpy()
+                for w, pred in zip(chunk, weighted):
+                    acc.add(w, pred, gaussian)
+                bar.update(len(chunk))
+        result = acc.result()
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        network.train(was_training)
+
+    padded = data.shape[1:] != original_spatial
+    if tmp is None:
+        return np.ascontiguousarray(result[(slice(None), *crop)]) if padded else result
+    if not padded:
+        weakref.finalize(result, shutil.rmtree, tmp, True)
+        return result
+    return _crop_zarr(result, crop, tmp, zarr_dir)
+
+
+def _crop_zarr(padded, crop: tuple[slice, ...], tmp: str, zarr_dir):
+    """Only a volume smaller than the patch is padded; copy its (small) crop into a fresh array."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    out_dir = tempfile.mkdtemp(prefix="segpipe_sw_", dir=zarr_dir)
+    data = padded[(slice(None), *crop)]
+    out = zarr.create_array(LocalStore(out_dir), shape=data.shape, chunks=padded.chunks[:1] + tuple(
+        min(c, s) for c, s in zip(padded.chunks[1:], data.shape[1:])), dtype="float32", compressors=None)
+    out[...] = data
+    shutil.rmtree(tmp, ignore_errors=True)
+    weakref.finalize(out, shutil.rmtree, out_dir, True)
+    return out

@@ -1,0 +1,169 @@
+"""The pipeline's stages as plain functions: the public API under the CLI.
+
+`segpipe`, `segpipe run`, the cluster scripts, the benchmarks and notebooks all call these; each
+takes typed arguments and a workdir (a path, or a `Workdir`) and returns a typed result:
+
+    from pipeline import stages
+
+    dataset = stages.load_dataset("data/Task04_Hippocampus")       # validated, or BadInputError
+    stages.fingerprint(dataset, "work/hippo")
+    plans = stages.plan(dataset, "work/hippo")
+    stages.preprocess(dataset, "work/hippo", config="3d_lean")
+    stages.train("work/hippo", config="3d_lean", fold="0", time_budget_min=5)
+    stages.predict("work/hippo", "new_images/", "predictions/", config="3d_lean")
+    summary = stages.evaluate("predictions/", "data/Task04_Hippocampus")
+
+Stages that run on Dask (fingerprint, plan, preprocess) take a `distributed.Client`, or make one
+for the call: `workers` local processes, or the scheduler at `dask_address`. Stages that run on
+Ray (train, predict, evaluate_cv) take a `ray_address` (None: a local Ray on 127.0.0.1). What a
+stage writes lands in the workdir's layout (`pipeline.workdir`), so each stage finds what the one
+before it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pipeline.data.dataset import Dataset
+from pipeline.errors import BadInputError, SegPipeError
+from pipeline.workdir import Workdir
+
+log = logging.getLogger("segpipe")
+
+WorkdirLike = str | os.PathLike | Workdir
+
+
+@contextlib.contextmanager
+def _client(client, workers: int | None, dask_address: str | None) -> Iterator[object]:
+    if client is not None:
+        yield client
+        return
+    from pipeline.parallel import dask_client
+
+    with dask_client(workers, dask_address) as made:
+        yield made
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """The dataset at `path`, checked case by case first: BadInputError listing every problem; legal
+    oddities (a constant image, an empty label) are logged as warnings and the run goes on."""
+    from pipeline.data.dataset import load_dataset as load
+    from pipeline.data.validation import check_dataset
+
+    report = check_dataset(path)
+    if report.problems:
+        raise BadInputError(report.problems)
+    for w in report.warnings:
+        log.warning("warning %s", w)
+    return load(path)
+
+
+def fingerprint(dataset: Dataset, workdir: WorkdirLike, *, reuse: bool = False, client=None,
+                workers: int | None = None, dask_address: str | None = None, progress: bool = True):
+    """Per-case spacing, shape, intensities and class counts, one Dask task per case, saved as
+    `W/fingerprint.json`. With `reuse`, an existing fingerprint is returned as it is."""
+    from pipeline.planning.fingerprint import Fingerprint, compute_fingerprint
+
+    wd = Workdir.at(workdir)
+    if reuse and wd.fingerprint.is_file():
+        return Fingerprint.load(wd.fingerprint)
+    with _client(client, workers, dask_address) as c:
+        fp = compute_fingerprint(dataset, client=c, progress=progress)
+    fp.save(wd.fingerprint)
+    log.info("fingerprint of %d cases -> %s", len(dataset.cases), wd.fingerprint)
+    return fp
+
+
+def plan(dataset: Dataset, workdir: WorkdirLike, *, gpu_memory_gb: float = 8.0, reuse: bool = True, client=None,
+         workers: int | None = None, dask_address: str | None = None, progress: bool = True):
+    """nnU-Net v2's plans for `dataset`, saved as `W/plans.json` (the fingerprint is computed first
+    when the workdir has none). With `reuse`, existing plans are returned as they are."""
+    from pipeline.planning.planner import plan_experiment
+    from pipeline.planning.plans import Plans
+
+    wd = Workdir.at(workdir)
+    if reuse and wd.plans.is_file():
+        return Plans.load(wd.plans)
+    fp = fingerprint(dataset, wd, reuse=True, client=client, workers=workers, dask_address=dask_address,
+                     progress=progress)
+    plans = plan_experiment(fp, dataset, gpu_memory_gb=gpu_memory_gb)
+    plans.save(wd.plans)
+    log.info("plans -> %s", wd.plans)
+    return plans
+
+
+def preprocess(dataset: Dataset, workdir: WorkdirLike, config: str = "3d_fullres", *, plans=None, client=None,
+               workers: int | None = None, dask_address: str | None = None, progress: bool = True,
+               gpu_memory_gb: float = 8.0):
+    """Every case of `config` into `W/store.zarr` (one Dask task and one writer per case), skipping
+    complete cases; returns the `PreprocessReport` (its `failed` lists the cases that could not be
+    done). Plans are made first when the workdir has none."""
+    from pipeline.preprocessing.preprocess import run_preprocessing
+
+    wd = Workdir.at(workdir)
+    with _client(client, workers, dask_address) as c:
+        plans = plans or plan(dataset, wd, gpu_memory_gb=gpu_memory_gb, client=c, progress=progress)
+        return run_preprocessing(dataset, plans, config, wd.store, client=c, progress=progress)
+
+
+def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0", **settings):
+    """Train one configuration and fold data-parallel with Ray Train; `settings` are the other
+    `TrainSettings` fields (num_workers, epochs, time_budget_min, resume, ray_address, recipe, ...).
+    Returns the `TrainResult` (model files, metrics, epochs)."""
+    from pipeline.training.launch import run_training
+    from pipeline.training.loop import TrainSettings
+
+    known = {f.name for f in dataclasses.fields(TrainSettings)} - {"workdir", "config", "fold"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"train() got unknown settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    return run_training(TrainSettings(workdir=str(Workdir.at(workdir).root), config=config, fold=str(fold), **settings))
+
+
+def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+            config: str = "3d_fullres", fold: str | int | Sequence = "0", **options):
+    """Every case of `input_dir` predicted into `output_dir` (CASE.nii.gz in the input's geometry),
+    skipping cases already there; `options` as `inference.predict.predict_folder` (tta,
+    num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`."""
+    from pipeline.inference.predict import predict_folder
+
+    return predict_folder(Workdir.at(workdir), Path(input_dir), Path(output_dir), config=config, fold=fold, **options)
+
+
+def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+             **options) -> dict:
+    """Dice, IoU and HD95 per class and case of `pred_dir` against `ref_dir` (a dataset or a label
+    folder), written to `out_dir` (default `pred_dir/evaluation`); returns the summary.json content."""
+    from pipeline.evaluation.metrics import evaluate_folders
+
+    out = Path(out_dir) if out_dir is not None else Path(pred_dir) / "evaluation"
+    return evaluate_folders(Path(pred_dir), Path(ref_dir), out, **options)
+
+
+def trained_config(workdir: WorkdirLike) -> str:
+    """The one configuration with trained folds in the workdir (BadInputError when there are several)."""
+    from pipeline.evaluation.crossval import trained_folds
+
+    wd = Workdir.at(workdir)
+    runs = wd.runs
+    configs = sorted(d.name for d in runs.iterdir() if d.is_dir() and trained_folds(wd, d.name)) if runs.is_dir() else []
+    if len(configs) == 1:
+        return configs[0]
+    if not configs:
+        raise SegPipeError(f"no trained model in {runs}: run `segpipe train --workdir {wd.root} --fold K` first")
+    raise BadInputError(f"several configurations are trained ({', '.join(configs)}): choose one with --config")
+
+
+def evaluate_cv(dataset: Dataset, workdir: WorkdirLike, config: str | None = None, **options):
+    """Cross-validation: each fold's validation cases predicted by its own model, pooled scores, and
+    the post-processing rule decided and saved beside the models. Returns the `CrossvalReport`."""
+    from pipeline.evaluation.crossval import evaluate_crossval
+
+    wd = Workdir.at(workdir)
+    return evaluate_crossval(wd, dataset.root, config=config or trained_config(wd), **options)
