@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from pipeline.console import number
 from pipeline.errors import BadInputError, SegPipeError
+from pipeline.storage import append_text, as_path, is_url
 from pipeline.workdir import Workdir
 
 log = logging.getLogger("segpipe")
@@ -43,9 +45,32 @@ def _color(text: str, code: str, stream=sys.stderr) -> str:
     return text
 
 
-def _setup_logging(workdir: Path | None, command: str, debug: bool) -> None:
+class _UploadedLog(logging.FileHandler):
+    """The command's log for a workdir on object storage: written to a local file while the command
+    runs, appended to `W/logs/<command>.log` in the bucket when it ends (object stores cannot append)."""
+
+    def __init__(self, target):
+        self.target = target
+        fd, self.local = tempfile.mkstemp(prefix="segpipe-log-", suffix=".log")
+        os.close(fd)
+        super().__init__(self.local)
+
+    def close(self) -> None:
+        super().close()
+        if os.path.exists(self.local):
+            try:
+                text = Path(self.local).read_text()
+                if text:
+                    append_text(self.target, text)
+            finally:
+                os.unlink(self.local)
+
+
+def _setup_logging(workdir: str | None, command: str, debug: bool) -> None:
     root = logging.getLogger("segpipe")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in root.handlers:
+        handler.close()
     root.handlers.clear()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
@@ -54,10 +79,17 @@ def _setup_logging(workdir: Path | None, command: str, debug: bool) -> None:
     if workdir is not None:
         logs = Workdir.at(workdir).logs
         logs.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(logs / f"{command}.log")
+        fh = _UploadedLog(logs / f"{command}.log") if is_url(logs) else logging.FileHandler(logs / f"{command}.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(logging.DEBUG)
         root.addHandler(fh)
+
+
+def _close_logging() -> None:
+    root = logging.getLogger("segpipe")
+    for handler in list(root.handlers):
+        handler.close()
+        root.removeHandler(handler)
 
 
 def _emit(args, payload: dict, human: str | None = None) -> None:
@@ -152,7 +184,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipeline import stages
 
-    out = Path(args.out) if args.out else Path(args.pred_dir) / "evaluation"
+    out = as_path(args.out) if args.out else as_path(args.pred_dir) / "evaluation"
     pictures = False if args.pictures is None else True if args.pictures == "all" else \
         [c.strip() for c in args.pictures.split(",") if c.strip()]
     summary = stages.evaluate(args.pred_dir, args.ref_dir, out, progress=not args.json, pictures=pictures,
@@ -390,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         try:
-            _setup_logging(Path(workdir) if workdir and args.command != "validate" else None, args.command, args.debug)
+            _setup_logging(workdir if workdir and args.command != "validate" else None, args.command, args.debug)
         except OSError as exc:  # e.g. the workdir's parent is a file: the user's argument to fix
             raise BadInputError(f"cannot use --workdir {workdir}: {exc.strerror or exc} ({exc.filename})") from None
         code = HANDLERS[args.command](args)
+        log.debug("%s finished in %.1fs", args.command, time.perf_counter() - start)
     except KeyboardInterrupt:
         print(_color("interrupted", "33") + ": re-run the same command to resume", file=sys.stderr)
         return 130
@@ -411,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("unexpected failure", exc_info=True)
         print(f"{_color('error', '31')} {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
-    log.debug("%s finished in %.1fs", args.command, time.perf_counter() - start)
+    finally:
+        _close_logging()  # a log for a workdir in a bucket is uploaded here
     return code
 
 

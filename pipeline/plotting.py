@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.storage import replacing
+from pipeline.storage import as_path, replacing
 
 TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")  # plus val_dice_<label> per class
 
@@ -32,7 +32,7 @@ def new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1):
 
 
 def save_figure(fig: Figure, out_png: str | os.PathLike, dpi: int = 100) -> Path:
-    out = Path(out_png)
+    out = as_path(out_png)
     with replacing(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return out
@@ -78,7 +78,7 @@ def boxplot(groups: Mapping[str, Sequence[float | None]], out_png: str | os.Path
 
 def read_metrics_csv(metrics_csv: str | os.PathLike) -> dict[str, np.ndarray]:
     """Columns of a training metrics CSV as float arrays; empty cells (no validation that epoch) -> NaN."""
-    with open(metrics_csv, newline="") as f:
+    with as_path(metrics_csv).open("r", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
@@ -158,5 +158,5 @@ def plot_training_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathL
             ax.legend(fontsize=8, ncols=1 if len(dice_cols) < 12 else 3)
         if not ax.has_data():
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(title or f"training curves: {Path(metrics_csv).parent.name or Path(metrics_csv).name}")
+    fig.suptitle(title or f"training curves: {as_path(metrics_csv).parent.name or as_path(metrics_csv).name}")
     return save_figure(fig, out_png)

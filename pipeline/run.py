@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline import stages
 from pipeline.console import number
@@ -102,7 +101,7 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
     stages.predict(wd, inputs, pred_dir, config=config, fold=fold, tta=o.tta, progress=True)
     log.info("[7/7] evaluate and report")
     eval_dir = wd.root / "evaluation" / f"{config}_fold{fold}"
-    summary = stages.evaluate(pred_dir, Path(dataset_path), eval_dir)
+    summary = stages.evaluate(pred_dir, dataset.root, eval_dir)
     report_path = build_report(wd, plans, config, fold, dataset, pred_dir, eval_dir)
     fg = summary["foreground_mean"]
     log.info("foreground mean Dice %s  IoU %s on %d held-out case(s)", number(fg["dice"]), number(fg["iou"]), len(heldout))

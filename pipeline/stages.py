@@ -27,10 +27,10 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from pipeline.data.dataset import Dataset
 from pipeline.errors import BadInputError, SegPipeError
+from pipeline.storage import as_path
 from pipeline.workdir import Workdir
 
 log = logging.getLogger("segpipe")
@@ -133,7 +133,7 @@ def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str 
     num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`."""
     from pipeline.inference.predict import predict_folder
 
-    return predict_folder(Workdir.at(workdir), Path(input_dir), Path(output_dir), config=config, fold=fold, **options)
+    return predict_folder(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config=config, fold=fold, **options)
 
 
 def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -142,8 +142,8 @@ def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: s
     folder), written to `out_dir` (default `pred_dir/evaluation`); returns the summary.json content."""
     from pipeline.evaluation.metrics import evaluate_folders
 
-    out = Path(out_dir) if out_dir is not None else Path(pred_dir) / "evaluation"
-    return evaluate_folders(Path(pred_dir), Path(ref_dir), out, **options)
+    out = as_path(out_dir) if out_dir is not None else as_path(pred_dir) / "evaluation"
+    return evaluate_folders(as_path(pred_dir), as_path(ref_dir), out, **options)
 
 
 def trained_config(workdir: WorkdirLike) -> str:

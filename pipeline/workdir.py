@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.storage import AnyPath, absolute, as_path
+
 # the files of a run folder W/runs/<config>/fold_<k>/
 MODEL_FINAL = "model_final.pt"
 MODEL_BEST = "model_best.pt"
@@ -25,18 +27,18 @@ TRAIN_SETTINGS = "train_settings.json"
 
 def model_file(run_dir: str | os.PathLike, which: str = "final") -> Path:
     """`model_final.pt` or `model_best.pt` of a run folder."""
-    return Path(run_dir) / f"model_{which}.pt"
+    return as_path(run_dir) / f"model_{which}.pt"
 
 
 @dataclass(frozen=True)
 class Workdir:
-    root: Path
+    root: AnyPath  # a local Path, or a UPath for a URL (s3://bucket/work)
 
     @classmethod
     def at(cls, path: str | os.PathLike | Workdir) -> Workdir:
         if isinstance(path, Workdir):
             return path
-        return cls(Path(path).expanduser().absolute())
+        return cls(absolute(path))
 
     @property
     def fingerprint(self) -> Path:

@@ -19,13 +19,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from pipeline.data.files import NIFTI_ENDINGS, strip_ending
 from pipeline.data.nifti import Geometry, geometry_of, load_header, read_array, to_ras
 from pipeline.errors import BadInputError, Problem
+from pipeline.storage import absolute, inside
 
 LAYOUT_MSD = "msd"
 LAYOUT_NNUNET = "nnunetv2"
@@ -133,22 +134,15 @@ class CaseData:
     spacing: tuple[float, ...]
 
 
-def _inside(root: Path, path: Path) -> bool:
-    """True when `path`, symlinks resolved, stays inside `root` (resolved)."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return os.path.commonpath([real_root, real]) == real_root
-
-
 def _check_path(root: Path, rel: object, case: str, what: str, problems: list[Problem]) -> Path | None:
     if not isinstance(rel, str) or not rel:
         problems.append(Problem(case, f"{what} path must be a non-empty string, got {rel!r}"))
         return None
-    path = root / rel
+    path = root.joinpath(*PurePosixPath(rel).parts)  # "./imagesTr/x": no "." segment in an object key
     if os.path.isabs(rel) or ".." in Path(rel).parts:
         problems.append(Problem(case, f"{what} path {rel!r} escapes the dataset folder"))
         return None
-    if not _inside(root, path):
+    if not inside(root, path):
         problems.append(Problem(case, f"{what} path {rel!r} is a link that points outside the dataset folder"))
         return None
     return path
@@ -255,12 +249,12 @@ def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem
         paths = []
         for c in range(channels):
             if c in files:
-                if not _inside(root, files[c]):
+                if not inside(root, files[c]):
                     problems.append(Problem(case_id, f"{files[c].name} is a link that points outside the dataset folder"))
                 else:
                     paths.append(files[c])
         label_ok = case_id in label_ids
-        if label_ok and not _inside(root, label):
+        if label_ok and not inside(root, label):
             problems.append(Problem(case_id, f"label {label.name} is a link that points outside the dataset folder"))
             label_ok = False
         if len(paths) == channels and not missing:
@@ -270,7 +264,7 @@ def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem
 
 def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]]:
     """Read the dataset description, collecting every problem found instead of stopping at the first."""
-    root = Path(path).absolute()  # case paths travel to workers that may run in another folder
+    root = absolute(path)  # case paths travel to workers that may run in another folder (or a URL)
     problems: list[Problem] = []
     if not root.is_dir():
         return None, [Problem(None, f"{root} is not a folder")]

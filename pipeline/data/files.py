@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline.storage import as_path, is_url
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CHANNEL_STEM = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net v2: CASE_0000 is channel 0 of CASE
 
@@ -24,9 +26,15 @@ def strip_ending(name: str) -> str:
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The NIfTI files directly in `folder`, sorted by name; hidden files skipped."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if not p.name.startswith(".") and p.name.endswith(NIFTI_ENDINGS) and p.is_file())
+    """The NIfTI files directly in `folder` (a path or URL), sorted by name; hidden files skipped."""
+    folder = as_path(folder)
+    if is_url(folder):  # one listing with file types, not a request per file
+        entries = folder.fs.ls(folder.path, detail=True)
+        files = [folder / e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
+    else:
+        files = [p for p in folder.iterdir() if p.is_file()]
+    return sorted((p for p in files if not p.name.startswith(".") and p.name.endswith(NIFTI_ENDINGS)),
+                  key=lambda p: p.name)
 
 
 def split_channel(stem: str) -> tuple[str, int] | None:

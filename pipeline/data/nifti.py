@@ -25,7 +25,7 @@ from nibabel.orientations import (
 )
 
 from pipeline.errors import BadInputError
-from pipeline.storage import replacing
+from pipeline.storage import as_path, is_url, local_file, replacing, size_of
 
 RAS = axcodes2ornt(("R", "A", "S"))
 # Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header declares more bytes
@@ -71,17 +71,19 @@ class Geometry:
 
 def display_name(path: str | os.PathLike) -> str:
     """A file as messages name it: with its folder, so imagesTr/x.nii.gz and labelsTr/x.nii.gz differ."""
-    path = Path(path)
+    path = as_path(path)
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def load_header(path: Path, case: str | None = None) -> nib.Nifti1Image:
-    """Open a NIfTI file lazily (header only), with errors that name the case and file."""
-    path = Path(path)
+    """Open a NIfTI file lazily (header only), with errors that name the case and file. On object
+    storage the file is read through a ranged stream: the header costs one small request, the
+    voxels are fetched only when read."""
+    path = as_path(path)
     if not path.is_file():
         raise BadInputError(f"missing file {display_name(path)}", case)
     try:
-        img = nib.load(str(path))
+        img = _open_remote(path) if is_url(path) else nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk files
         raise BadInputError(f"unreadable NIfTI {display_name(path)} ({type(exc).__name__}: {exc})", case) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -90,12 +92,23 @@ def load_header(path: Path, case: str | None = None) -> nib.Nifti1Image:
     return img
 
 
+def _open_remote(path) -> nib.Nifti1Image:
+    stream = path.open("rb")
+    if path.name.endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=stream)
+    try:
+        return nib.Nifti1Image.from_stream(stream)
+    except Exception:  # noqa: BLE001 - not NIfTI-1: perhaps NIfTI-2, else the caller's error
+        stream.seek(0)
+        return nib.Nifti2Image.from_stream(stream)
+
+
 def _check_declared_size(img: nib.Nifti1Image, path: Path, case: str | None) -> None:
     shape = img.shape
     if any(int(s) <= 0 for s in shape):
         raise BadInputError(f"{display_name(path)} declares an empty shape {tuple(shape)}", case)
     declared = int(np.prod([int(s) for s in shape], dtype=np.float64)) * img.get_data_dtype().itemsize
-    size = os.path.getsize(path)
+    size = size_of(path)
     compressed = path.name.endswith(".gz")
     limit = size * MAX_DEFLATE_RATIO if compressed else size
     if declared > limit:
@@ -161,8 +174,9 @@ def write_volume(data_ras: np.ndarray, geometry: Geometry, path: Path, reference
     data = from_ras(data_ras, geometry)
     affine = np.asarray(geometry.affine, dtype=np.float64)
     header = None
-    if reference is not None and Path(reference).is_file():
-        header = nib.load(str(reference)).header.copy()
+    if reference is not None and as_path(reference).is_file():
+        with local_file(reference, ".nii.gz" if str(reference).endswith(".gz") else ".nii") as ref:
+            header = nib.load(str(ref)).header.copy()
     img = nib.Nifti1Image(data, affine, header=header)
     img.set_data_dtype(data.dtype)
     if header is not None:

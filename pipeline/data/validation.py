@@ -39,6 +39,7 @@ import numpy as np
 from pipeline.data.dataset import LAYOUT_MSD, CaseFiles, Dataset, scan_dataset
 from pipeline.data.nifti import display_name, load_header
 from pipeline.errors import BadInputError, Problem
+from pipeline.storage import as_path
 
 # Files of one case must agree this closely to count as one voxel grid. Header values are float32,
 # so exact equality is too strict; a shift of 1% of a voxel is not a real misalignment.
@@ -241,8 +242,8 @@ def read_voxels(img: nib.Nifti1Image, path: Path, case: str | None = None) -> np
     header.set_data_offset(img.dataobj.offset)  # nibabel zeroes the in-memory header's offset on load
     expected = int(img.dataobj.offset) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
     try:
-        raw = Path(path).read_bytes()
-        if Path(path).name.endswith(".gz"):
+        raw = as_path(path).read_bytes()
+        if as_path(path).name.endswith(".gz"):
             raw = _gunzip(raw, limit=2 * expected + 2**20)
         return np.asanyarray(header.data_from_fileobj(io.BytesIO(raw)))
     except (EOFError, OSError, ValueError, zlib.error) as exc:

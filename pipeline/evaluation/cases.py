@@ -20,6 +20,7 @@ from pipeline.data.files import image_files, strip_ending
 from pipeline.data.nifti import Geometry, read_volume
 from pipeline.errors import BadInputError, Problem
 from pipeline.parallel import cpu_count
+from pipeline.storage import as_path
 
 log = logging.getLogger("segpipe.evaluation")
 
@@ -55,7 +56,7 @@ def find_references(ref_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[i
     `ref_dir` is a dataset folder (Decathlon or nnU-Net v2 layout) or a folder of CASE.nii.gz label
     files; a label folder inside a dataset (its labelsTr/) takes the names from the dataset.json above it.
     """
-    ref_dir = Path(ref_dir)
+    ref_dir = as_path(ref_dir)
     if not ref_dir.is_dir():
         raise BadInputError(f"reference folder {ref_dir} does not exist")
     if (ref_dir / "dataset.json").is_file():
@@ -80,7 +81,7 @@ def find_references(ref_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[i
 def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike
                ) -> tuple[list[tuple[str, Path, Path]], dict[int, str] | None]:
     """(case, prediction, reference) for every prediction file, and the dataset's labels if known."""
-    pred_dir = Path(pred_dir)
+    pred_dir = as_path(pred_dir)
     if not pred_dir.is_dir():
         raise BadInputError(f"prediction folder {pred_dir} does not exist")
     preds = label_files(pred_dir)

@@ -23,8 +23,6 @@ import csv
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import BadInputError, SegPipeError
+from pipeline.storage import as_path, link, remove_tree
 from pipeline.workdir import METRICS_CSV, MODEL_FINAL, Workdir
 
 log = logging.getLogger("segpipe.crossval")
@@ -40,7 +39,9 @@ NUMERIC_FOLDS = tuple(str(k) for k in range(5))
 
 
 def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
-    """A folder of links to the cases' images, named as `segpipe predict` reads them."""
+    """A folder of links to the cases' images, named as `segpipe predict` reads them (copies on
+    object storage, which has no links)."""
+    folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for cid in case_ids:
         case = dataset.case(cid)
@@ -49,11 +50,7 @@ def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
         else:
             targets = {f"{cid}_{i:04d}{dataset.file_ending}": p for i, p in enumerate(case.images)}
         for name, target in targets.items():
-            link = folder / name
-            if link.is_symlink() and not link.exists():
-                link.unlink()  # the dataset moved since: point at where it is now
-            if not link.exists():
-                os.symlink(os.path.realpath(target), link)
+            link(target, folder / name)
     return folder
 
 
@@ -134,11 +131,10 @@ class CrossvalReport:
 
 def _link_predictions(sources: dict[str, Path], folder: Path) -> None:
     """`folder` holds exactly one link per case (rebuilt each run: folds may have changed)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    remove_tree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for case, path in sources.items():
-        os.symlink(os.path.realpath(path), folder / path.name)
+        link(path, folder / path.name)
 
 
 def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: Sequence[str] | str | None = None,

@@ -38,7 +38,7 @@ from scipy import ndimage
 from pipeline.console import number
 from pipeline.errors import BadInputError
 from pipeline.evaluation.cases import load_pair, map_cases, pair_cases
-from pipeline.storage import write_text_atomic
+from pipeline.storage import as_path, write_text_atomic
 
 log = logging.getLogger("segpipe.evaluation")
 
@@ -237,7 +237,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, ou
     with reference and prediction contours; the images come from `images_dir` or the dataset.
     Returns the summary as written to summary.json (NaN as None).
     """
-    pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    pred_dir, ref_dir, out_dir = as_path(pred_dir), as_path(ref_dir), as_path(out_dir)
     pairs, found_labels = pair_cases(pred_dir, ref_dir)
     images = {}
     if pictures:

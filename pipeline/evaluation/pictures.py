@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.plotting import new_figure, save_figure
+from pipeline.storage import as_path
 
 COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf", "#17becf")
 
@@ -115,7 +116,7 @@ def find_images(ref_dir: str | os.PathLike, images_dir: str | os.PathLike | None
     from pipeline.errors import BadInputError
 
     if images_dir is not None:
-        folder = Path(images_dir)
+        folder = as_path(images_dir)
         if not folder.is_dir():
             raise BadInputError(f"image folder {folder} does not exist")
         found: dict[str, Path] = {}
@@ -127,7 +128,7 @@ def find_images(ref_dir: str | os.PathLike, images_dir: str | os.PathLike | None
             elif channel[1] == 0:
                 found[channel[0]] = path
         return found
-    ref_dir = Path(ref_dir)
+    ref_dir = as_path(ref_dir)
     for root in (ref_dir, ref_dir.parent):
         if (root / "dataset.json").is_file():
             dataset, problems = scan_dataset(root)

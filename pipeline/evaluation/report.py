@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.console import number
 from pipeline.inference.predictor import OUTPUT_ENDING
+from pipeline.storage import copy_file, write_text_atomic
 from pipeline.workdir import TRAINING_CURVES, Workdir
 
 MAX_OVERLAYS = 4
@@ -71,7 +71,7 @@ def build_report(wd: Workdir, plans, config: str, fold: str, dataset, pred_dir: 
     for name, src in (("dice_boxplot.png", eval_dir / "dice_boxplot.png"),
                       ("training_curves.png", run_dir / TRAINING_CURVES)):
         if src.is_file():
-            shutil.copyfile(src, out / name)
+            copy_file(src, out / name)
             images.append(name)
     if "dice_boxplot.png" in images:
         sections.append('<img src="dice_boxplot.png" alt="Dice per class">')
@@ -95,7 +95,5 @@ img{{max-width:100%;margin:6px 0}}img.ov{{max-width:49%}}pre{{background:#f6f6f6
 {''.join(sections)}
 </body></html>
 """
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "index.html")
+    write_text_atomic(out / "index.html", page)
     return out / "index.html"

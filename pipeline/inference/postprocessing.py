@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import BadInputError
-from pipeline.storage import write_text_atomic
+from pipeline.storage import as_path, write_text_atomic
 
 RULE_VERSION = 1
 
@@ -63,15 +63,14 @@ class PostprocessingRule:
         return rule
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = as_path(path)
         write_text_atomic(path, json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PostprocessingRule:
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
+            return cls.from_json(json.loads(as_path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise BadInputError(f"cannot read post-processing rule {path} ({exc})") from None
 

@@ -25,6 +25,7 @@ from pipeline.inference.predictor import (
     parse_folds,
     predict_one,
 )
+from pipeline.storage import absolute, as_path, is_url
 from pipeline.workdir import Workdir
 
 log = logging.getLogger("segpipe.predict")
@@ -42,7 +43,7 @@ def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_n
     from pipeline.data.dataset import CaseFiles, strip_ending
     from pipeline.data.nifti import load_header
 
-    folder = Path(input_dir)
+    folder = as_path(input_dir)
     if not folder.is_dir():
         raise BadInputError(f"input folder {folder} does not exist")
     files = image_files(folder)
@@ -144,10 +145,11 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
 
     start = time.perf_counter()
     wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    input_dir, output_dir = absolute(input_dir), absolute(output_dir)
     folds = parse_folds(fold)
     run_dirs = find_model(wd, config, folds, checkpoint)
-    if output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve():
+    if str(input_dir).rstrip("/") == str(output_dir).rstrip("/") or (
+            not is_url(output_dir) and output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve()):
         raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
     plans = Plans.load(run_dirs[0] / "plans.json")
     cases = group_input_files(input_dir, len(plans.channels), plans.channels)

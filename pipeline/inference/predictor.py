@@ -18,7 +18,7 @@ import torch
 
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.inference.sliding_window import network_logits, sliding_window_predict
-from pipeline.storage import replacing
+from pipeline.storage import as_path, replacing
 from pipeline.workdir import MODEL_BEST, Workdir, model_file
 
 log = logging.getLogger("segpipe.predict")
@@ -153,7 +153,7 @@ def _load_rule(run_dirs: Sequence[str]):
 
     rules = []
     for run_dir in run_dirs:
-        path = Path(run_dir) / POSTPROCESSING_FILE
+        path = as_path(run_dir) / POSTPROCESSING_FILE
         if not path.is_file():
             return None
         rules.append(PostprocessingRule.load(path))
@@ -171,7 +171,7 @@ def input_dataset(plans, root: Path, cases: Sequence = ()):
     """A `Dataset` describing prediction inputs, so `read_case` checks and reads them like training data."""
     from pipeline.data.dataset import Dataset
 
-    return Dataset(root=Path(root), name=plans.dataset_name, layout="predict", channels=tuple(plans.channels),
+    return Dataset(root=as_path(root), name=plans.dataset_name, layout="predict", channels=tuple(plans.channels),
                    labels={int(k): v for k, v in plans.labels.items()}, cases=tuple(cases))
 
 
@@ -200,7 +200,7 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     reference = None
     if not isinstance(case, CaseData):
         reference = case.images[0]
-        case = read_case(input_dataset(predictor.plans, Path(reference).parent, [case]), case, with_label=False)
+        case = read_case(input_dataset(predictor.plans, as_path(reference).parent, [case]), case, with_label=False)
     if case.image.shape[0] != predictor.num_channels:
         raise BadInputError(f"image has {case.image.shape[0]} channel(s); the model expects {predictor.num_channels}",
                             case.case_id)
@@ -222,7 +222,7 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     if predictor.rule is not None:
         label = apply_postprocessing(label, predictor.rule)
     if output_path is not None:
-        output_path = Path(output_path)
+        output_path = as_path(output_path)
         if save_probabilities:
             save_probabilities_npz(probabilities, label_map.values, npz_path(output_path))
         write_prediction(label, case.geometry, output_path, reference)
@@ -275,7 +275,7 @@ def predict_one(predictor: Predictor, case, output_dir: str | os.PathLike, save_
     """Predict and write one case; bad input comes back as a failed result naming the case."""
     start = time.perf_counter()
     try:
-        predict_case(predictor, case, Path(output_dir) / f"{case.case_id}{OUTPUT_ENDING}", save_probabilities, progress)
+        predict_case(predictor, case, as_path(output_dir) / f"{case.case_id}{OUTPUT_ENDING}", save_probabilities, progress)
     except BadInputError as exc:
         return CaseResult(case.case_id, False, time.perf_counter() - start, "; ".join(p.message for p in exc.problems))
     except MemoryError:

@@ -30,6 +30,7 @@ from pipeline.parallel import (
     ray_session,
     whereami,
 )
+from pipeline.storage import absolute
 
 log = logging.getLogger("segpipe.predict")
 
@@ -60,9 +61,9 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
     from ray.util import ActorPool
 
     # the actors may run in another folder or on another machine: absolute paths only
-    output_dir = Path(output_dir).absolute()
-    cases = [dataclasses.replace(c, images=tuple(Path(p).absolute() for p in c.images),
-                                 label=Path(c.label).absolute() if c.label else None) for c in cases]
+    output_dir = absolute(output_dir)
+    cases = [dataclasses.replace(c, images=tuple(absolute(p) for p in c.images),
+                                 label=absolute(c.label) if c.label else None) for c in cases]
     with ray_session(ray_address, num_cpus=max(num_workers or 1, cpu_count())):
         inputs = sorted({str(p.parent) for c in cases for p in c.images})
         check_ray_nodes_see([*(SharedPath("model folder", d) for d in spec.run_dirs),

@@ -24,13 +24,12 @@ import os
 import uuid
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.dataset import CaseFiles, Dataset, read_case
 from pipeline.errors import BadInputError, Problem, SegPipeError
-from pipeline.storage import write_json_atomic
+from pipeline.storage import as_path, write_json_atomic
 
 SCHEMA_VERSION = 1
 INTENSITY_SAMPLE_BUDGET = 2_000_000  # foreground intensities kept per channel for the whole dataset
@@ -142,7 +141,7 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Fingerprint:
-        path = Path(path)
+        path = as_path(path)
         if not path.is_file():
             raise SegPipeError(f"{path} not found: run `segpipe fingerprint` first")
         try:

@@ -14,11 +14,10 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SegPipeError
-from pipeline.storage import write_json_atomic
+from pipeline.storage import as_path, write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -151,7 +150,7 @@ class Plans:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plans:
-        path = Path(path)
+        path = as_path(path)
         if not path.is_file():
             raise SegPipeError(f"{path} not found: run `segpipe plan` first")
         return cls.from_json(json.loads(path.read_text()))

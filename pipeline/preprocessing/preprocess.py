@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pipeline.preprocessing.resampling import (
     resample_label,
     separate_z_axis,
 )
+from pipeline.storage import as_path, stat, url_of
 
 log = logging.getLogger("segpipe.preprocessing")
 
@@ -237,14 +237,14 @@ def _case_files(dataset: Dataset, case_id: str) -> list[Path]:
 
 def _file_key(dataset: Dataset, path: Path) -> str:
     try:
-        return str(Path(path).relative_to(dataset.root))
+        return str(as_path(path).relative_to(dataset.root))
     except ValueError:
         return str(path)
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with as_path(path).open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -254,8 +254,8 @@ def source_stamps(dataset: Dataset, case_id: str) -> dict[str, list]:
     """file (relative to the dataset) -> [size, mtime_ns, sha256] of each raw file of the case."""
     out = {}
     for path in _case_files(dataset, case_id):
-        st = os.stat(path)
-        out[_file_key(dataset, path)] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+        size, mtime_ns = stat(path)
+        out[_file_key(dataset, path)] = [size, mtime_ns, _sha256(path)]
     return out
 
 
@@ -274,12 +274,12 @@ def source_changed(dataset: Dataset, case_id: str, stored: dict) -> bool:
     for key, path in files.items():
         size, mtime, digest = stored[key]
         try:
-            st = os.stat(path)
+            now_size, now_mtime = stat(path)
         except OSError:
             return True
-        if st.st_size != size:
+        if now_size != size:
             return True
-        if st.st_mtime_ns != mtime and _sha256(path) != digest:
+        if now_mtime != mtime and _sha256(path) != digest:
             return True
     return False
 
@@ -324,8 +324,7 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
     if tuple(LabelMap(plans.label_values).values) != tuple(dataset.label_map.values):
         raise BadInputError(f"the plans declare labels {list(plans.label_values)} but the dataset "
                             f"declares {list(dataset.label_map.values)}: re-run `segpipe plan`")
-    if "://" not in str(store_path):
-        store_path = Path(store_path).absolute()  # workers may run elsewhere than this cwd
+    store_path = url_of(store_path)  # absolute: workers may run elsewhere than this cwd
     store = open_store(store_path, "a", dataset_name=plans.dataset_name)
     report = PreprocessReport(str(store_path), config, conf.data_identifier)
     with store.lock():

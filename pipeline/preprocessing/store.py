@@ -53,6 +53,7 @@ from zarr.core.sync import sync
 
 from pipeline.errors import Problem, SegPipeError
 from pipeline.planning.plans import Plans
+from pipeline.storage import STORAGE_OPTIONS, url_of
 
 STORE_VERSION = 1
 IMAGE_DTYPE = "float16"
@@ -145,10 +146,13 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "a", dataset_name: st
     """Open (mode 'r') or open-or-create (mode 'a') a store at a local path or fsspec URL."""
     if mode not in ("r", "a"):
         raise ValueError("mode must be 'r' or 'a'")
+    if not isinstance(path_or_url, str):
+        path_or_url = url_of(path_or_url)
     local = _local_path(path_or_url)
     target = str(local) if local is not None else os.fspath(path_or_url)
+    options = {"storage_options": STORAGE_OPTIONS} if local is None else {}
     try:
-        group = zarr.open_group(target, mode="r")
+        group = zarr.open_group(target, mode="r", **options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         group = None
     except Exception as exc:  # an array, junk JSON, a v2 store...
@@ -156,7 +160,7 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "a", dataset_name: st
     if group is None:
         if mode == "r":
             raise SegPipeError(f"no store at {path_or_url}: run `segpipe preprocess` first")
-        group = zarr.open_group(target, mode="a", zarr_format=3,
+        group = zarr.open_group(target, mode="a", zarr_format=3, **options,
                                 attributes={"segpipe_store": STORE_VERSION, "dataset_name": dataset_name})
     else:
         if group.attrs.get("segpipe_store") is None:
@@ -165,7 +169,7 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "a", dataset_name: st
             raise SegPipeError(f"{path_or_url} has store version {group.attrs.get('segpipe_store')}; "
                                f"this seg-pipeline reads {STORE_VERSION}: preprocess into a fresh workdir")
         if mode == "a":
-            group = zarr.open_group(target, mode="r+")
+            group = zarr.open_group(target, mode="r+", **options)
     return Store(path_or_url, group)
 
 

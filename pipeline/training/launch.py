@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from pipeline.parallel import (
     whereami,
 )
 from pipeline.planning.plans import Plans
-from pipeline.storage import write_json_atomic
+from pipeline.storage import as_path, move, remove_tree, size_of, write_json_atomic
 from pipeline.training.loop import TrainResult, TrainSettings, load_plain, train_loop_per_worker
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAIN_SETTINGS, TRAINING_CURVES, TRAINING_LOG, Workdir
 
@@ -163,9 +162,8 @@ def _move_aside(path: Path) -> None:
     if not path.exists():
         return
     target = path.with_name(path.name + ".previous")
-    if target.exists():
-        shutil.rmtree(target)
-    path.rename(target)
+    remove_tree(target)
+    move(path, target)
     log.warning("moved the earlier run aside: %s -> %s (pass --resume to continue a run)", path, target)
 
 
@@ -195,7 +193,7 @@ class _LogTail:
 
     def __init__(self, path: Path, interval: float = 0.5):
         self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
+        self.offset = size_of(path) if path.exists() else 0
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="train-log-tail", daemon=True)
@@ -215,10 +213,10 @@ class _LogTail:
 
     def _drain(self) -> None:
         try:
-            with self.path.open("rb") as f:
+            with self.path.open("rb") as f:  # on object storage a ranged read of the (rewritten) object
                 f.seek(self.offset)
                 data = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # not there yet / shorter than the offset mid-rewrite
             return
         end = data.rfind(b"\n") + 1  # whole lines only; a partial one waits for the next poll
         self.offset += end
@@ -239,13 +237,13 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     here = whereami()
-    problems = path_problems(shared_paths(config, Path(config["ray_storage"])))
+    problems = path_problems(shared_paths(config, config["ray_storage"]))
     if problems:
         where = f"{here.get('node_ip', '?')} (node {here.get('node_id', '?')[:12]}, host {here['host']})"
         raise SegPipeError("\n".join([f"training worker {rank} on {where} cannot see {p}" for p in problems]
                                       + ["the workdir must be on a filesystem every node mounts at the same path "
                                          "(cluster/README.md)"]))
-    placement = Path(config["run_dir"]) / "placement"
+    placement = as_path(config["run_dir"]) / "placement"
     placement.mkdir(parents=True, exist_ok=True)
     write_json_atomic(placement / f"rank_{rank}.json",
                       {"rank": rank, "world_size": ctx.get_world_size(), "local_rank": ctx.get_local_rank(), **here})
@@ -260,7 +258,7 @@ def record_placement(run_dir: Path) -> dict | None:
         return None
     placement = {"workers": ranks, "nodes": sorted({r.get("node_id", r["host"]) for r in ranks})}
     write_json_atomic(run_dir / "placement.json", placement)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     log.info("%d training worker(s) on %d node(s): %s", len(ranks), len(placement["nodes"]),
              ", ".join(f"rank {r['rank']} on {r.get('node_ip', r['host'])} (node {r.get('node_id', '?')[:12]})"
                        for r in ranks))
@@ -287,7 +285,7 @@ def fit(settings: TrainSettings) -> TrainResult:
     Ray workers (DDP); `placement.json` in the fold folder records which node each rank ran on."""
     settings, plans, loop_config = prepare_run(settings)
     wd = Workdir.at(settings.workdir)
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = as_path(loop_config["run_dir"])
     storage = wd.ray_storage
     name = run_name(settings)
 

@@ -43,7 +43,7 @@ from pipeline.console import number
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.parallel import cpu_count
 from pipeline.planning.plans import Plans
-from pipeline.storage import replacing
+from pipeline.storage import append_text, as_path, local_file, replacing
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAINING_CURVES, TRAINING_LOG, Workdir, model_file
 
 EMA_WEIGHT = 0.9  # nnU-Net: ema = 0.9 * ema + 0.1 * mean foreground pseudo-Dice
@@ -208,7 +208,8 @@ def load_plain(path: Path, map_location: str | torch.device = "cpu"):
     import pickle
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with local_file(path) as local:
+            return torch.load(local, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise SegPipeError(f"refused to load {path}: not a plain tensor file but a pickle that would run code "
@@ -220,7 +221,7 @@ def load_trained_network(run_dir: str | os.PathLike, which: str = "final", devic
     """(network in eval mode without deep supervision, plans, model-file dict) from a run folder."""
     from pipeline.training.model import build_network
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     path = model_file(run_dir, which)
     if not path.is_file():
         raise SegPipeError(f"{path} not found: train this configuration and fold first (`segpipe train`)")
@@ -369,7 +370,7 @@ class _WorkerRun:
         self.recipe = self.settings.recipe_spec
         self.plans = Plans.from_json(config["plans"])
         self.conf = self.plans.configuration(self.settings.config)
-        self.run_dir = Path(config["run_dir"])
+        self.run_dir = as_path(config["run_dir"])
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cuda = self.device.type == "cuda"
@@ -589,9 +590,7 @@ class _WorkerRun:
 
     def _log(self, line: str) -> None:
         print(line, flush=True)  # the worker's own log; the driver echoes training_log.txt
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / TRAINING_LOG).open("a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        append_text(self.run_dir / TRAINING_LOG, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def _model_file(self, path: Path) -> None:
         save_model_file(path, self.net, configuration=self.settings.config, epoch=self.epoch, ema_dice=self.ema,

@@ -17,12 +17,11 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import BadInputError, SegPipeError
-from pipeline.storage import write_json_atomic
+from pipeline.storage import as_path, write_json_atomic
 from pipeline.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def load_or_create_splits(where: Workdir | str | os.PathLike, case_ids: list[str
 
     An existing file is never reshuffled; a holdout split asked for but missing is added to it.
     """
-    path = where.splits if isinstance(where, Workdir) else Path(where)
+    path = where.splits if isinstance(where, Workdir) else as_path(where)
     if path.is_dir():
         path = path / "splits.json"
     if not path.is_file():
