@@ -175,7 +175,8 @@ def cmd_predict(args) -> int:
     report = stages.predict(
         args.workdir, args.input_dir, args.output_dir, config=args.config, fold=args.fold, tta=not args.no_tta,
         save_probabilities=args.save_probabilities, num_workers=args.num_workers, ray_address=args.ray_address,
-        progress=not args.json,
+        progress=not args.json, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        resources_timeout_s=args.resources_timeout_s or 600.0,
     )
     _emit(args, report.to_json(), str(report))
     return 0
@@ -302,6 +303,20 @@ def _add_train(p):
     p.add_argument("--val-iterations", type=int, default=None, help="validation batches per epoch")
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=None, help="seeds model initialisation and every batch (default 12345)")
+    _add_resources(p)
+
+
+def _add_resources(p):
+    """What each Ray worker asks for; the run waits (for an autoscaler) until the cluster has it."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True, default=None,
+                   help="one GPU per worker; wait for GPU nodes (default: GPUs if the cluster has some now)")
+    g.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU only, even where GPUs are")
+    p.add_argument("--cpus-per-worker", type=int, default=None, metavar="N",
+                   help="CPUs reserved per Ray worker; its threads and loader processes follow "
+                        "(default: a local Ray's CPUs shared out, 1 on a cluster)")
+    p.add_argument("--resources-timeout-s", type=float, default=None, metavar="S",
+                   help="how long to wait for the cluster to provide the workers' resources (default 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
     p.add_argument("--ray-address", default=None)
+    _add_resources(p)
 
     p = add("evaluate", "Dice, IoU, HD95 per class and case; summary.json, CSV, markdown, PNG")
     p.add_argument("pred_dir")

@@ -156,6 +156,65 @@ def prepare_ray_address(address: str | None) -> None:
         keep_local_ray_on_loopback()
 
 
+# ---------------------------------------------------------------- asking Ray for resources
+
+
+def describe_bundle(bundle: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v)
+
+
+def wait_for_resources(bundle: dict, count: int, timeout_s: float, what: str) -> None:
+    """Block until the connected Ray cluster can place `count` x `bundle` (e.g. 2 x {CPU: 4, GPU: 1}).
+
+    A pending placement group is what Ray's autoscaler (`ray up`, KubeRay) scales up for, so on an
+    elastic cluster - a head with 0 CPUs, workers at min 0 - this is the request that starts the
+    nodes; here it only waits, then frees the reservation for the work to take. Raises SegPipeError
+    after `timeout_s` saying what it waited for and what the cluster has.
+    """
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline.errors import SegPipeError
+
+    bundle = {k: float(v) for k, v in bundle.items() if v}
+    log = logging.getLogger("segpipe")
+    start = time.monotonic()
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD", name=f"segpipe-wait-{os.getpid()}")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=min(2.0, timeout_s))
+        if not ready:  # not placeable now: say so once, then wait for nodes to join
+            log.info("waiting up to %.0f s for %s: %d x {%s} (the cluster has %s now; an autoscaler adds nodes "
+                     "for this request)", timeout_s, what, count, describe_bundle(bundle),
+                     describe_bundle(ray.cluster_resources()) or "nothing")
+            ready, _ = ray.wait([group.ready()], timeout=max(0.0, timeout_s - (time.monotonic() - start)))
+        if not ready:
+            raise SegPipeError(
+                f"waited {timeout_s:.0f} s for {what}: {count} x {{{describe_bundle(bundle)}}}, but the Ray cluster "
+                f"has {describe_bundle(ray.cluster_resources()) or 'no resources'} "
+                f"({describe_bundle(ray.available_resources()) or 'nothing'} free). Start or autoscale nodes with "
+                "these resources, lower --num-workers / --cpus-per-worker, or raise --resources-timeout-s")
+        log.info("%s: resources ready after %.0f s", what, time.monotonic() - start)
+    finally:
+        remove_placement_group(group)
+
+
+def assigned_cpus(default: int | None = None) -> int:
+    """The CPUs Ray assigned to this task, actor or Train worker (its `num_cpus`), which is what its
+    torch threads and loader processes should use - not the host's core count, which in a pod with
+    an 8-CPU limit on a 64-core node would start 63 loader processes. Outside Ray: `default` or the
+    process's CPUs."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    return default or cpu_count()
+
+
 # ---------------------------------------------------------------- can every node see the paths?
 
 SHARED_PATHS_HINT = ("every node needs the dataset and the workdir at the same path (a shared filesystem: NFS, EFS, "

@@ -15,7 +15,7 @@ from test_sampling import make_tiny_workdir
 from pipeline.cli import build_parser
 from pipeline.errors import BadInputError
 from pipeline.planning.plans import Plans
-from pipeline.training.launch import latest_checkpoint_epoch, prepare_run, prepare_storage, run_name, run_training
+from pipeline.training.launch import prepare_run, prepare_storage, run_name, run_training
 from pipeline.training.loop import (
     RECIPES,
     TrainSettings,
@@ -100,15 +100,13 @@ def test_a_fresh_run_moves_the_earlier_one_aside_and_resume_keeps_it(tmp_path):
     storage, run_dir = tmp_path / "ray", tmp_path / "runs" / "3d_fullres" / "fold_0"
     ray_run = storage / "3d_fullres_fold0"
     ray_run.mkdir(parents=True)
-    (ray_run / "checkpoint_manager_snapshot.json").write_text(
-        json.dumps({"latest_checkpoint_result": {"metrics": {"epoch": 4}}}))
+    (ray_run / "checkpoint_000001").mkdir()
     run_dir.mkdir(parents=True)
     (run_dir / "model_final.pt").write_bytes(b"old")
-    assert latest_checkpoint_epoch(ray_run) == 4
-    assert prepare_storage(storage, "3d_fullres_fold0", run_dir, resume=True) == 4
-    assert ray_run.exists()
-    assert prepare_storage(storage, "3d_fullres_fold0", run_dir, resume=False) is None
-    assert not ray_run.exists() and (storage / "3d_fullres_fold0.previous").is_dir()
+    prepare_storage(storage, "3d_fullres_fold0", run_dir, resume=True)  # Ray Train resumes it: left as it is
+    assert (ray_run / "checkpoint_000001").is_dir() and (run_dir / "model_final.pt").read_bytes() == b"old"
+    prepare_storage(storage, "3d_fullres_fold0", run_dir, resume=False)
+    assert not ray_run.exists() and (storage / "3d_fullres_fold0.previous" / "checkpoint_000001").is_dir()
     assert (run_dir.parent / "fold_0.previous" / "model_final.pt").read_bytes() == b"old"
     assert run_name(TrainSettings("w", config="2d", fold="all")) == "2d_foldall"
 

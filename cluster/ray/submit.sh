@@ -5,14 +5,17 @@
 #       [--fold K] [--steps preprocess,train,predict] [--predict-flags "--no-tta ..."] \
 #       DATASET WORKDIR [PREDICT_INPUT PREDICT_OUTPUT] [-- extra `segpipe train` flags]
 #
-# DATASET, WORKDIR and the prediction folders must be paths every node sees (a shared filesystem,
-# cluster/README.md); relative ones are made absolute here, since the job runs in a copy of the
-# project, not in this folder. The project directory is shipped as the job's working_dir (the nodes
-# need its dependencies installed, as cluster/ray/cluster.yaml does). `ray job submit` follows the
-# job's log and exits 1 when the job fails. Elsewhere: ray job status / logs --address ADDR JOB_ID
+# DATASET, WORKDIR and the prediction folders are URLs every node reaches (s3://, gs://, az://,
+# with credentials in the nodes' environment or roles) or paths every node sees (a shared
+# filesystem, cluster/README.md); relative paths are made absolute here, since the job runs in a
+# copy of the project, not in this folder. Preprocessing runs on Dask workers started on the Ray
+# cluster's nodes (`--ray-address auto`), or on your Dask scheduler with --dask-address. The project
+# directory is shipped as the job's working_dir (the nodes need its dependencies installed, as
+# cluster/ray/cluster.yaml does). `ray job submit` follows the job's log and exits 1 when the job
+# fails. Elsewhere: ray job status / logs --address ADDR JOB_ID
 set -euo pipefail
 ADDRESS="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}"
-DASK=()
+DASK=(--ray-address auto)  # preprocessing on the Ray nodes unless --dask-address
 CONFIG="3d_fullres"
 FOLD="0"
 STEPS_WANTED="preprocess,train,predict"
@@ -29,7 +32,7 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-[[ $# -ge 2 && "$1" != "--" ]] || { sed -n '2,12p' "$0"; exit 2; }
+[[ $# -ge 2 && "$1" != "--" ]] || { sed -n '2,15p' "$0"; exit 2; }
 abspath() { case "$1" in /*|*://*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 DATASET="$(abspath "$1")"; WORKDIR="$(abspath "$2")"; shift 2
 PRED_IN=""; PRED_OUT=""

@@ -132,7 +132,8 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
                    tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
                    ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
                    step: float = 0.5, batch_size: int = 2, device: str | None = None,
-                   postprocess: bool = True) -> PredictReport:
+                   postprocess: bool = True, use_gpu: bool | None = None, cpus_per_worker: int | None = None,
+                   resources_timeout_s: float = 600.0) -> PredictReport:
     """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.nii.gz, skipping cases already written.
 
     Several folds ('0,1,2') average their probabilities. The post-processing rule beside the model
@@ -153,6 +154,8 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
         raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
     plans = Plans.load(run_dirs[0] / "plans.json")
     cases = group_input_files(input_dir, len(plans.channels), plans.channels)
+    if use_gpu is False and device is None:
+        device = "cpu"
     spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
                      batch_size=batch_size, device=device, postprocess=postprocess)
     use_ray = bool(ray_address) or (num_workers or 1) > 1
@@ -164,7 +167,8 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
         from pipeline.inference.ray_backend import predict_cases_ray
 
         results, report.workers = predict_cases_ray(spec, todo, output_dir, save_probabilities, num_workers,
-                                                    ray_address, progress)
+                                                    ray_address, progress, use_gpu, cpus_per_worker,
+                                                    resources_timeout_s)
     elif todo:
         predictor = Predictor.from_spec(spec)
         results = []

@@ -25,9 +25,11 @@ from pipeline.inference.predictor import (
 )
 from pipeline.parallel import (
     SharedPath,
+    assigned_cpus,
     check_ray_nodes_see,
     cpu_count,
     ray_session,
+    wait_for_resources,
     whereami,
 )
 from pipeline.storage import absolute
@@ -38,10 +40,10 @@ log = logging.getLogger("segpipe.predict")
 class _PredictorActor:
     """One model in one worker process; torch keeps to the CPU share Ray gave the actor."""
 
-    def __init__(self, spec: ModelSpec, threads: int):
+    def __init__(self, spec: ModelSpec):
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(assigned_cpus())
         self.predictor = Predictor.from_spec(spec)
 
     def where(self) -> dict:
@@ -55,8 +57,14 @@ class _PredictorActor:
 
 
 def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, save_probabilities: bool,
-                      num_workers: int | None, ray_address: str | None, progress: bool) -> tuple[list[CaseResult], int]:
-    """Predict `cases` (CaseFiles) on an ActorPool; returns the per-case results and the worker count."""
+                      num_workers: int | None, ray_address: str | None, progress: bool, use_gpu: bool | None = None,
+                      cpus_per_worker: int | None = None,
+                      resources_timeout_s: float = 600.0) -> tuple[list[CaseResult], int]:
+    """Predict `cases` (CaseFiles) on an ActorPool; returns the per-case results and the worker count.
+
+    Each actor asks for `cpus_per_worker` CPUs (and a GPU with `use_gpu`; None: GPUs if the cluster
+    has some now) and the pool waits up to `resources_timeout_s` for the cluster to provide them.
+    """
     import ray
     from ray.util import ActorPool
 
@@ -64,23 +72,31 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
     output_dir = absolute(output_dir)
     cases = [dataclasses.replace(c, images=tuple(absolute(p) for p in c.images),
                                  label=absolute(c.label) if c.label else None) for c in cases]
+    local_ray = not ray_address and not ray.is_initialized()
     with ray_session(ray_address, num_cpus=max(num_workers or 1, cpu_count())):
+        resources = ray.cluster_resources()
+        cpus_now, gpus_now = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
+        if use_gpu is None:
+            use_gpu = bool(gpus_now) and not (spec.device or "").startswith("cpu")
+        if num_workers:
+            workers = num_workers
+        elif local_ray or cpus_now:
+            workers = max(1, int(gpus_now) if use_gpu else cpus_now // (cpus_per_worker or 1))
+        else:
+            workers = 1  # nothing up yet (an autoscaled cluster): one worker, waited for below
+        workers = max(1, min(len(cases), workers))
+        cpus = cpus_per_worker or (max(1, cpus_now // workers) if local_ray else 1)
+        options: dict = {"num_cpus": cpus}
+        if use_gpu:  # share the GPUs there are; with none up yet, ask for one each
+            options["num_gpus"] = min(1.0, gpus_now / workers) if gpus_now else 1.0
+        wait_for_resources({"CPU": cpus, "GPU": options.get("num_gpus", 0)}, workers, resources_timeout_s,
+                           f"{workers} prediction worker(s)")
         inputs = sorted({str(p.parent) for c in cases for p in c.images})
         check_ray_nodes_see([*(SharedPath("model folder", d) for d in spec.run_dirs),
                              *(SharedPath("input folder", d) for d in inputs),
                              SharedPath("output folder", str(output_dir), "write")])
-        resources = ray.cluster_resources()
-        cpus = max(1, int(resources.get("CPU", 1)))
-        # one CPU slot per actor, so every actor gets scheduled; torch threads share out the cores
-        workers = max(1, min(len(cases), num_workers or cpus, cpus))
-        node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
-        threads = max(1, min(cpus // workers, node_cpus))
-        gpus = resources.get("GPU", 0.0)
-        options = {"num_cpus": 1}
-        if gpus and not (spec.device or "").startswith("cpu"):  # share the GPUs; an actor without one uses its CPU
-            options["num_gpus"] = min(1.0, gpus / workers)
         actor_cls = ray.remote(_PredictorActor).options(**options)
-        actors = [actor_cls.remote(spec, threads=threads) for _ in range(workers)]
+        actors = [actor_cls.remote(spec) for _ in range(workers)]
         try:
             places = ray.get([a.where.remote() for a in actors])
             log.info("predicting %d case(s) on %d Ray worker(s) on %d node(s)", len(cases), workers,

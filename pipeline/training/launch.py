@@ -5,19 +5,26 @@ stage's entry point.
 Ray: an existing session is reused as it is (and left running); `--ray-address` connects to a
 cluster; otherwise a local Ray is started on 127.0.0.1 without a dashboard and shut down after.
 
-Runs and resuming: the Ray run is named `<config>_fold<k>` under `W/runs/ray`, and Ray Train V2
-continues a run of the same name and storage path from its latest checkpoint (also after a
-worker failure: `FailureConfig(max_failures=2)`). So:
+Runs and resuming: the Ray run is named `<config>_fold<k>` under `W/runs/ray` (a folder or a bucket
+prefix: Ray Train's `storage_path`), and Ray Train V2 continues a run of the same name and storage
+path from its latest checkpoint (also after a worker failure: `FailureConfig(max_failures=2)`),
+handing it to the workers through its public `ray.train.get_checkpoint()`. So:
 * `--resume`: continue that run (epoch counter, optimizer, EMA, metrics and elapsed time restored);
   with no checkpoint yet it starts from scratch.
 * without `--resume`, where an earlier run exists: a fresh run. The earlier Ray run and its fold
   folder are moved aside to `<name>.previous` (replacing an older `.previous`), never deleted, so
   nothing trained is lost and the new run cannot pick up the old checkpoints by accident.
 
-Several machines: workers get the plans and absolute paths in `train_loop_config` and open the
-store themselves; rank 0 writes the model files into the fold folder and Ray Train uploads
-checkpoints to `W/runs/ray` (its `storage_path`), which the driver reads back. So the workdir must
-be on a filesystem every node mounts at the same path. Before any worker starts, a check runs on
+Several machines: workers get the plans and absolute paths or URLs in `train_loop_config` and open
+the store themselves; rank 0 writes the model files into the fold folder and Ray Train uploads
+checkpoints to `W/runs/ray` (its `storage_path`). So the workdir must be in a bucket every node
+reaches (`s3://...`) or on a filesystem every node mounts at the same path.
+
+Resources: each worker asks for `cpus_per_worker` CPUs (and a GPU with `use_gpu`), and the run
+waits up to `resources_timeout_s` for the cluster to have them (`parallel.wait_for_resources`: the
+pending request is what an autoscaler scales up for), instead of sizing itself from whatever is up
+at that moment. Workers set their torch threads and loader processes from what Ray assigned them.
+Before any worker starts, a check runs on
 every node (`parallel.check_ray_nodes_see`) and fails naming the node that cannot see the store or
 cannot write the run folders; each worker checks again (nodes may join later) and records where it
 ran, merged into `placement.json` in the fold folder.
@@ -41,6 +48,7 @@ from pipeline.parallel import (
     check_ray_nodes_see,
     path_problems,
     ray_session,
+    wait_for_resources,
     whereami,
 )
 from pipeline.planning.plans import Plans
@@ -132,7 +140,6 @@ def _number(text: str):
 
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 # Ray Train V2 is the default in Ray 2.60; set it before ray.train is imported so the V2 API is used
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -147,17 +154,6 @@ def run_name(settings: TrainSettings) -> str:
     return f"{settings.config}_fold{settings.fold}"
 
 
-def latest_checkpoint_epoch(ray_run: Path) -> int | None:
-    """The epoch of the run's latest registered checkpoint (None: nothing to resume)."""
-    try:
-        snapshot = json.loads((ray_run / SNAPSHOT).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    epoch = (latest.get("metrics") or {}).get("epoch")
-    return int(epoch) if epoch is not None else None
-
-
 def _move_aside(path: Path) -> None:
     if not path.exists():
         return
@@ -167,21 +163,18 @@ def _move_aside(path: Path) -> None:
     log.warning("moved the earlier run aside: %s -> %s (pass --resume to continue a run)", path, target)
 
 
-def prepare_storage(storage: Path, name: str, run_dir: Path, resume: bool) -> int | None:
-    """Decide fresh vs resumed (see module docstring); returns the epoch resumed from, or None."""
+def prepare_storage(storage: Path, name: str, run_dir: Path, resume: bool) -> None:
+    """Fresh or resumed (see module docstring). Resuming needs nothing here: Ray Train continues a run
+    of the same name and storage path from its latest checkpoint and hands it to the workers
+    (`ray.train.get_checkpoint()`), which report the epoch they resumed from."""
     ray_run = storage / name
     if resume:
-        epoch = latest_checkpoint_epoch(ray_run)
-        if epoch is None:
-            log.info("nothing to resume in %s: starting from scratch", ray_run)
-            _move_aside(ray_run)
-        else:
-            log.info("resuming %s from its checkpoint of epoch %d", name, epoch)
-        return epoch
+        if ray_run.exists():
+            log.info("continuing %s from its latest checkpoint in %s (from scratch if it has none)", name, ray_run)
+        return
     if ray_run.exists() or any(run_dir.glob("model_*.pt")) or (run_dir / METRICS_CSV).exists():
         _move_aside(ray_run)
         _move_aside(run_dir)
-    return None
 
 
 class _LogTail:
@@ -280,6 +273,28 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def worker_resources(settings: TrainSettings, local_ray: bool) -> tuple[int, dict]:
+    """How many workers, and what each asks Ray for: decided from the settings, not from what the
+    cluster has at this moment (an autoscaled cluster may have nothing yet); only the defaults look
+    at the cluster, and say so."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus_now = int(resources.get("GPU", 0))
+    use_gpu = settings.use_gpu if settings.use_gpu is not None else gpus_now > 0
+    if settings.use_gpu is None and not use_gpu and not local_ray:
+        log.info("no GPU in the Ray cluster now: training on CPU (--use-gpu waits for GPU nodes instead)")
+    workers = settings.num_workers or (max(1, gpus_now) if use_gpu else 1)
+    cpus = settings.cpus_per_worker or (max(1, int(resources.get("CPU", 1)) // workers) if local_ray else 1)
+    if local_ray:  # a Ray this command started cannot grow: say at once what cannot fit
+        have = gpus_now if use_gpu else int(resources.get("CPU", 0))
+        need = workers if use_gpu else workers * cpus
+        if need > have:
+            unit = "GPUs" if use_gpu else "CPUs"
+            raise BadInputError(f"{workers} training worker(s) need {need} {unit}; this machine's Ray has {have}")
+    return workers, ({"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})
+
+
 def fit(settings: TrainSettings) -> TrainResult:
     """Check the inputs and that every node sees the workdir, then run `train_worker` on `num_workers`
     Ray workers (DDP); `placement.json` in the fold folder records which node each rank ran on."""
@@ -293,19 +308,17 @@ def fit(settings: TrainSettings) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    local_ray = not settings.ray_address and not ray.is_initialized()
     with ray_session(settings.ray_address):
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        workers = settings.num_workers or max(1, gpus)
-        use_gpu = gpus > 0
-        per_worker = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-        if workers > (gpus if use_gpu else int(resources.get("CPU", 0))):
-            raise BadInputError(f"{workers} training workers need {workers} {'GPUs' if use_gpu else 'CPUs'}; "
-                                f"the Ray cluster has {gpus if use_gpu else int(resources.get('CPU', 0))}")
+        workers, per_worker = worker_resources(settings, local_ray)
+        use_gpu = bool(per_worker.get("GPU"))
         check_workers(plans, settings.config, workers)
-        settings = dataclasses.replace(settings, num_workers=workers)
+        settings = dataclasses.replace(settings, num_workers=workers, use_gpu=use_gpu,
+                                       cpus_per_worker=int(per_worker["CPU"]))
         loop_config["settings"] = settings.to_json()
-        resumed_from = prepare_storage(storage, name, run_dir, settings.resume)
+        wait_for_resources(per_worker, workers, settings.resources_timeout_s,
+                           f"{workers} training worker(s) of {settings.config} fold {settings.fold}")
+        prepare_storage(storage, name, run_dir, settings.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         storage.mkdir(parents=True, exist_ok=True)
         loop_config["ray_storage"] = str(storage)
@@ -331,4 +344,4 @@ def fit(settings: TrainSettings) -> TrainResult:
                 raise cause from exc
             raise SegPipeError(f"training failed: {type(cause).__name__}: {cause}") from exc
         record_placement(run_dir)
-    return collect_result(run_dir, result.metrics, resumed_from)
+    return collect_result(run_dir, result.metrics, (result.metrics or {}).get("resumed_from_epoch"))

@@ -41,7 +41,7 @@ import torch
 
 from pipeline.console import number
 from pipeline.errors import BadInputError, SegPipeError
-from pipeline.parallel import cpu_count
+from pipeline.parallel import assigned_cpus
 from pipeline.planning.plans import Plans
 from pipeline.storage import append_text, as_path, local_file, replacing
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAINING_CURVES, TRAINING_LOG, Workdir, model_file
@@ -103,6 +103,9 @@ class TrainSettings:
     seed: int = 12345  # seeds model initialisation and every batch
     prefetch: str = "auto"  # per-worker batch prefetch: thread, process (DataLoader), none; auto: thread on CPU, process on GPU
     loader_workers: int | None = None  # DataLoader processes per worker with 'process' (None: its CPUs - 1, at least 1)
+    use_gpu: bool | None = None  # True: one GPU per worker (waits for GPU nodes); False: CPU only; None: GPUs if the cluster has some now
+    cpus_per_worker: int | None = None  # CPUs Ray reserves per worker; its torch threads and loaders follow (None: a local Ray's CPUs / workers, else 1)
+    resources_timeout_s: float = 600.0  # how long to wait for the cluster (an autoscaler) to provide the workers' resources
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -115,6 +118,8 @@ class TrainSettings:
             time_budget_min=get("time_budget_min"), resume=bool(get("resume", False)),
             ray_address=get("ray_address"), recipe=get("recipe"), checkpoint_every=get("checkpoint_every"),
             seed=get("seed") if get("seed") is not None else 12345,
+            use_gpu=get("use_gpu"), cpus_per_worker=get("cpus_per_worker"),
+            resources_timeout_s=get("resources_timeout_s") or 600.0,
         )
 
     def resolved(self, plans: Plans) -> TrainSettings:
@@ -134,7 +139,7 @@ class TrainSettings:
             val_iterations=self.val_iterations if self.val_iterations is not None else r.val_iterations,
             checkpoint_every=self.checkpoint_every or r.checkpoint_every, time_budget_min=budget,
         )
-        for name in ("epochs", "iterations_per_epoch", "checkpoint_every", "num_workers"):
+        for name in ("epochs", "iterations_per_epoch", "checkpoint_every", "num_workers", "cpus_per_worker"):
             value = getattr(out, name)
             if value is not None and value < 1:
                 raise BadInputError(f"{name.replace('_', '-')} must be at least 1, got {value}")
@@ -374,8 +379,7 @@ class _WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.cuda = self.device.type == "cuda"
-        cores = cpu_count()
-        self.cores = max(1, cores // max(1, ctx.get_local_world_size()))  # this worker's share of the node
+        self.cores = assigned_cpus()  # the CPUs Ray gave this worker, not the host's (a pod's limit, a shared node)
         if not self.cuda:
             torch.set_num_threads(self.cores)
         torch.manual_seed(self.settings.seed)
@@ -406,6 +410,7 @@ class _WorkerRun:
 
         # the state a checkpoint carries
         self.epoch = 0
+        self.resumed_from: int | None = None  # the checkpoint's epoch when Ray Train restored one
         self.elapsed = 0.0
         self.ema: float | None = None
         self.best_ema: float | None = None
@@ -441,6 +446,7 @@ class _WorkerRun:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
+        self.resumed_from = self.epoch
         self.elapsed = float(state["elapsed"])
         self.ema, self.best_ema = state["ema"], state["best_ema"]
         self.rows = list(state["metrics"])
@@ -477,7 +483,8 @@ class _WorkerRun:
             self._log(f"training {s.config} fold {s.fold}: recipe {s.recipe}, {self.world} worker(s), "
                       f"{len(self.train_spec.case_ids)} train / {len(self.val_spec.case_ids)} val cases, "
                       f"batch {self.local_batch}/rank, {s.iterations_per_epoch} it/epoch, "
-                      f"epochs {s.epochs or '-'}, budget {s.time_budget_min or '-'} min")
+                      f"epochs {s.epochs or '-'}, budget {s.time_budget_min or '-'} min; per worker {self.cores} CPU(s), "
+                      f"{torch.get_num_threads()} torch thread(s){', 1 GPU' if self.cuda else ''}")
         # measured (benchmarks/loader.py): on CPU loading is ~1-3% of a step, so one thread hides it
         # without a second interpreter; a GPU step is fast enough to need loader processes
         prefetch = s.prefetch if s.prefetch != "auto" else ("process" if self.cuda else "thread")
@@ -522,7 +529,8 @@ class _WorkerRun:
                 if self.rank == 0:
                     self._epoch_outputs(row, improved, plot=due)
                 report = {**row, "grad_checksums": grad_sums, "param_checksums": param_sums,
-                          "best_ema_dice": self.best_ema, "elapsed_s": self.elapsed}
+                          "best_ema_dice": self.best_ema, "elapsed_s": self.elapsed,
+                          "resumed_from_epoch": self.resumed_from}
                 self._report(report, checkpoint=due)
         finally:
             close_iterator(train_iter)
