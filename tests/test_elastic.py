@@ -113,9 +113,8 @@ def test_a_lost_node_restarts_training_elsewhere_from_the_checkpoint_in_the_buck
         while _registered_epoch(snapshot) < 1:  # a checkpoint Ray Train has registered (not only uploaded)
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        placement_dir = as_path(f"{work}/runs/{CONFIG}/fold_0/placement")
-        rank0 = [json_load(p) for p in placement_dir.glob("rank_*.json")]
-        victim = next(name for name, node in nodes.items() if node == rank0[0]["node_id"])
+        rank0 = json_load(as_path(f"{work}/runs/{CONFIG}/fold_0/placement/rank_0.json"))  # where the worker runs
+        victim = next(name for name, node in nodes.items() if node == rank0["node_id"])
         cluster.kill_node(victim)
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
@@ -125,6 +124,9 @@ def test_a_lost_node_restarts_training_elsewhere_from_the_checkpoint_in_the_buck
             rows = list(csv.DictReader(f))
         assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # no epoch lost or repeated
         assert as_path(f"{work}/runs/{CONFIG}/fold_0/model_final.pt").is_file()
+        from pipeline.training.launch import latest_checkpoint_epoch
+
+        assert latest_checkpoint_epoch(as_path(f"{work}/runs/ray/{CONFIG}_fold0")) == epochs  # Ray's public API
         survivor = nodes["b" if victim == "a" else "a"]
         assert json_load(as_path(f"{work}/runs/{CONFIG}/fold_0/placement.json"))["nodes"] == [survivor]
         assert not (Path(tmp_path) / "runs").exists() and os.listdir(tmp_path) == []

@@ -163,14 +163,37 @@ def _move_aside(path: Path) -> None:
     log.warning("moved the earlier run aside: %s -> %s (pass --resume to continue a run)", path, target)
 
 
+def latest_checkpoint_epoch(ray_run) -> int | None:
+    """The epoch of a run's latest checkpoint, through Ray Train's public `Result.from_path` (local
+    folder or bucket URL); None when there is no run or no checkpoint yet."""
+    if not ray_run.exists():
+        return None
+    from ray.train import Result
+
+    quiet = logging.getLogger("ray.train")  # it explains at INFO that a snapshot was found: we say it better
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(str(ray_run))
+    except Exception:  # noqa: BLE001 - no run record (never checkpointed) or unreadable: nothing to resume
+        return None
+    finally:
+        quiet.setLevel(level)
+    epoch = (result.metrics or {}).get("epoch") if result.checkpoint is not None else None
+    return int(epoch) if epoch is not None else None
+
+
 def prepare_storage(storage: Path, name: str, run_dir: Path, resume: bool) -> None:
     """Fresh or resumed (see module docstring). Resuming needs nothing here: Ray Train continues a run
     of the same name and storage path from its latest checkpoint and hands it to the workers
     (`ray.train.get_checkpoint()`), which report the epoch they resumed from."""
     ray_run = storage / name
     if resume:
-        if ray_run.exists():
-            log.info("continuing %s from its latest checkpoint in %s (from scratch if it has none)", name, ray_run)
+        epoch = latest_checkpoint_epoch(ray_run)
+        if epoch is not None:
+            log.info("resuming %s from its checkpoint of epoch %d in %s", name, epoch, ray_run)
+        else:
+            log.info("nothing to resume in %s: starting from scratch", ray_run)
         return
     if ray_run.exists() or any(run_dir.glob("model_*.pt")) or (run_dir / METRICS_CSV).exists():
         _move_aside(ray_run)
