@@ -120,7 +120,12 @@ def cmd_validate(args) -> int:
 
 
 def _dask(args) -> dict:
-    return {"workers": getattr(args, "workers", None), "dask_address": getattr(args, "dask_address", None)}
+    """Where the Dask stages run: --workers local processes, the scheduler at --dask-address, or Dask workers on
+    the nodes of the Ray cluster at --ray-address (for `run`/`demo` the training's --ray-address, used for
+    preprocessing too unless --workers or --dask-address is given)."""
+    workers, dask_address = getattr(args, "workers", None), getattr(args, "dask_address", None)
+    ray_address = getattr(args, "ray_address", None) if workers is None and dask_address is None else None
+    return {"workers": workers, "dask_address": dask_address, "ray_address": ray_address}
 
 
 def cmd_fingerprint(args) -> int:
@@ -255,9 +260,25 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """Read every chunk of every complete case: a flipped bit fails its CRC32C and is named here."""
-    from pipeline.preprocessing.store import open_store, verify_store
+    """Read every chunk of every complete case: a flipped bit fails its CRC32C and is named here.
+    --repair also deletes the damaged cases (exit 0 once nothing damaged is left); the next
+    `segpipe preprocess` redoes them."""
+    from pipeline.preprocessing.store import open_store, repair_store, verify_store
 
+    if args.repair:
+        problems, deleted = repair_store(args.store)
+        left = [p for p in problems if p.case is None]  # not a case's: nothing to delete
+        _emit(args, {"store": args.store, "ok": not left, "problems": [str(p) for p in problems],
+                     "deleted": deleted, "unrepaired": [str(p) for p in left]})
+        if not args.json:
+            for p in problems:
+                print(f"{_color('damaged' if p.case else 'error', '31')} {p}", file=sys.stderr)
+            if deleted:
+                print(f"deleted {len(deleted)} damaged case(s) from {args.store}: {', '.join(deleted)}; "
+                      "`segpipe preprocess DATASET --workdir W` redoes them")
+            elif not problems:
+                print(f"{args.store}: ok (every chunk read, nothing to repair)")
+        return 2 if left else 0
     problems = verify_store(args.store)
     store = open_store(args.store, "r")
     configs = store.config_names()
@@ -283,10 +304,15 @@ def cmd_verify(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _add_dask(p):
+def _add_dask(p, ray_address: bool = True):
+    """`ray_address=False` where `_add_train` already defines --ray-address (run, demo): it then serves
+    preprocessing too (see `_dask`)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--workers", type=int, default=None, help="Dask workers on a local cluster (default: cores)")
     g.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT", help="use an existing Dask scheduler")
+    if ray_address:
+        g.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the Dask workers on the nodes of this Ray cluster ('auto' inside a Ray job)")
 
 
 def _add_train(p):
@@ -297,7 +323,9 @@ def _add_train(p):
     p.add_argument("--iterations-per-epoch", type=int, default=None)
     p.add_argument("--time-budget-min", type=float, default=None, help="wall-clock budget; the LR schedule follows it")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="connect to an existing Ray cluster ('auto' inside a Ray job); run/demo also preprocess "
+                        "there (Dask workers on its nodes) unless --workers or --dask-address is given")
     p.add_argument("--recipe", choices=("nnunet", "lean", "adam_ce"), default=None,
                    help="optimiser/schedule/augmentation recipe (default: the configuration's preset; 3d_lean -> lean)")
     p.add_argument("--val-iterations", type=int, default=None, help="validation batches per epoch")
@@ -402,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--workdir", default="demo_workdir")
         _add_train(p)
-        _add_dask(p)
+        _add_dask(p, ray_address=False)
         p.add_argument("--gpu-memory-gb", type=float, default=8.0)
     for p in (sub.choices["run"], sub.choices["demo"]):
         p.set_defaults(config="auto")
@@ -422,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", "read every chunk of a preprocessed store; report corrupt or missing data (exit 2)")
     p.add_argument("store", help="a store.zarr folder (or fsspec URL)")
+    p.add_argument("--repair", action="store_true",
+                   help="also delete the damaged cases (exit 0 when nothing damaged is left); the next "
+                        "`segpipe preprocess` redoes them")
     return parser
 
 
@@ -449,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     except SegPipeError as exc:
         if args.debug:
             raise
-        lines = str(exc).splitlines() or [type(exc).__name__]
+        # bad input: one line per problem, a problem's message spanning lines (nibabel's) joined so
+        # that each line is meaningful alone; other errors keep their own line breaks
+        lines = ([" ".join(part.strip() for part in str(p).splitlines()) for p in exc.problems]
+                 if isinstance(exc, BadInputError) else str(exc).splitlines())
+        lines = [line for line in lines if line.strip()] or [type(exc).__name__]
         for line in lines:
             print(f"{_color('error', '31')} {line}", file=sys.stderr)
         log.debug("failed", exc_info=True)
@@ -458,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         log.debug("unexpected failure", exc_info=True)
-        print(f"{_color('error', '31')} {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        message = " ".join(part.strip() for part in str(exc).splitlines())  # one line: a wrapped message reads whole
+        print(f"{_color('error', '31')} {type(exc).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
         _close_logging()  # a log for a workdir in a bucket is uploaded here

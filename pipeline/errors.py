@@ -11,9 +11,13 @@ class Problem:
 
     case: str | None
     message: str
+    # what a problem without a case concerns: "dataset" (dataset.json, the layout), or "" for an
+    # argument, the workdir or a workdir file, whose message says what it is about (no prefix)
+    scope: str = "dataset"
 
     def __str__(self) -> str:
-        return f"{self.case}: {self.message}" if self.case else f"dataset: {self.message}"
+        subject = self.case or self.scope
+        return f"{subject}: {self.message}" if subject else self.message
 
 
 class SegPipeError(Exception):
@@ -28,7 +32,7 @@ class BadInputError(SegPipeError):
     exit_code = 2
 
     def __init__(self, problems: list[Problem] | str, case: str | None = None):
-        if isinstance(problems, str):
-            problems = [Problem(case, problems)]
+        if isinstance(problems, str):  # one message: about `case`, or (None) an argument or a file, not the dataset
+            problems = [Problem(case, problems, scope="")]
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))

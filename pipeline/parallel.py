@@ -1,12 +1,15 @@
 """Where Dask and Ray work runs, and whether it can see the files it is given.
 
 Stages take a `distributed.Client` (or None to run in this process), so they stay plain functions;
-this module decides which client to hand them. Dask defaults to a loopback LocalCluster, or an
-existing scheduler; Ray to a local instance on 127.0.0.1, or an existing cluster.
+this module decides which client to hand them. Dask defaults to a loopback LocalCluster, an
+existing scheduler, or Dask workers started as Ray actors on the nodes of a Ray cluster
+(`dask_on_ray`: a Ray-only cluster spreads preprocessing over every node); Ray to a local instance
+on 127.0.0.1, or an existing cluster, whose resources training and prediction wait for
+(`wait_for_resources`) rather than size themselves from what is up at that moment.
 
-Beyond one machine, workers get plans and absolute paths, never open handles, and open the files
-themselves, so every node must see the dataset and the workdir at the same path (a shared
-filesystem) or the store at an object-store URL (cluster/README.md). `check_ray_nodes_see` and
+Beyond one machine, workers get plans and absolute paths or URLs, never open handles, and open the
+files themselves, so every node must reach the dataset and the workdir: in a bucket (`s3://...`)
+or on a filesystem mounted at the same path everywhere (cluster/README.md). `check_ray_nodes_see` and
 `check_dask_workers_see` run a small check on every node / worker before the work starts, so a node
 that cannot see a path fails at once with a message naming the node and the path, instead of
 failing case by case - or, worse, writing cases nobody else can read.
@@ -70,6 +73,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 def dask_client(workers: int | None = None, address: str | None = None,
                 memory_limit: str | None = DEFAULT_MEMORY_LIMIT) -> Iterator["distributed.Client"]:
     """A Client on `address`, or on a fresh LocalCluster (processes, one thread each, 127.0.0.1)."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        from pipeline.errors import BadInputError  # refused before a cluster starts (Dask would wait ~30 s)
+
+        raise BadInputError(f"--workers must be a whole number of at least 1, got {workers!r}")
     import dask
     from distributed import Client, LocalCluster
 
@@ -352,3 +359,267 @@ def check_dask_workers_see(client, paths: Sequence[SharedPath]) -> list[dict]:
         checked.append(record)
     _raise_if_blind(checked, "Dask worker")
     return checked
+
+
+# ---------------------------------------------------------------- Dask workers on the nodes of a Ray cluster
+
+DASK_ON_RAY_START_TIMEOUT_S = 600.0  # like --resources-timeout-s: long enough for an autoscaler to add a node
+DASK_ON_RAY_SETTLE_S = 30.0  # after the first worker joined, how long the others that Ray placed may take
+
+# Run as `python -c` by DaskWorkerActor: ask Linux to SIGTERM this process when the actor's process ends,
+# however it ends (ray.kill, the driver gone, the node's raylet gone), then become the `dask worker` command.
+# SIGTERM closes the nanny and its worker gracefully; the nanny's worker exits with the nanny in any case.
+_DASK_WORKER_BOOT = """
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != parent:  # the actor ended before prctl took effect
+    sys.exit(0)
+runpy.run_module("distributed.cli.dask_worker", run_name="__main__", alter_sys=True)
+"""
+
+
+def _end_process_group(proc, grace_s: float) -> None:
+    """SIGTERM a child started with `start_new_session=True` and its own children, SIGKILL what is left after `grace_s`."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # the group outlives its leader while the nanny's worker process is still closing: its pid is still
+    # that group's id (Linux reuses no pid in use as a group id), so this reaches only what we started
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=5)
+
+
+class DaskWorkerActor:
+    """A Ray actor (1 CPU, made in `dask_on_ray`) that runs one `dask worker` process on its node.
+
+    The process is the actor's child in a session of its own (so a terminal's Ctrl-C reaches the
+    driver only), and ends with the actor: `stop()` (SIGTERM, then SIGKILL after a grace period),
+    `__del__` and atexit call it, and the kernel sends SIGTERM should the actor's process die first.
+    Its log and TLS files live in a private temporary folder, removed by `stop()`.
+    """
+
+    def __init__(self) -> None:
+        self.proc = None
+        self.folder: str | None = None
+        import atexit
+
+        atexit.register(self.stop)
+
+    def start(self, scheduler: str, index: int, memory_limit: str, env: dict, tls: dict[str, str]) -> dict:
+        """Start `dask worker SCHEDULER` on this node, its TLS from `tls` ({ca, cert, key}: PEM text); returns
+        where it runs ({name, node_id, node_ip, host, pid})."""
+        import subprocess
+
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        ip = ray.util.get_node_ip_address()
+        name = f"ray-{node_id[:8]}-{index}"
+        self.folder = tempfile.mkdtemp(prefix=f"segpipe-dask-worker-{name}-")  # mode 0700
+        files = {}
+        for what, text in tls.items():
+            files[what] = os.path.join(self.folder, f"{what}.pem")
+            with open(os.open(files[what], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(text)
+        with open(os.path.join(self.folder, "worker.log"), "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _DASK_WORKER_BOOT, str(os.getpid()), scheduler,
+                 "--nthreads", "1", "--nworkers", "1", "--memory-limit", memory_limit, "--host", ip,
+                 "--protocol", "tls", "--tls-ca-file", files["ca"], "--tls-cert", files["cert"],
+                 "--tls-key", files["key"], "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--name", name,
+                 "--preload", __name__, "--death-timeout", "60"],  # a worker whose scheduler is gone for a minute exits
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.folder, env={**os.environ, **env})
+        return {"name": name, "node_id": node_id, "node_ip": ip, "host": socket.gethostname(), "pid": self.proc.pid}
+
+    def poll(self) -> dict:
+        """{returncode: None while the worker process runs, log: the last lines of its output once it has ended}."""
+        code = self.proc.poll() if self.proc is not None else None
+        return {"returncode": code, "log": self._log_tail() if code is not None else ""}
+
+    def _log_tail(self, chars: int = 2000) -> str:
+        try:
+            with open(os.path.join(self.folder, "worker.log"), errors="replace") as f:
+                return f.read()[-chars:]
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self, grace_s: float = 5.0) -> int | None:
+        """End the worker process and remove its folder (idempotent); its exit code, None if none was started."""
+        import shutil
+
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _end_process_group(proc, grace_s)
+        folder, self.folder = self.folder, None
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        return proc.returncode if proc is not None else None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop(grace_s=2.0)
+
+
+@contextlib.contextmanager
+def dask_on_ray(ray_address: str | None, workers: int | None = None, memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
+                start_timeout_s: float = DASK_ON_RAY_START_TIMEOUT_S) -> Iterator["distributed.Client"]:
+    """A Client whose Dask workers run on the nodes of the Ray cluster at `ray_address` ('auto' in a Ray job).
+
+    The scheduler runs here, in the driver, on this node's address as Ray knows it; `workers` Ray
+    actors (default: the cluster's CPUs), 1 CPU each and spread over the nodes, each start one
+    single-threaded `dask worker` (nanny, `memory_limit`) on their node that joins it. The block
+    starts once the workers Ray could place at once have joined (at least one, within
+    `start_timeout_s`, else SegPipeError saying what it waited for); actors still waiting for
+    resources start their workers as an autoscaler adds nodes, and those join the running scheduler
+    and take work from the others (Dask's work stealing and queued tasks). On leaving the block -
+    normally, on an exception or Ctrl-C - the worker processes, the actors and the scheduler end.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        from pipeline.errors import BadInputError  # refused before joining Ray
+
+        raise BadInputError(f"the number of Dask workers on Ray must be a whole number of at least 1, got {workers!r}")
+    import time
+
+    import ray
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+
+    log = logging.getLogger("segpipe")
+    with ray_session(ray_address):
+        start = time.monotonic()
+        ip = ray.util.get_node_ip_address()
+        requested = workers or max(1, int(ray.cluster_resources().get("CPU", 0)))
+        free_now = int(ray.available_resources().get("CPU", 0))
+        # the scheduler listens on the cluster's network and runs what it is sent: mutual TLS with a key made for
+        # this block, which only its client and workers hold (its HTTP server, health and metrics, on loopback)
+        security = Security.temporary()
+        tls = {"ca": security.tls_ca_file, "cert": security.tls_worker_cert, "key": security.tls_worker_key}
+        cluster = LocalCluster(n_workers=0, processes=True, host=ip, scheduler_port=0, protocol="tls://",
+                               security=security, dashboard_address=None, silence_logs=40,
+                               scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
+        actors: list = []
+        starts: dict = {}
+        try:
+            with Client(cluster, security=security) as client:
+                actor_class = ray.remote(num_cpus=1, max_restarts=0)(DaskWorkerActor)
+                env = {"DASK_DISTRIBUTED__WORKER__DAEMON": "False", "DASK_DISTRIBUTED__ADMIN__TICK__LIMIT": "10s"}
+                limit = str(memory_limit) if memory_limit else "0"  # 0: no memory management
+                for k in range(requested):
+                    actor = actor_class.options(scheduling_strategy="SPREAD").remote()
+                    actors.append(actor)
+                    starts[actor.start.remote(cluster.scheduler_address, k, limit, env, tls)] = actor
+                log.info("starting %d Dask worker(s) on the Ray cluster (%d of %d CPU free), scheduler at %s",
+                         requested, free_now, int(ray.cluster_resources().get("CPU", 0)), cluster.scheduler_address)
+                joined, placed = _wait_for_dask_workers(client, starts, min(requested, max(1, free_now)), start,
+                                                        start_timeout_s, what=(
+                    f"Dask workers on the Ray cluster: {requested} x {{1 CPU}} Ray actor(s), one `dask worker` each, "
+                    f"joining the scheduler at {cluster.scheduler_address}"))
+                log.info("%d of %d Dask worker(s) joined in %.1f s (on %d Ray node(s))%s", joined, requested,
+                         time.monotonic() - start, len({p["node_id"] for p in placed}),
+                         f"; {requested - len(placed)} wait for Ray resources and join as nodes come"
+                         if len(placed) < requested else "")
+                yield client
+        finally:
+            try:
+                _stop_dask_worker_actors(actors, starts)
+            finally:
+                cluster.close()
+
+
+def _wait_for_dask_workers(client, starts: dict, expected: int, start: float, timeout_s: float,
+                           what: str) -> tuple[int, list[dict]]:
+    """Wait until `expected` workers joined (or at least one and DASK_ON_RAY_SETTLE_S more passed); returns
+    (workers joined, where the placed actors started theirs). SegPipeError after `timeout_s` from `start`
+    with none joined, or as soon as every worker started has exited without joining."""
+    import time
+
+    import ray
+
+    from pipeline.errors import SegPipeError
+
+    deadline = start + timeout_s
+    placed: dict = {}  # start ref -> where
+    failed: list[str] = []
+    settle = None
+    polled = 0.0
+    while True:
+        waiting = [r for r in starts if r not in placed]
+        if waiting:
+            done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            for ref in done:
+                try:
+                    placed[ref] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - e.g. seg-pipeline not importable on that node
+                    placed[ref] = {"node_id": "?", "error": f"{type(exc).__name__}: {exc}"}
+                    failed.append(f"a Ray actor could not start its worker ({type(exc).__name__}: {exc})"[:2000])
+        joined = len(client.nthreads())
+        now = time.monotonic()
+        if joined >= expected:
+            break
+        if joined:
+            settle = settle or now + DASK_ON_RAY_SETTLE_S
+            if now >= min(settle, deadline):
+                break
+        elif placed and now - polled >= 1.0:
+            polled = now
+            alive = [r for r in placed if "error" not in placed[r]]
+            exited = [(placed[r], state) for r, state in zip(alive, _poll_dask_worker_actors([starts[r] for r in alive]))
+                      if state["returncode"] is not None]
+            if len(exited) == len(alive):  # every worker started so far ended without joining: say why now
+                failed += [f"the worker {p['name']} on {p['node_ip']} exited with code {state['returncode']}: "
+                           f"{state['log'].strip()[-1500:]}" for p, state in exited]
+                raise SegPipeError(f"{what}: none joined, and the {len(placed)} started ended:\n" + "\n".join(failed))
+        if now >= deadline:
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            raise SegPipeError(
+                f"waited {timeout_s:.0f} s for {what}: none joined ({len(placed)} of {len(starts)} actor(s) placed). "
+                f"The Ray cluster has {ray.cluster_resources().get('CPU', 0):g} CPU on {nodes} node(s) "
+                f"({ray.available_resources().get('CPU', 0):g} free). Start or autoscale nodes with free CPUs, or "
+                "preprocess with --workers / --dask-address instead" + "".join(f"\n{f}" for f in failed))
+        time.sleep(0.25)
+    return joined, [p for p in placed.values() if "error" not in p]
+
+
+def _poll_dask_worker_actors(actors: list, timeout_s: float = 30.0) -> list[dict]:
+    """Each actor's `poll()`; an actor that died counts as ended, one that did not answer in time as running."""
+    import ray
+
+    refs = [actor.poll.remote() for actor in actors]
+    ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
+    states = []
+    for ref in refs:
+        try:
+            states.append(ray.get(ref) if ref in ready else {"returncode": None, "log": ""})
+        except Exception as exc:  # noqa: BLE001 - the actor's process died
+            states.append({"returncode": "?", "log": f"its Ray actor died ({type(exc).__name__}: {exc})"})
+    return states
+
+
+def _stop_dask_worker_actors(actors: list, starts: dict, timeout_s: float = 30.0) -> None:
+    """Stop the worker process of every actor that started one, then kill every actor by its handle (also
+    those still waiting for resources, which never started one; one caught starting it dies with it)."""
+    import ray
+
+    try:
+        started = ray.wait(list(starts), num_returns=len(starts), timeout=0)[0] if starts else []
+        stops = [starts[ref].stop.remote() for ref in started]
+        if stops:
+            ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+    finally:
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)

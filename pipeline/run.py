@@ -67,7 +67,8 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
     dataset = stages.load_dataset(dataset_path)
     log.info("[1/7] dataset %s: %d cases, %d channel(s), %d classes", dataset.name, len(dataset.cases),
              dataset.num_channels, dataset.label_map.num_classes)
-    dask = dict(workers=o.workers, dask_address=o.dask_address)
+    dask = dict(workers=o.workers, dask_address=o.dask_address,  # neither: Dask workers on the training's Ray cluster
+                ray_address=o.train.get("ray_address") if o.workers is None and o.dask_address is None else None)
     log.info("[2/7] fingerprint")
     stages.fingerprint(dataset, wd, reuse=True, **dask)
     log.info("[3/7] plan")

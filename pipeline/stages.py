@@ -39,12 +39,18 @@ WorkdirLike = str | os.PathLike | Workdir
 
 
 @contextlib.contextmanager
-def _client(client, workers: int | None, dask_address: str | None) -> Iterator[object]:
+def _client(client, workers: int | None, dask_address: str | None, ray_address: str | None = None) -> Iterator[object]:
+    """`client` as it is, or one made for the call: the scheduler at `dask_address`, Dask workers on the
+    nodes of the Ray cluster at `ray_address` (`parallel.dask_on_ray`), or `workers` local processes."""
     if client is not None:
         yield client
         return
-    from pipeline.parallel import dask_client
+    from pipeline.parallel import dask_client, dask_on_ray
 
+    if ray_address and not dask_address:
+        with dask_on_ray(ray_address, workers) as made:
+            yield made
+        return
     with dask_client(workers, dask_address) as made:
         yield made
 
@@ -64,7 +70,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
 
 
 def fingerprint(dataset: Dataset, workdir: WorkdirLike, *, reuse: bool = False, client=None,
-                workers: int | None = None, dask_address: str | None = None, progress: bool = True):
+                workers: int | None = None, dask_address: str | None = None, progress: bool = True,
+                ray_address: str | None = None):
     """Per-case spacing, shape, intensities and class counts, one Dask task per case, saved as
     `W/fingerprint.json`. With `reuse`, an existing fingerprint is returned as it is."""
     from pipeline.planning.fingerprint import Fingerprint, compute_fingerprint
@@ -72,7 +79,7 @@ def fingerprint(dataset: Dataset, workdir: WorkdirLike, *, reuse: bool = False, 
     wd = Workdir.at(workdir)
     if reuse and wd.fingerprint.is_file():
         return Fingerprint.load(wd.fingerprint)
-    with _client(client, workers, dask_address) as c:
+    with _client(client, workers, dask_address, ray_address) as c:
         fp = compute_fingerprint(dataset, client=c, progress=progress)
     fp.save(wd.fingerprint)
     log.info("fingerprint of %d cases -> %s", len(dataset.cases), wd.fingerprint)
@@ -80,7 +87,8 @@ def fingerprint(dataset: Dataset, workdir: WorkdirLike, *, reuse: bool = False, 
 
 
 def plan(dataset: Dataset, workdir: WorkdirLike, *, gpu_memory_gb: float = 8.0, reuse: bool = True, client=None,
-         workers: int | None = None, dask_address: str | None = None, progress: bool = True):
+         workers: int | None = None, dask_address: str | None = None, progress: bool = True,
+         ray_address: str | None = None):
     """nnU-Net v2's plans for `dataset`, saved as `W/plans.json` (the fingerprint is computed first
     when the workdir has none). With `reuse`, existing plans are returned as they are."""
     from pipeline.planning.planner import plan_experiment
@@ -90,7 +98,7 @@ def plan(dataset: Dataset, workdir: WorkdirLike, *, gpu_memory_gb: float = 8.0, 
     if reuse and wd.plans.is_file():
         return Plans.load(wd.plans)
     fp = fingerprint(dataset, wd, reuse=True, client=client, workers=workers, dask_address=dask_address,
-                     progress=progress)
+                     progress=progress, ray_address=ray_address)
     plans = plan_experiment(fp, dataset, gpu_memory_gb=gpu_memory_gb)
     plans.save(wd.plans)
     log.info("plans -> %s", wd.plans)
@@ -99,14 +107,14 @@ def plan(dataset: Dataset, workdir: WorkdirLike, *, gpu_memory_gb: float = 8.0, 
 
 def preprocess(dataset: Dataset, workdir: WorkdirLike, config: str = "3d_fullres", *, plans=None, client=None,
                workers: int | None = None, dask_address: str | None = None, progress: bool = True,
-               gpu_memory_gb: float = 8.0):
+               gpu_memory_gb: float = 8.0, ray_address: str | None = None):
     """Every case of `config` into `W/store.zarr` (one Dask task and one writer per case), skipping
     complete cases; returns the `PreprocessReport` (its `failed` lists the cases that could not be
     done). Plans are made first when the workdir has none."""
     from pipeline.preprocessing.preprocess import run_preprocessing
 
     wd = Workdir.at(workdir)
-    with _client(client, workers, dask_address) as c:
+    with _client(client, workers, dask_address, ray_address) as c:
         plans = plans or plan(dataset, wd, gpu_memory_gb=gpu_memory_gb, client=c, progress=progress)
         return run_preprocessing(dataset, plans, config, wd.store, client=c, progress=progress)
 

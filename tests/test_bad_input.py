@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.cli import main  # imported here, not under capsys: cli binds sys.stderr at import
 from pipeline.preprocessing.store import open_store, verify_store
 from pipeline.workdir import Workdir
 
@@ -100,7 +102,11 @@ class _PeakSampler(threading.Thread):
         while todo:
             pid = todo.pop()
             pids.append(pid)
-            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").glob("*/children"))
+            except OSError:  # the process ended meanwhile
+                continue
+            for task in tasks:
                 try:
                     todo.extend(int(c) for c in task.read_text().split())
                 except OSError:
@@ -347,6 +353,68 @@ def nnunet_missing_channel(ds, outside):
             shutil.copy(path, path.with_name(path.name.replace("_0000", "_0001")))
 
 
+def _set_scaling(path: Path, slope: float, inter: float = 0.0) -> None:
+    """Rewrite the header's scl_slope / scl_inter in place: the stored voxel values stay as they are."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[112:120] = struct.pack(nib.load(path).header.endianness + "ff", slope, inter)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def label_scaled_to_fractions(ds, outside):
+    """A uint8 label 0/1/2 with scl_slope 0.5: every stage reads 0/0.5/1, so validation must too."""
+    _set_scaling(_label(ds), 0.5)
+
+
+def image_scaling_overflows(ds, outside):
+    """An int16 image with scl_slope 1e38: its voxels scale past float32 (Inf, with a numpy warning)."""
+    _edit(_image(ds), lambda a: np.rint(a).astype(np.int16))
+    _set_scaling(_image(ds), 1e38)
+
+
+def zero_voxel_size(ds, outside):
+    """pixdim 0 and neither qform nor sform: nibabel would read 1 mm without a word."""
+    data = np.asarray(nib.load(_image(ds)).dataobj)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header["pixdim"][1:4] = 0
+    header["qform_code"] = header["sform_code"] = 0
+    header["vox_offset"] = 352
+    _image(ds).write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data.tobytes(order="F")))
+
+
+def _to_nnunet(ds: Path) -> None:
+    from pipeline.data.conversion import msd_to_nnunet
+
+    v2 = msd_to_nnunet(ds, ds.parent / "ds_v2")
+    shutil.rmtree(ds)
+    shutil.move(v2, ds)
+
+
+def duplicate_label_value(ds, outside):
+    """nnU-Net v2 labels {"lesion": 2, "core_again": 2}: one class would lose its name in plans.json."""
+    _to_nnunet(ds)
+    meta = _meta(ds)
+    meta["labels"]["core_again"] = 2
+    _set_meta(ds, meta)
+
+
+def duplicate_label_name(ds, outside):
+    meta = _meta(ds)
+    meta["labels"]["2"] = meta["labels"]["1"]
+    _set_meta(ds, meta)
+
+
+def label_is_a_folder(ds, outside):
+    _label(ds).unlink()
+    _label(ds).mkdir()
+
+
+def image_symlink_loop(ds, outside):
+    _image(ds).unlink()
+    _image(ds).symlink_to(_image(ds).name)  # a link to itself
+
+
 # (defect, case the line must name, what it must say)
 DEFECTS = [
     (truncated, VICTIM, r"cannot read voxels of imagesTr/phantom_001\.nii\.gz: truncated or corrupt"),
@@ -371,6 +439,17 @@ DEFECTS = [
     (invalid_json, None, r"dataset\.json is not valid JSON"),
     (forged_huge_shape, VICTIM, r"declares shape \(2048, 2048, 2048\) \(32\.0 GiB\).*truncated or forged header"),
     (nnunet_missing_channel, VICTIM, r"missing channel file\(s\) phantom_001_0001\.nii\.gz"),
+    # issue 13
+    (label_scaled_to_fractions, VICTIM, r"label labelsTr/phantom_001\.nii\.gz \(values after its header's scl_slope "
+                                        r"0\.5, scl_inter 0\) holds non-integer values \(e\.g\. 0\.5\)"),
+    (image_scaling_overflows, VICTIM, r"imagesTr/phantom_001\.nii\.gz: its header's scaling \(scl_slope 1e\+38, "
+                                      r"scl_inter 0\) takes \d+ voxel\(s\) beyond the float32 range"),
+    (zero_voxel_size, VICTIM, r"imagesTr/phantom_001\.nii\.gz header declares a voxel size of 0 \(pixdim\[1\.\.3\]\) "
+                              r"and no qform/sform, so its spacing is undefined: nibabel would silently read it as 1 mm"),
+    (duplicate_label_value, None, r"labels 'lesion' and 'core_again' both have value 2"),
+    (duplicate_label_name, None, r"labels 1, 2 share the name 'organ'"),
+    (label_is_a_folder, VICTIM, r"labelsTr/phantom_001\.nii\.gz is a folder, not a NIfTI file"),
+    (image_symlink_loop, VICTIM, r"imagesTr/phantom_001\.nii\.gz is a symbolic link loop"),
 ]
 
 
@@ -412,15 +491,21 @@ def _add_case(ds: Path, edit_image=None, edit_label=None) -> None:
     _set_meta(ds, meta)
 
 
-@pytest.mark.parametrize("oddity", ["constant_image", "empty_label"])
+@pytest.mark.parametrize("oddity", ["constant_image", "empty_label", "scaled_label"])
 def test_a_constant_image_or_an_empty_label_is_a_warning_and_the_case_is_stored(copies, oddity, reliability):
+    """... and a label stored 0/2/4 with scl_slope 0.5 is the legal 0/1/2, as every stage reads it."""
     ds, wd, _ = copies
     if oddity == "constant_image":
         _add_case(ds, edit_image=np.zeros_like)
         warning = rf"warning {NEW_CASE}: imagesTr/{NEW_CASE}\.nii\.gz is constant \(every voxel is 0\)"
-    else:
+    elif oddity == "empty_label":
         _add_case(ds, edit_label=np.zeros_like)
         warning = rf"warning {NEW_CASE}: label labelsTr/{NEW_CASE}\.nii\.gz is empty \(background only\)"
+    else:
+        _add_case(ds, edit_label=lambda a: a * 2)
+        _set_scaling(ds / "labelsTr" / f"{NEW_CASE}.nii.gz", 0.5)
+        assert set(np.unique(np.asarray(nib.load(ds / "labelsTr" / f"{NEW_CASE}.nii.gz").dataobj.get_unscaled()))) == {0, 2, 4}
+        warning = None
     before = store_checksums(wd / "store.zarr")
     reliability["bad_inputs"] += 1
 
@@ -428,7 +513,7 @@ def test_a_constant_image_or_an_empty_label_is_a_warning_and_the_case_is_stored(
 
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
-    assert re.search(warning, run.stderr), run.stderr
+    assert warning is None or re.search(warning, run.stderr), run.stderr
     report = json.loads(run.stdout)
     assert report["done"] == [NEW_CASE] and len(report["skipped"]) == NUM_CASES and not report["failed"]
     after = store_checksums(wd / "store.zarr")
@@ -441,6 +526,8 @@ def test_a_constant_image_or_an_empty_label_is_a_warning_and_the_case_is_stored(
     if oddity == "constant_image":
         assert not np.asarray(cs.image(NEW_CASE)[...]).any()  # normalised to 0, not NaN
         assert np.asarray(cs.label(NEW_CASE)[...]).any()
+    elif oddity == "scaled_label":  # stored exactly as its unscaled copy phantom_000 (same image, labels 0/1/2)
+        assert np.array_equal(np.asarray(cs.label(NEW_CASE)[...]), np.asarray(cs.label("phantom_000")[...]))
     else:
         assert not np.asarray(cs.label(NEW_CASE)[...]).any()
         assert cs.locations(NEW_CASE).shape[0] == 0  # no foreground to oversample: random patches
@@ -452,5 +539,77 @@ def test_a_workdir_that_cannot_be_a_folder_is_one_line_exit_2(prepared, tmp_path
     reliability["bad_inputs"] += 1
     run = run_cli("preprocess", dataset, "--workdir", tmp_path / "a_file" / "W", "--workers", "1", cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.error_lines == [f"error dataset: cannot use --workdir {tmp_path / 'a_file' / 'W'}: Not a directory "
+    # an argument, not the dataset: no "dataset:" prefix
+    assert run.error_lines == [f"error cannot use --workdir {tmp_path / 'a_file' / 'W'}: Not a directory "
                                f"({tmp_path / 'a_file' / 'W' / 'logs'})"]
+
+
+# ---------------------------------------------------------------- issue 13: arguments, outputs, plans
+
+
+@pytest.mark.parametrize("workers", ["-1", "0"])
+def test_a_worker_count_below_one_is_refused_at_once(prepared, tmp_path, workers, reliability):
+    dataset, _ = prepared
+    reliability["bad_inputs"] += 1
+    start = time.monotonic()
+    run = run_cli("preprocess", dataset, "--workdir", tmp_path / "W", "--workers", workers, cwd=tmp_path)
+    assert time.monotonic() - start < 25  # Dask used to wait ~30 s for workers that never came
+    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
+    assert run.error_lines == [f"error --workers must be a whole number of at least 1, got {workers}"]
+    assert not (tmp_path / "W" / "store.zarr").exists()
+
+
+def test_a_predict_output_path_that_is_a_file_is_refused(copies, capsys, reliability):
+    ds, wd, outside = copies
+    target = outside / "predictions"
+    target.write_text("my notes\n")
+    reliability["bad_inputs"] += 2
+    assert main(["predict", "--workdir", str(wd), str(ds / "imagesTr"), str(target)]) == 2
+    assert main(["predict", "--workdir", str(wd), str(ds / "imagesTr"), str(target / "sub")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"error output folder {target} cannot be made: it is an existing file, not a folder",
+                   f"error output folder {target / 'sub'} cannot be made: {target} is an existing file, not a folder"]
+    assert target.read_text() == "my notes\n"
+
+
+def test_a_multi_line_nibabel_error_prints_as_one_line(prepared, tmp_path, capsys, reliability):
+    """nibabel's 'Expected N bytes, got M bytes from FILE\\n - could the file be damaged?' is one error line."""
+    dataset, _ = prepared
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    nib.save(nib.load(_label(dataset, "phantom_000")), pred / "phantom_000.nii")  # uncompressed: nibabel reads it
+    path = pred / "phantom_000.nii"
+    path.write_bytes(path.read_bytes()[:-50])  # short of its voxels, not of its header
+    reliability["bad_inputs"] += 1
+    assert main(["evaluate", str(pred), str(dataset), "--out", str(tmp_path / "eval")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1, err
+    assert re.fullmatch(r"error phantom_000: cannot read voxels of pred/phantom_000\.nii \(OSError: Expected \d+ bytes, "
+                        r"got \d+ bytes from .*phantom_000\.nii - could the file be damaged\?\)", err[0]), err
+
+
+def test_single_slice_cases_say_which_configurations_exist(tmp_path, reliability):
+    """Cases of one slice get a 2d configuration only: preprocess's default 3d_fullres is refused
+    naming the configurations there are and why, with exit 2 (was exit 1)."""
+    from pipeline.data.synthetic import make_demo_dataset
+
+    dataset = make_demo_dataset(tmp_path / "Slices", num_cases=NUM_CASES, seed=0)
+    for path in sorted(dataset.glob("*Tr/*.nii.gz")):
+        _edit(path, lambda a: np.ascontiguousarray(a[:, :, a.shape[2] // 2:a.shape[2] // 2 + 1]))
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+
+    ds = load_dataset(dataset)
+    plans = plan_experiment(compute_fingerprint(ds, client=None, progress=False), ds)
+    assert list(plans.configurations) == ["2d"]
+    wd = Workdir.at(tmp_path / "W")
+    wd.root.mkdir()
+    plans.save(wd.plans)
+    reliability["bad_inputs"] += 1
+    run = run_cli("preprocess", dataset, "--workdir", wd.root, "--workers", "1", cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(run.error_lines) == 1, run.stderr
+    assert re.fullmatch(r"error plans have no configuration '3d_fullres' \(have: 2d\): no 3D configuration: the median "
+                        r"image has a single slice along the first store axis .*; choose one of them with --config",
+                        run.error_lines[0]), run.error_lines

@@ -84,6 +84,89 @@ def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_ru
     assert not [p["pid"] for p in processes["started"] if running(p["pid"])]
 
 
+def _can_unshare_mounts() -> bool:
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_two_nodes_that_share_no_filesystem_run_every_stage_from_a_bucket(tmp_path):
+    """two_nodes.sh --no-shared-fs: its own S3 server on 127.0.0.1 holds the dataset and every artefact; the
+    second Ray node and the Dask workers run in mount namespaces where the dataset and the workdir do not exist."""
+    pytest.importorskip("moto", reason="moto[server] (a test dependency) is the local S3 server")
+    pytest.importorskip("s3fs", reason="s3fs (the [s3] extra) is needed for s3:// URLs")
+    if not _can_unshare_mounts():
+        pytest.skip("--no-shared-fs needs private mount namespaces (unshare -m: root)")
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.synthetic import make_demo_dataset
+    from pipeline.training.splits import load_or_create_splits
+
+    dataset = make_demo_dataset(tmp_path / "Phantom", num_cases=6)
+    workdir = tmp_path / "work"
+    script = subprocess.Popen(["bash", str(TWO_NODES), str(dataset), str(workdir), "--quick", "--no-shared-fs"],
+                              env={**os.environ, "SEGPIPE_PYTHON": sys.executable},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = script.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        script.send_signal(signal.SIGTERM)  # its EXIT trap stops what it started
+        output, _ = script.communicate(timeout=120)
+        pytest.fail(f"two_nodes.sh --no-shared-fs did not finish within 9 minutes:\n{output[-4000:]}")
+    assert script.returncode == 0, output[-4000:]
+    out = workdir / "two_nodes"
+    assert [p.name for p in workdir.iterdir()] == ["two_nodes"]  # the pipeline wrote nothing here
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["seconds_per_step"]) == {"upload", "preprocess", "train", "predict_job", "evaluate"}
+
+    # every step was given URLs, and the artefacts are in the bucket (listed before its server stopped)
+    storage = summary["storage"]
+    bucket = storage["bucket"]
+    assert storage["shared_filesystem"] is False and storage["endpoint"].startswith("http://127.0.0.1:")
+    assert storage["dataset"] == f"{bucket}/datasets/Phantom" and storage["workdir"] == f"{bucket}/work"
+    objects = set((out / "bucket.txt").read_text().split())
+    assert len(objects) == storage["objects"]
+    for key in ("dataset.json", "imagesTr/phantom_000.nii.gz", "labelsTr/phantom_005.nii.gz"):
+        assert f"{storage['dataset']}/{key}" in objects
+    for key in ("plans.json", "splits.json", "store.zarr/zarr.json", "runs/3d_lean/fold_0/model_final.pt",
+                "runs/3d_lean/fold_0/placement.json", "logs/train.log"):
+        assert f"{bucket}/work/{key}" in objects, key
+    assert any(o.startswith(f"{bucket}/work/runs/ray/3d_lean_fold0/checkpoint_") for o in objects)
+    heldout = load_or_create_splits(tmp_path / "splits.json", load_dataset(dataset).case_ids).validation_cases("0")
+    predictions = {o for o in objects if o.startswith(f"{storage['predictions']}/")}
+    assert predictions == {f"{storage['predictions']}/{c}.nii.gz" for c in heldout}
+    assert f"{storage['evaluation']}/summary.json" in objects
+    assert summary["foreground_mean"]["dice"] is not None  # read from the bucket's evaluation/summary.json
+    assert "predicting 2 case(s) on 2 Ray worker(s) on 2 node(s)" in (out / "predict_job.log").read_text()
+
+    # the two ranks ran on two nodes, one of them the isolated one
+    placement = summary["placement"]
+    assert sorted(w["rank"] for w in placement["workers"]) == [0, 1]
+    assert len({w["node_id"] for w in placement["workers"]}) == 2, placement
+    assert len(summary["isolation"]["ray_node2"]["training_ranks"]) == 1
+
+    # before and after the pipeline: from inside each private namespace the driver's files do not exist
+    isolation = json.loads((out / "isolation.json").read_text())
+    for label in ("before", "after"):
+        check = isolation[label]
+        assert check["ok"] and check["driver"]["sees"] == {"dataset": True, "workdir": True, "head_folder": True}
+        assert {r["name"] for r in check["isolated"]} == {"ray-node2", "dask-worker-a", "dask-worker-b"}
+        for r in check["isolated"]:
+            assert r["mount_namespace"] != check["driver"]["mount_namespace"] and not r["processes_outside_it"]
+            assert "/tmp" in r["hidden_by_tmpfs"]  # the head's folder (and tmp_path) are under it
+            assert r["sees"] == {"dataset": False, "workdir": False, "head_folder": False}
+            assert not r["paths"][str(dataset)]["exists"] and not r["paths"][str(workdir)]["exists"]
+        assert summary["isolation"][label]["ok"]
+
+    # every listener, the S3 server's included, was on loopback, and nothing it started outlived it
+    listeners = (out / "listeners.txt").read_text().split()
+    assert all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]") for a in listeners), listeners
+    assert f"127.0.0.1:{storage['endpoint'].rsplit(':', 1)[1]}" in listeners
+    processes = json.loads((out / "processes.json").read_text())
+    assert {p["name"] for p in processes["started"]} == {"s3-server", "ray-head", "ray-node2", "dask-scheduler",
+                                                         "dask-worker-a", "dask-worker-b"}
+    assert processes["left_running"] == [] and processes["processes_stopped"] >= 10
+    assert not [p["pid"] for p in processes["started"] if running(p["pid"])]
+
+
 def test_a_dask_worker_that_cannot_see_the_store_is_named_before_any_case_is_written(dask_client, synthetic_dataset):
     """A `memory://` store lives in the driver's process only: each Dask worker process sees none,
     as a worker on another machine would not see a driver-local folder."""

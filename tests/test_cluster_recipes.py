@@ -294,7 +294,7 @@ def closed(cluster) -> bool:
 
 
 def fake_stages(failed=(), bad_input=None):
-    from pipeline.errors import BadInputError
+    from pipeline.errors import BadInputError, Problem
 
     calls = []
 
@@ -307,8 +307,8 @@ def fake_stages(failed=(), bad_input=None):
 
     def load_dataset(path):
         calls.append(("load_dataset", path))
-        if bad_input:
-            raise BadInputError(bad_input)
+        if bad_input:  # as stages.load_dataset reports a dataset-level problem
+            raise BadInputError([Problem(None, bad_input)])
         return types.SimpleNamespace(path=path)
 
     planned = object()

@@ -98,6 +98,8 @@ def test_a_lost_node_restarts_training_elsewhere_from_the_checkpoint_in_the_buck
 
     fs = s3fs.S3FileSystem(use_listings_cache=False)
     fs.put(str(tiny_workdir.root), f"{bucket}/W".removeprefix("s3://"), recursive=True)
+    if fs.exists(f"{bucket}/W/runs"):  # another test of the module trained in the local workdir: start clean
+        fs.rm(f"{bucket}/W/runs", recursive=True)
     work = f"{bucket}/W"
     epochs = 8
     with LoopbackRayCluster(head_cpus=0) as cluster:

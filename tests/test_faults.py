@@ -371,7 +371,7 @@ def test_a_read_only_store_fails_cleanly_and_keeps_what_it_holds(slow, tmp_path,
         reliability["faults"] += 1
         run = run_cli(*_preprocess(dataset, wd, workers="1"), cwd=tmp_path)
         assert run.returncode == 2, run.stderr
-        assert run.error_lines == [f"error dataset: cannot use --workdir {wd}: Read-only file system "
+        assert run.error_lines == [f"error cannot use --workdir {wd}: Read-only file system "
                                    f"({wd / 'logs' / 'preprocess.log'})"], run.stderr
     assert store_checksums(store) == before
     assert_nothing_lost(store, before, reliability)
@@ -483,6 +483,7 @@ def train_workdir(tmp_path_factory):
         conf.patch_size, conf.batch_size = [16, 32, 32], 2
         conf.strides, conf.kernel_sizes = [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 3
         conf.features_per_stage = [4, 8, 16]
+        plans.configurations["3d_lean"].features_per_stage = [4, 8, 16]  # it inherits the 3-stage strides
 
     root = tmp_path_factory.mktemp("train_faults")
     dataset = make_demo_dataset(root / "Phantom", num_cases=6, seed=3)

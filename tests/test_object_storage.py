@@ -112,3 +112,26 @@ def test_segpipe_run_from_a_bucket_into_a_bucket_writes_nothing_locally(bucket, 
     predictions = [p for p in found if p.startswith("predictions/3d_lean_fold0/") and p.endswith(".nii.gz")]
     summary = json.loads(as_path(f"{bucket}/work/evaluation/3d_lean_fold0/summary.json").read_text())
     assert len(predictions) == summary["n_cases"] >= 1
+
+
+def test_a_store_in_a_bucket_is_locked_against_a_second_preprocessing_run(bucket):
+    """The run lock is an object created with a conditional PUT: a second run is refused naming the
+    holder, a lock left by a dead process of this host is taken over, and a finished run leaves none."""
+    import socket
+
+    from pipeline.errors import SegPipeError
+    from pipeline.preprocessing.store import open_store
+
+    store = open_store(f"{bucket}/work/store.zarr", "a", dataset_name="Phantom")
+    lock = as_path(f"{bucket}/work/store.zarr.lock")
+    with store.lock():
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(SegPipeError, match=f"another preprocessing run \\(pid {os.getpid()} on "):
+            with open_store(f"{bucket}/work/store.zarr", "a").lock():
+                pass
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": 0}))
+    with store.lock():  # the holder is gone: taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()

@@ -16,11 +16,14 @@ not, so its patch differs, deliberately (see test_sct_differs_from_nnunet_only_b
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.cli import main
 from pipeline.data.dataset import CaseFiles, Dataset, load_dataset
 from pipeline.errors import BadInputError
 from pipeline.planning.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, compute_fingerprint
@@ -321,6 +324,82 @@ def test_nonpositive_budget_is_bad_input(hippo_plans):
     fingerprint, dataset, _ = hippo_plans
     with pytest.raises(BadInputError, match="gpu-memory-gb"):
         plan_experiment(fingerprint, dataset, gpu_memory_gb=0)
+
+
+# ------------------------------------------------------------------ plans.json is checked when loaded (issue 13)
+
+
+def _set(path: str, value):
+    """An edit of the plans' JSON: set the field at 'a.b.c' (None deletes it)."""
+    def edit(d):
+        *parents, last = path.split(".")
+        for key in parents:
+            d = d[key]
+        if value is None:
+            del d[last]
+        else:
+            d[last] = value
+    return edit
+
+
+FULL = "configurations.3d_fullres"
+BROKEN_PLANS = [
+    # (edit of the JSON, or of the text; a line the CLI must print after the file's path)
+    ("patch_abc", _set(f"{FULL}.patch_size", "abc"),
+     rf"{FULL}\.patch_size must be a list of 2 or 3 whole numbers >= 1, got 'abc'"),
+    ("patch_zero", _set(f"{FULL}.patch_size", [0, 24, 24]), rf"{FULL}\.patch_size must be .*, got \[0, 24, 24\]"),
+    ("patch_fraction", _set(f"{FULL}.patch_size", [20.5, 24, 24]), rf"{FULL}\.patch_size must be .*, got \[20\.5, 24, 24\]"),
+    ("patch_2d_in_3d", _set(f"{FULL}.patch_size", [64, 48]),
+     rf"{FULL}\.patch_size has 2 entries \[64, 48\]: a 3D configuration needs 3"),
+    ("batch_zero", _set(f"{FULL}.batch_size", 0), rf"{FULL}\.batch_size must be a whole number >= 1, got 0"),
+    ("lean_batch_zero", _set("configurations.3d_lean.batch_size", 0),
+     r"configurations\.3d_lean\.batch_size must be a whole number >= 1, got 0"),
+    ("spacing_zero", _set(f"{FULL}.spacing", [0, 1, 1]), rf"{FULL}\.spacing must be a list of 2 or 3 positive numbers"),
+    ("no_configurations", _set("configurations", None), r"configurations is missing"),
+    ("truncated", lambda text: text[: len(text) // 2], r"is not valid JSON \(.*\)"),
+    ("huge_patch", _set(f"{FULL}.patch_size", [4096, 4096, 4096]),
+     rf"{FULL}\.patch_size \[4096, 4096, 4096\] is 68,719,476,736 voxels, more than the 134,217,728 \(512\^3\)"),
+    ("patch_past_median", _set(f"{FULL}.patch_size", [80, 64, 1024]),
+     rf"{FULL}\.patch_size \[80, 64, 1024\] is more than 4x the median image"),
+    ("patch_off_stride", _set(f"{FULL}.patch_size", [80, 64, 44]),
+     rf"{FULL}\.patch_size \[80, 64, 44\] is not a multiple of the network's total stride"),
+    ("identifier_escapes", _set(f"{FULL}.data_identifier", "../../elsewhere"),
+     rf"{FULL}\.data_identifier must be a folder name"),
+    ("inherits_nothing", _set("configurations.3d_lean.inherits_from", "3d_gone"),
+     r"configurations\.3d_lean\.inherits_from names '3d_gone', which is not a configuration"),
+]
+
+
+@pytest.mark.parametrize("edit, phrase", [b[1:] for b in BROKEN_PLANS], ids=[b[0] for b in BROKEN_PLANS])
+def test_a_broken_plans_json_is_exit_2_naming_the_file_and_the_field(sct_plans, tmp_path, capsys, edit, phrase,
+                                                                       reliability):
+    work = tmp_path / "W"
+    work.mkdir()
+    sct_plans.save(work / "plans.json")
+    text = (work / "plans.json").read_text()
+    if edit.__name__ == "<lambda>":  # of the text
+        text = edit(text)
+    else:
+        data = json.loads(text)
+        edit(data)
+        text = json.dumps(data)
+    (work / "plans.json").write_text(text)
+    reliability["bad_inputs"] += 1
+
+    code = main(["train", "--workdir", str(work), "--config", "3d_lean", "--epochs", "1"])
+
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert err and all(line.startswith(f"error {work / 'plans.json'}") for line in err), err
+    assert any(re.search(phrase, line) for line in err), err
+    assert err[-1].endswith("(re-run `segpipe plan`, or correct the file)"), err
+    assert not (work / "runs").exists()
+
+
+def test_a_configuration_the_plans_lack_is_bad_input_naming_those_there_are(sct_plans):
+    with pytest.raises(BadInputError, match=r"plans have no configuration '3d_lowres' \(have: 3d_fullres, 3d_lean, "
+                                            r"2d\): no 3d_lowres: .*; choose one of them with --config"):
+        sct_plans.configuration("3d_lowres")
 
 
 # ------------------------------------------------------------------ the topology rule itself

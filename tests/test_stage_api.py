@@ -84,14 +84,14 @@ def test_a_case_that_cannot_be_read_is_never_deleted_as_incomplete(tmp_path, syn
     victim = cstore.case_ids()[0]
     before = sorted(p.relative_to(store_path) for p in store_path.rglob("*"))
 
-    real_open_group = zarr.open_group
+    real_get = zarr.storage.LocalStore.get
 
-    def flaky(store, *args, path="", **kwargs):
-        if path.endswith(f"cases/{victim}"):
+    async def flaky(self, key, *args, **kwargs):  # the storage layer fails to read that case's metadata
+        if key.endswith(f"cases/{victim}/zarr.json"):
             raise PermissionError(13, "Permission denied (simulated)")
-        return real_open_group(store, *args, path=path, **kwargs)
+        return await real_get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(zarr, "open_group", flaky)
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", flaky)
     with pytest.raises(SegPipeError, match=f"case {victim}: cannot read its metadata.*nothing was deleted"):
         stages.preprocess(dataset, tmp_path / "w", "3d_lean", progress=False)
     monkeypatch.undo()

@@ -389,3 +389,110 @@ def test_cli_validate_json_and_clean_exit(small, capsys):
     assert main(["validate", "--json", str(small)]) == 2
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["problems"] == [str(Problem(VICTIM, validate_dataset(small)[0].message))]
+
+
+# ---------------------------------------------------------------- issue 13
+
+
+def _set_scaling(path: Path, slope: float, inter: float = 0.0) -> None:
+    """Rewrite the header's scl_slope / scl_inter in place: the stored values stay as they are."""
+    import struct
+
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[112:120] = struct.pack(nib.load(path).header.endianness + "ff", slope, inter)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # nothing may leak from numpy
+def test_validate_reads_scl_slope_and_scl_inter_as_every_stage_does(small, capsys):
+    # a legal label stored as 0/2/4 with slope 0.5: the values are 0/1/2
+    data, affine = _load(_label(small))
+    img = nib.Nifti1Image((data * 2).astype(np.uint8), affine)
+    img.set_data_dtype(np.uint8)
+    nib.save(img, _label(small))
+    _set_scaling(_label(small), 0.5)
+    assert main(["validate", str(small)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # an int16 image with slope 1e38: its values are beyond float32, where every stage reads them
+    data, affine = _load(_image(small, CASES[0]))
+    img = nib.Nifti1Image(np.rint(data).astype(np.int16), affine)
+    img.set_data_dtype(np.int16)
+    nib.save(img, _image(small, CASES[0]))
+    _set_scaling(_image(small, CASES[0]), 1e38)
+    assert main(["validate", str(small)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith(f"error {CASES[0]}: imagesTr/{CASES[0]}.nii.gz: its header's scaling "
+                                               "(scl_slope 1e+38, scl_inter 0) takes "), err
+    assert "beyond the float32 range" in err[0]
+
+
+def test_a_case_with_outlier_spacing_is_a_warning_saying_what_resampling_does(small, capsys):
+    """0.1 x 0.1 x 50 mm among 1 mm cases: resampled to the median it becomes a needle of voxels."""
+    for path in (_image(small), _label(small)):
+        data, _ = _load(path)
+        _save(path, data, np.diag([0.1, 0.1, 50.0, 1.0]))
+    shape = nib.load(_image(small)).shape
+    assert main(["validate", str(small)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    resampled = f"{max(1, round(shape[0] * 0.1))}x{max(1, round(shape[1] * 0.1))}x{shape[2] * 50}"
+    assert warnings == [
+        f"warning {VICTIM}: spacing (0.1, 0.1, 50) mm is far from the dataset's median (1, 1, 1) mm: resampled to it "
+        f"the case becomes {resampled} voxels (from {'x'.join(map(str, shape))}), 10x coarser along x (structures "
+        "thinner than 10 voxels there vanish); 10x coarser along y (structures thinner than 10 voxels there vanish); "
+        "50x finer along z (each voxel becomes 50); check its header"], warnings
+
+
+def test_real_spacing_differences_are_not_outliers(spinalcord):
+    """SCT's 0.5 x 0.5 x 7.5 mm T2* among 1 mm cases is an ordinary anisotropic scan."""
+    assert not [w for w in check_dataset(spinalcord).warnings if "far from" in w.message]
+
+
+def test_a_zero_voxel_size_without_qform_or_sform_is_reported(small):
+    data, _ = _load(_image(small))
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header["pixdim"][1:4] = 0
+    header["vox_offset"] = 352
+    _image(small).write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data.tobytes(order="F")))
+    problems = validate_dataset(small)
+    assert [p.case for p in problems] == [VICTIM]
+    assert "declares a voxel size of 0 (pixdim[1..3]) and no qform/sform" in problems[0].message
+
+
+@pytest.mark.parametrize("labels_json, phrase", [
+    ('{"0": "background", "1": "anterior", "1": "posterior", "2": "posterior"}', "has the key '1' twice"),
+    ('{"0": "background", "1": "hippocampus", "2": "hippocampus"}', "labels 1, 2 share the name 'hippocampus'"),
+], ids=["msd-key-twice", "msd-name-twice"])
+def test_duplicate_labels_are_refused_through_the_cli(small, capsys, labels_json, phrase):
+    text = json.dumps(_meta(small))
+    start = text.index('"labels": {')
+    text = text[:start] + '"labels": ' + labels_json + text[text.index("}", start) + 1:]
+    (small / "dataset.json").write_text(text)
+    assert main(["validate", str(small)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert any(line.startswith("error dataset: dataset.json") and phrase in line for line in err), err
+
+
+def test_num_training_counts_the_entries_listed_valid_or_not(small, capsys):
+    meta = _meta(small)
+    meta["training"][1]["image"] = 17  # an invalid entry: its own error, still an entry of the list
+    meta["numTraining"] = 3
+    _set_meta(small, meta)
+    assert main(["validate", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert "numTraining" not in err and "image path must be a non-empty string, got 17" in err
+    meta["numTraining"] = 4
+    _set_meta(small, meta)
+    assert main(["validate", str(small)]) == 2
+    assert "warning dataset: numTraining is 4 but 'training' lists 3 entries" in capsys.readouterr().err
+
+
+def test_read_case_names_the_real_non_integer_value(small):
+    """The loader behind preprocessing (reached when validation is skipped) prints the value it found."""
+    from pipeline.data.dataset import load_dataset, read_case
+    from pipeline.errors import BadInputError
+
+    _edit_label(small, lambda d: d.__setitem__((1, 1, 1), 2.25), dtype=np.float32)
+    with pytest.raises(BadInputError, match=r"label hippocampus_004\.nii\.gz holds non-integer values \(e\.g\. 2\.25\)"):
+        read_case(load_dataset(small), VICTIM)

@@ -19,12 +19,13 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from pipeline.data.files import NIFTI_ENDINGS, strip_ending
-from pipeline.data.nifti import Geometry, geometry_of, load_header, read_array, to_ras
+from pipeline.data.nifti import Geometry, geometry_of, label_dtype, load_header, read_array, to_ras
 from pipeline.errors import BadInputError, Problem
 from pipeline.storage import absolute, inside
 
@@ -162,8 +163,24 @@ def _parse_labels_msd(raw: object, problems: list[Problem]) -> dict[int, str]:
         if value < 0:
             problems.append(Problem(None, f"dataset.json label value {value} is negative"))
             continue
+        if value in labels:  # "1" and "01"
+            problems.append(Problem(None, f"dataset.json label value {value} is declared twice "
+                                          f"({labels[value]!r} and {str(name)!r}): each value must have one name"))
+            continue
         labels[value] = str(name)
+    _check_unique_names(labels, problems)
     return labels
+
+
+def _check_unique_names(labels: dict[int, str], problems: list[Problem]) -> None:
+    """Two values under one name would merge two classes in plans.json (which maps value -> name)."""
+    by_name: dict[str, list[int]] = {}
+    for value, name in labels.items():
+        by_name.setdefault(name, []).append(value)
+    for name, values in by_name.items():
+        if len(values) > 1:
+            problems.append(Problem(None, f"dataset.json labels {', '.join(map(str, sorted(values)))} share the name "
+                                          f"{name!r}: each class needs its own name"))
 
 
 def _parse_labels_nnunet(raw: object, problems: list[Problem]) -> dict[int, str]:
@@ -177,6 +194,10 @@ def _parse_labels_nnunet(raw: object, problems: list[Problem]) -> dict[int, str]
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
             problems.append(Problem(None, f"label {name!r} has value {value!r}: expected a non-negative integer"))
+            continue
+        if int(value) in labels:
+            problems.append(Problem(None, f"dataset.json labels {labels[int(value)]!r} and {name!r} both have value "
+                                          f"{int(value)}: each class needs its own value"))
             continue
         labels[int(value)] = str(name)
     return labels
@@ -262,6 +283,17 @@ def _nnunet_cases(root: Path, channels: int, ending: str, problems: list[Problem
     return cases
 
 
+def _no_duplicate_keys(problems: list[Problem], pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys without a word: {"1": "core", "1": "edema"}."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            problems.append(Problem(None, f"dataset.json has the key {key!r} twice in one object "
+                                          f"(values {out[key]!r} and {value!r}): only one can count"))
+        out[key] = value
+    return out
+
+
 def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]]:
     """Read the dataset description, collecting every problem found instead of stopping at the first."""
     root = absolute(path)  # case paths travel to workers that may run in another folder (or a URL)
@@ -272,7 +304,7 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
     if not meta_path.is_file():
         return None, [Problem(None, f"no dataset.json in {root}")]
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(), object_pairs_hook=partial(_no_duplicate_keys, problems))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, [Problem(None, f"dataset.json is not valid JSON ({exc})")]
     except OSError as exc:
@@ -323,6 +355,23 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     return dataset
 
 
+def label_values_problem(data: np.ndarray) -> str | None:
+    """What makes these voxels no label map (NaN/Inf, fractions, negatives), naming a real value; None if fine.
+    Validation and `read_case` both ask this, about the same values (`nifti.label_dtype`)."""
+    if data.dtype.kind not in "biuf":
+        return f"has unsupported data type {data.dtype}"
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            return f"holds {int((~finite).sum())} NaN/Inf voxel(s)"
+        off = data != np.rint(data)
+        if off.any():
+            return f"holds non-integer values (e.g. {data[off][0]}): labels must be whole numbers"
+    if data.size and data.min() < 0:
+        return f"holds negative values (min {float(data.min()):g}): labels must be 0 or positive"
+    return None
+
+
 def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) -> CaseData:
     """Load one case into the project frame (RAS, channels first), checking its files agree."""
     if isinstance(case, str):
@@ -356,12 +405,12 @@ def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) 
         lg = geometry_of(limg)
         if lg.shape != geometry.shape:
             raise BadInputError(f"label shape {lg.shape} differs from image shape {geometry.shape}", cid)
-        raw = read_array(limg, case.label, cid, dtype=np.float64)
+        raw = read_array(limg, case.label, cid, dtype=label_dtype(limg.dataobj))
         if raw.ndim == 4 and raw.shape[3] == 1:
             raw = raw[..., 0]
-        rounded = np.rint(raw)
-        if not np.array_equal(rounded, raw):
-            raise BadInputError("label holds non-integer values (e.g. 1.0000001)", cid)
+        if (problem := label_values_problem(raw)) is not None:
+            raise BadInputError(f"label {case.label.name} {problem}", cid)
+        rounded = np.rint(raw) if raw.dtype.kind == "f" else raw
         fits = rounded.size == 0 or (rounded.min() >= 0 and rounded.max() <= dataset.label_map.values[-1])
         label = to_ras(rounded.astype(dataset.label_map.value_dtype if fits else np.int32), lg)
     return CaseData(cid, image, label, geometry, geometry.spacing)

@@ -9,8 +9,12 @@ exact affine, header and orientation.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import logging
 import os
+import stat
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +35,8 @@ RAS = axcodes2ornt(("R", "A", "S"))
 # Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header declares more bytes
 # than that is forged or broken; refusing it up front avoids allocating a huge array.
 MAX_DEFLATE_RATIO = 1032
+
+log = logging.getLogger("segpipe")
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,81 @@ def display_name(path: str | os.PathLike) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` on one line: nibabel's messages span lines (" - could the file be damaged?"),
+    and every error the CLI prints is one line that makes sense alone."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def not_a_file(path) -> str:
+    """Why `path` is not a file to read, in words: missing, a folder, a broken link, a link loop..."""
+    path = as_path(path)
+    name = display_name(path)
+    if is_url(path):
+        return f"{name} is a folder, not a NIfTI file" if path.is_dir() else f"missing file {name}"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{name} is a symbolic link loop, not a file"
+        if os.path.islink(path):
+            return f"{name} is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if exc.errno == errno.ENOENT:
+            return f"missing file {name}"
+        return f"cannot open {name} ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return f"{name} is a folder, not a NIfTI file"
+    return f"{name} is not a regular file (a device, socket or pipe)"
+
+
+class _HeaderFixes(logging.Filter):
+    """Collects, instead of printing, what nibabel's header check silently repairs on load (pixdim 0
+    becomes 1, ...) while `_capturing_header_fixes` is active in this thread; other threads and
+    other callers are untouched."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fixes = getattr(self.local, "fixes", None)
+        if fixes is None:
+            return True
+        fixes.append(record.getMessage())
+        return False
+
+
+_NIBABEL_LOG = logging.getLogger("nibabel.global")  # where nibabel's header checks report
+if not any(isinstance(f, _HeaderFixes) for f in _NIBABEL_LOG.filters):
+    _NIBABEL_LOG.addFilter(_HeaderFixes())
+
+
 def load_header(path: Path, case: str | None = None) -> nib.Nifti1Image:
     """Open a NIfTI file lazily (header only), with errors that name the case and file. On object
     storage the file is read through a ranged stream: the header costs one small request, the
-    voxels are fetched only when read."""
+    voxels are fetched only when read.
+
+    A header declaring a voxel size of 0 (pixdim) is refused: nibabel would silently read it as
+    1 mm, and with no qform/sform nothing else says where the voxels are."""
     path = as_path(path)
     if not path.is_file():
-        raise BadInputError(f"missing file {display_name(path)}", case)
+        raise BadInputError(not_a_file(path), case)
+    _HeaderFixes.local.fixes = fixes = []
     try:
         img = _open_remote(path) if is_url(path) else nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk files
-        raise BadInputError(f"unreadable NIfTI {display_name(path)} ({type(exc).__name__}: {exc})", case) from None
+        raise BadInputError(f"unreadable NIfTI {display_name(path)} ({describe_error(exc)})", case) from None
+    finally:
+        _HeaderFixes.local.fixes = None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInputError(f"{display_name(path)} is not a NIfTI image", case)
+    for fix in fixes:
+        log.debug("%s: nibabel repaired its header: %s", display_name(path), fix)
+    if any("pixdim[1,2,3] should be non-zero" in fix for fix in fixes):
+        codes = int(img.header["qform_code"]), int(img.header["sform_code"])
+        where = ("and no qform/sform, so its spacing is undefined" if codes == (0, 0) else
+                 f"(qform_code {codes[0]}, sform_code {codes[1]})")
+        raise BadInputError(f"{display_name(path)} header declares a voxel size of 0 (pixdim[1..3]) {where}: "
+                            "nibabel would silently read it as 1 mm; set the real voxel size", case)
     _check_declared_size(img, path, case)
     return img
 
@@ -119,12 +187,45 @@ def _check_declared_size(img: nib.Nifti1Image, path: Path, case: str | None) -> 
         )
 
 
+def scaling_of(dataobj) -> tuple[float, float]:
+    """(scl_slope, scl_inter) as nibabel applies them on reading: (1, 0) when the header has none
+    (nibabel also reads a slope of 0 or NaN as no scaling)."""
+    return float(getattr(dataobj, "slope", 1.0)), float(getattr(dataobj, "inter", 0.0))
+
+
+def label_dtype(dataobj):
+    """The dtype labels are read in: the file's own when unscaled (the values are exact), float64
+    when scl_slope/scl_inter apply (so 0/2/4 with slope 0.5 reads 0/1/2, as every stage sees it)."""
+    return None if scaling_of(dataobj) == (1.0, 0.0) else np.float64
+
+
 def read_array(img: nib.Nifti1Image, path: Path, case: str | None = None, dtype=np.float32) -> np.ndarray:
     """Read the voxels, turning truncated or corrupt files into a BadInputError."""
+    return array_from(img.dataobj, path, case, dtype)
+
+
+def array_from(dataobj, path: Path, case: str | None = None, dtype=np.float32) -> np.ndarray:
+    """The voxels of an array proxy as every stage reads them: the header's scl_slope/scl_inter
+    applied, then cast to `dtype` (None: nibabel's choice). The one reading of voxel values
+    (validation reads its checked bytes through it too). Scaling that takes a voxel beyond the
+    range of `dtype` is refused, instead of reading Inf with a numpy warning."""
     try:
-        return np.asarray(img.dataobj, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.asarray(dataobj, dtype=dtype)
     except (EOFError, OSError, ValueError, gzip.BadGzipFile, zlib.error, MemoryError) as exc:
-        raise BadInputError(f"cannot read voxels of {display_name(path)} ({type(exc).__name__}: {exc})", case) from None
+        raise BadInputError(f"cannot read voxels of {display_name(path)} ({describe_error(exc)})", case) from None
+    slope, inter = scaling_of(dataobj)
+    if (slope, inter) != (1.0, 0.0) and data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raw = np.asarray(dataobj.get_unscaled())
+            overflow = int((bad & np.isfinite(raw)).sum()) if raw.dtype.kind in "fc" else int(bad.sum())
+            if overflow:
+                raise BadInputError(
+                    f"{display_name(path)}: its header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) takes "
+                    f"{overflow} voxel(s) beyond the {data.dtype} range (+-{np.finfo(data.dtype).max:.3g}): "
+                    "correct scl_slope/scl_inter or store the real values", case)
+    return data
 
 
 def spacing_of(img: nib.Nifti1Image) -> tuple[float, ...]:

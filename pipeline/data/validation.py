@@ -13,10 +13,17 @@ Each case is checked in two steps, so that a dataset of 1,000 cases is cheap to 
 Cases are checked one at a time per worker thread, so memory holds at most `workers` cases. The
 dataset-level problems (dataset.json, paths, duplicates) come from `dataset.scan_dataset`.
 
+Voxel values are read exactly as every later stage reads them (`nifti.array_from`): the header's
+scl_slope/scl_inter applied, images as float32, labels as `nifti.label_dtype` says. So a label
+stored 0/2/4 with slope 0.5 is the legal 0/1/2, and an image whose slope overflows float32 is
+refused here rather than read as Inf later.
+
 Errors are what would make a later stage fail or silently learn the wrong thing. Warnings are
 legal but worth a look and never fail validation: an empty label (background only: nnU-Net
 accepts it, and a patient without a lesion is a real case), a constant image (suspicious, but
-valid input), `numTraining` disagreeing with the cases listed. Unlike nnU-Net, which only warns,
+valid input), `numTraining` disagreeing with the cases listed, a case whose spacing is far from
+the dataset's median (resampling to the common spacing would merge or stretch its voxels many
+times over: `SPACING_SHRINK_WARN`, `SPACING_STRETCH_WARN`). Unlike nnU-Net, which only warns,
 an affine mismatch between a case's files is an error: the pipeline assumes they share one voxel
 grid, and a label off by a flip or a shift would train the network on misaligned targets.
 """
@@ -35,9 +42,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 
-from pipeline.data.dataset import LAYOUT_MSD, CaseFiles, Dataset, scan_dataset
-from pipeline.data.nifti import display_name, load_header
+from pipeline.data.dataset import LAYOUT_MSD, CaseFiles, Dataset, label_values_problem, scan_dataset
+from pipeline.data.nifti import (
+    array_from,
+    describe_error,
+    display_name,
+    geometry_of,
+    label_dtype,
+    load_header,
+    scaling_of,
+)
 from pipeline.errors import BadInputError, Problem
 from pipeline.storage import as_path
 
@@ -53,6 +69,26 @@ ORIGIN_TOL_VOXELS = 0.01  # fraction of the smallest voxel edge
 # wall time from 2.4 s to 1.5 s; four gained little more, and each thread holds one case in memory.
 DEFAULT_WORKERS = 2
 PROGRESS_MIN_CASES = 50  # below this the check takes a moment and a bar is noise
+
+# Spacing outliers (warnings). Planning resamples every case to one spacing near the dataset's
+# median. An axis resampled to more than 4x coarser merges 4 voxels into one: a structure thinner
+# than that vanishes (0.1 mm voxels among 1 mm cases). More than 10x finer means the case holds a
+# tenth of the detail of the others along that axis (50 mm slices among 2 mm ones). Real datasets
+# stay well inside: SCT's 0.5x0.5x7.5 mm T2* among 1 mm cases is 2x and 7.5x.
+SPACING_SHRINK_WARN = 4.0
+SPACING_STRETCH_WARN = 10.0
+SPACING_MIN_CASES = 3  # a median of fewer cases says nothing about which one is odd
+RAS_AXES = ("x", "y", "z")
+
+
+@dataclass
+class CaseCheck:
+    """One case's errors and warnings, and its grid (RAS) when its headers are sound."""
+
+    errors: list[Problem]
+    warnings: list[Problem]
+    spacing: tuple[float, ...] | None = None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -93,22 +129,29 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, progre
     report = ValidationReport(str(path), len(dataset.cases) if dataset else 0, list(problems))
     if dataset is not None:
         declared = dataset.raw_json.get("numTraining")
-        if dataset.layout == LAYOUT_MSD and isinstance(declared, int) and declared != len(dataset.cases):
+        listed = dataset.raw_json.get("training")
+        if (dataset.layout == LAYOUT_MSD and isinstance(declared, int) and not isinstance(declared, bool)
+                and isinstance(listed, list) and declared != len(listed)):
+            # the entries of the list, valid or not: an invalid entry is its own error, not a missing case
             report.warnings.append(Problem(None, f"numTraining is {declared} but 'training' lists "
-                                                 f"{len(dataset.cases)} case(s)"))
-        check = partial(check_case, dataset, check_voxels=check_voxels)
+                                                 f"{len(listed)} entr{'y' if len(listed) == 1 else 'ies'}"))
+        check = partial(_check_case, dataset, check_voxels=check_voxels)
         workers = max(1, workers or DEFAULT_WORKERS)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="validate") if workers > 1 else None
+        grids: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {}
         try:
             results = pool.map(check, dataset.cases) if pool else map(check, dataset.cases)
             with _progress_bar(len(dataset.cases), progress) as bar:
-                for errors, warnings in results:  # in case order: a stable report
-                    report.problems.extend(errors)
-                    report.warnings.extend(warnings)
+                for case, result in zip(dataset.cases, results):  # in case order: a stable report
+                    report.problems.extend(result.errors)
+                    report.warnings.extend(result.warnings)
+                    if result.spacing is not None:
+                        grids[case.case_id] = (result.spacing, result.shape)
                     bar.update()
         finally:
             if pool:  # on Ctrl-C, drop the cases not started instead of checking them all first
                 pool.shutdown(wait=True, cancel_futures=True)
+        report.warnings.extend(spacing_outliers(grids))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -123,13 +166,49 @@ def _progress_bar(total: int, progress: bool | None):
 
 def check_case(dataset: Dataset, case: CaseFiles, check_voxels: bool = True) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings) of one case: headers first, then voxels when the headers are sound."""
+    result = _check_case(dataset, case, check_voxels)
+    return result.errors, result.warnings
+
+
+def _check_case(dataset: Dataset, case: CaseFiles, check_voxels: bool = True) -> CaseCheck:
     try:
         headers, errors = _check_headers(dataset, case)
-        if headers is None or errors or not check_voxels:
-            return errors, []
-        return _check_voxels(dataset, case, *headers)
+        if headers is None or errors:
+            return CaseCheck(errors, [])
+        geometry = geometry_of(headers[0][0])
+        grid = dict(spacing=geometry.spacing, shape=geometry.ras_shape)
+        if not check_voxels:
+            return CaseCheck([], [], **grid)
+        return CaseCheck(*_check_voxels(dataset, case, *headers), **grid)
     except BadInputError as exc:
-        return exc.problems, []
+        return CaseCheck(exc.problems, [])
+
+
+def spacing_outliers(grids: dict[str, tuple[tuple[float, ...], tuple[int, ...]]]) -> list[Problem]:
+    """Warnings for cases whose spacing is far from the median of `grids` (case -> (RAS spacing,
+    RAS shape)): what resampling to the common spacing would do to them, in voxels."""
+    if len(grids) < SPACING_MIN_CASES:
+        return []
+    spacings = np.array([g[0] for g in grids.values()], dtype=np.float64)
+    median = np.median(spacings, axis=0)
+    if not np.all(median > 0):
+        return []
+    warnings = []
+    for case_id, (spacing, shape) in grids.items():
+        s = np.asarray(spacing, dtype=np.float64)
+        if not np.all(s > 0):
+            continue
+        shrink, stretch = median / s, s / median  # > 1: voxels merged / voxels invented per axis
+        notes = [f"{shrink[a]:.3g}x coarser along {RAS_AXES[a]} (structures thinner than {shrink[a]:.3g} voxels "
+                 "there vanish)" for a in range(len(s)) if shrink[a] > SPACING_SHRINK_WARN]
+        notes += [f"{stretch[a]:.3g}x finer along {RAS_AXES[a]} (each voxel becomes {stretch[a]:.3g})"
+                  for a in range(len(s)) if stretch[a] > SPACING_STRETCH_WARN]
+        if notes:
+            resampled = [max(1, round(n * sp / m)) for n, sp, m in zip(shape, s, median)]
+            warnings.append(Problem(case_id, f"spacing {_fmt(s)} mm is far from the dataset's median {_fmt(median)} mm: "
+                                             f"resampled to it the case becomes {'x'.join(map(str, resampled))} voxels "
+                                             f"(from {'x'.join(map(str, shape))}), {'; '.join(notes)}; check its header"))
+    return warnings
 
 
 # ---------------------------------------------------------------- step 1: headers
@@ -232,23 +311,28 @@ def _check_headers(dataset: Dataset, case: CaseFiles):
 # ---------------------------------------------------------------- step 2: voxels
 
 
-def read_voxels(img: nib.Nifti1Image, path: Path, case: str | None = None) -> np.ndarray:
-    """All voxels of a file (scaling applied), reading a gzip stream to its end to check its CRC.
+def read_voxels(img: nib.Nifti1Image, path: Path, case: str | None = None, dtype=np.float32) -> np.ndarray:
+    """All voxels of a file as every stage reads them (`nifti.array_from`: scl_slope/scl_inter
+    applied, cast to `dtype`), reading a gzip stream to its end to check its CRC.
 
     `img` is the file's header as `load_header` checked it, so the declared size is sane and
     bounds how much decompressed output is accepted (a gzip bomb cannot fill the memory).
     """
-    header = img.header.copy()
-    header.set_data_offset(img.dataobj.offset)  # nibabel zeroes the in-memory header's offset on load
-    expected = int(img.dataobj.offset) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+    offset = int(img.dataobj.offset)  # nibabel zeroes the in-memory header's offset on load
+    file_dtype = img.header.get_data_dtype()
+    expected = offset + int(np.prod(img.shape)) * file_dtype.itemsize
     try:
         raw = as_path(path).read_bytes()
         if as_path(path).name.endswith(".gz"):
             raw = _gunzip(raw, limit=2 * expected + 2**20)
-        return np.asanyarray(header.data_from_fileobj(io.BytesIO(raw)))
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt "
-                            f"({type(exc).__name__}: {exc})", case) from None
+                            f"({describe_error(exc)})", case) from None
+    if len(raw) < expected:
+        raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt (the header declares "
+                            f"{expected} bytes, the file holds {len(raw)})", case)
+    proxy = ArrayProxy(io.BytesIO(raw), (tuple(img.shape), file_dtype, offset, *scaling_of(img.dataobj)))
+    return array_from(proxy, path, case, dtype)
 
 
 def _gunzip(raw: bytes, limit: int) -> bytes:
@@ -273,10 +357,10 @@ def _check_voxels(dataset: Dataset, case: CaseFiles, images, label) -> tuple[lis
     warnings: list[Problem] = []
     for path, img in zip(case.images, images):
         name = display_name(path)
-        data = read_voxels(img, path, cid)
-        if data.dtype.kind not in "biuf":
-            errors.append(Problem(cid, f"{name} has unsupported data type {data.dtype}"))
+        if img.get_data_dtype().kind not in "biuf":
+            errors.append(Problem(cid, f"{name} has unsupported data type {img.get_data_dtype()}"))
             continue
+        data = read_voxels(img, path, cid)  # float32, as preprocessing and prediction read it
         if data.dtype.kind == "f":
             nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
             if nan or inf:
@@ -286,25 +370,22 @@ def _check_voxels(dataset: Dataset, case: CaseFiles, images, label) -> tuple[lis
         if lo == hi:
             warnings.append(Problem(cid, f"{name} is constant (every voxel is {float(lo):g})"))
     if label is not None:
-        data = read_voxels(label, case.label, cid)
-        errors.extend(_label_problems(data, f"label {display_name(case.label)}", dataset, cid, warnings))
+        name = f"label {display_name(case.label)}"
+        if label.get_data_dtype().kind not in "biuf":
+            errors.append(Problem(cid, f"{name} has unsupported data type {label.get_data_dtype()}"))
+        else:
+            data = read_voxels(label, case.label, cid, dtype=label_dtype(label.dataobj))
+            slope, inter = scaling_of(label.dataobj)
+            if (slope, inter) != (1.0, 0.0):  # say which values: the file holds others
+                name += f" (values after its header's scl_slope {slope:g}, scl_inter {inter:g})"
+            errors.extend(_label_problems(data, name, dataset, cid, warnings))
     return errors, warnings
 
 
 def _label_problems(data: np.ndarray, name: str, dataset: Dataset, cid: str, warnings: list[Problem]) -> list[Problem]:
-    if data.dtype.kind not in "biuf":
-        return [Problem(cid, f"{name} has unsupported data type {data.dtype}")]
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all():
-            return [Problem(cid, f"{name} holds {int((~finite).sum())} NaN/Inf voxel(s)")]
-        off = data != np.rint(data)
-        if off.any():
-            return [Problem(cid, f"{name} holds non-integer values (e.g. {float(data[off][0])!r}): "
-                                 "labels must be whole numbers")]
-    lo, hi = float(data.min()), float(data.max())
-    if lo < 0:
-        return [Problem(cid, f"{name} holds negative values (min {lo:g}): labels must be 0 or positive")]
+    if (problem := label_values_problem(data)) is not None:
+        return [Problem(cid, f"{name} {problem}")]
+    hi = float(data.max()) if data.size else 0.0
     if hi <= 2**16:  # counting is linear; np.unique sorts
         present = np.flatnonzero(np.bincount(data.astype(np.int64, copy=False).ravel()))
     else:

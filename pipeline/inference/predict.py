@@ -147,6 +147,11 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
     start = time.perf_counter()
     wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
     input_dir, output_dir = absolute(input_dir), absolute(output_dir)
+    # the output folder, or its nearest existing parent, must be a folder: a file there is the user's to move
+    blocked = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise BadInputError(f"output folder {output_dir} cannot be made: "
+                            f"{'it' if blocked == output_dir else blocked} is an existing file, not a folder")
     folds = parse_folds(fold)
     run_dirs = find_model(wd, config, folds, checkpoint)
     if str(input_dir).rstrip("/") == str(output_dir).rstrip("/") or (

@@ -11,8 +11,11 @@ for oversampling. Everything needed to undo it is recorded in
 `run_preprocessing` runs one task per case on a Dask client (or in-process when client is None):
 the worker reads its case, preprocesses it and writes it to the store itself - one writer per case
 array, nothing large travels through the scheduler - and returns a small summary. Complete cases
-are skipped, leftovers of interrupted runs are deleted and redone, and a lock file refuses a second
-run on the same store.
+are skipped, leftovers of interrupted runs are deleted and redone, complete cases that fail the
+store's cheap structural check (an array's metadata or a chunk file missing, shapes or dtypes that
+disagree with the case's record: `ConfigStore.check_cases`) are redone, and a lock file refuses a
+second run on the same store. A chunk that is there but corrupt is found only by reading it:
+`segpipe verify --repair` does, and deletes such cases for the next run to redo.
 """
 
 from __future__ import annotations
@@ -211,11 +214,13 @@ class PreprocessReport:
     failed: list[Problem] = field(default_factory=list)
     deleted_incomplete: list[str] = field(default_factory=list)  # leftovers of interrupted runs, redone
     changed: list[str] = field(default_factory=list)  # complete, but the raw files changed since: redone
+    damaged: list[Problem] = field(default_factory=list)  # complete, but failing the structural check: redone
     seconds: float = 0.0
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["failed"] = [{"case": p.case, "message": p.message} for p in self.failed]
+        d["damaged"] = [{"case": p.case, "message": p.message} for p in self.damaged]
         return d
 
     def __str__(self) -> str:
@@ -223,6 +228,12 @@ class PreprocessReport:
                  f"in {self.seconds:.1f}s; {len(self.skipped)} already complete, {len(self.failed)} failed"]
         if self.deleted_incomplete:
             lines.append(f"redid {len(self.deleted_incomplete)} incomplete case(s) left by an interrupted run")
+        redone = [p for p in self.damaged if p.case in self.done]
+        if redone:
+            lines.append(f"redid {len(redone)} damaged case(s): {', '.join(p.case for p in redone[:5])}"
+                         f"{' ...' if len(redone) > 5 else ''}")
+        lines.extend(f"  damaged, not in this dataset (`segpipe verify --repair` deletes it): {p.message}"
+                     for p in self.damaged if p.case not in self.done and p.case not in {f.case for f in self.failed})
         if self.changed:
             lines.append(f"redid {len(self.changed)} case(s) whose raw files changed since they were stored: "
                          f"{', '.join(self.changed[:5])}{' ...' if len(self.changed) > 5 else ''}")
@@ -339,6 +350,13 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
                         "and plans still describe the earlier files: re-plan if the dataset changed much",
                         len(report.changed), ", ".join(report.changed[:5]))
         complete -= set(report.changed)
+        # a complete case whose arrays are missing or inconsistent (a deleted label/zarr.json, a lost
+        # chunk file) is redone: cheap, no chunk is read
+        damaged = cs.check_cases(sorted(complete))
+        report.damaged = [Problem(case_id, message) for case_id, message in damaged.items()]
+        if damaged:
+            log.warning("%d damaged case(s) in the store are redone: %s", len(damaged), "; ".join(damaged.values()))
+        complete -= set(damaged)
         todo = [c.case_id for c in dataset.cases if c.case_id not in complete]
         report.skipped = [c.case_id for c in dataset.cases if c.case_id in complete]
         bar = tqdm(total=len(todo), desc=f"preprocess {config}", unit="case", disable=not progress or not todo)

@@ -27,8 +27,14 @@ images float16 + zstd level 3, labels uint8 + zstd level 3, each followed by crc
 
 Integrity: every chunk ends with a CRC32C (zarr's ``crc32c`` codec), so a flipped bit raises on
 read instead of silently feeding garbage to training; `verify_store` reads every chunk of every
-complete case. Chunks are written even when empty (``write_empty_chunks``) so a missing chunk file
-is detectable too.
+complete case. Chunks are written even when empty (``write_empty_chunks``), so a missing chunk file
+is damage, never "empty": zarr would fill it with the fill value without a word, so every array a
+`ConfigStore` hands out reads through `_ChunksMustExist`, a store wrapper that turns the absent
+answer to a chunk read into `StoreDamageError` naming the case and the array. It costs nothing per
+read (the absence is seen in the same GET that would have returned the chunk). `check_cases` is the
+cheap structural check (one listing and the array metadata per case, no chunk read) that
+preprocessing runs on resume and samplers run before their first batch; `repair_store` deletes the
+cases `verify_store` finds damaged so the next preprocessing redoes them.
 
 Paths may be local folders or any fsspec URL zarr accepts (``memory://``, ``s3://``...);
 ``file://`` URLs are treated as local paths. The run lock (`StoreLock`) needs a local path.
@@ -36,8 +42,10 @@ Paths may be local folders or any fsspec URL zarr accepts (``memory://``, ``s3:/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -48,12 +56,16 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous as zarr_async
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
+from zarr.storage import StorePath, WrapperStore
 
-from pipeline.errors import Problem, SegPipeError
+from pipeline.errors import BadInputError, Problem, SegPipeError
 from pipeline.planning.plans import Plans
-from pipeline.storage import STORAGE_OPTIONS, url_of
+from pipeline.storage import STORAGE_OPTIONS, as_path, url_of
+
+log = logging.getLogger("segpipe.store")
 
 STORE_VERSION = 1
 IMAGE_DTYPE = "float16"
@@ -73,6 +85,74 @@ def locations_compressors() -> list:
 
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
+ARRAYS = ("image", "label", "locations")
+
+
+class StoreDamageError(SegPipeError):
+    """A complete case of the store is damaged: a chunk or an array missing, unreadable or inconsistent
+    with the case's record. The user's to fix (exit 2): `segpipe verify --repair` deletes the damaged
+    cases, the next `segpipe preprocess` redoes them."""
+
+    exit_code = 2
+
+
+def damage_message(url: str, case_id: str, array: str | None, detail: str) -> str:
+    """One line naming the case, the array and what is wrong, with the fix."""
+    what = f"its {array} array" if array else "its stored data"
+    return (f"case {case_id}: {what} in {url}/cases/{case_id} is damaged ({detail}); "
+            f"`segpipe verify --repair {_store_root(url)}` deletes the damaged case(s), then "
+            "`segpipe preprocess` redoes them")
+
+
+def _store_root(url: str) -> str:
+    """The store of `<store>/<data_identifier>`."""
+    return url.rsplit("/", 1)[0] if "/" in url else url
+
+
+def _chunk_key(key: str) -> tuple[str, str, str] | None:
+    """(case id, array, chunk) of a chunk key `<config>/cases/<case>/<array>/c/<i>/<j>...`; None for
+    any other key (metadata)."""
+    parts = key.split("/")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "c" and all(p.isdigit() for p in parts[i + 1:]):
+            case = parts[i - 2] if i >= 3 and parts[i - 3] == "cases" else "?"
+            return case, parts[i - 1], "/".join(parts[i:])
+        if not parts[i].isdigit():
+            break
+    return None
+
+
+class _ChunksMustExist(WrapperStore):
+    """Reads as the wrapped store, except that a chunk key the store does not hold raises
+    `StoreDamageError` (zarr would fill the chunk with the fill value: a stored case writes every
+    chunk, so an absent one is damage). Metadata keys keep zarr's "absent" answer."""
+
+    def __init__(self, store, url: str = ""):
+        super().__init__(store)
+        self._url = url
+
+    def _with_store(self, store):
+        return type(self)(store, self._url)
+
+    def _missing(self, key: str) -> StoreDamageError:
+        case, array, chunk = _chunk_key(key)
+        config = key.split("/cases/")[0] if "/cases/" in key else ""
+        url = f"{self._url}/{config}" if config else self._url
+        return StoreDamageError(damage_message(url, case, array, f"chunk {chunk} is missing"))
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and _chunk_key(key) is not None:
+            raise self._missing(key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None and _chunk_key(key) is not None:
+                raise self._missing(key)
+        return values
 
 
 def _local_path(path_or_url: str | os.PathLike) -> Path | None:
@@ -134,11 +214,17 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the store's run lock (local stores); other URLs are not locked."""
-        if self.local_path is None:
+        """Hold the store's run lock `<store>.lock`: a file created exclusively, or on object storage
+        an object created with a conditional PUT (S3's If-None-Match), so two preprocessing runs never
+        write (or delete the other's half-written cases) at once."""
+        if self.local_path is not None:
+            with StoreLock(self.local_path.with_name(self.local_path.name + ".lock")):
+                yield
+            return
+        if self.url.startswith("memory://"):  # one process: nothing else can hold it
             yield
             return
-        with StoreLock(self.local_path.with_name(self.local_path.name + ".lock")):
+        with ObjectStoreLock(as_path(self.url.rstrip("/") + ".lock")):
             yield
 
 
@@ -158,6 +244,11 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "a", dataset_name: st
     except Exception as exc:  # an array, junk JSON, a v2 store...
         raise SegPipeError(f"{path_or_url} is not a readable seg-pipeline store ({type(exc).__name__}: {exc})") from None
     if group is None:
+        held = _some_entries(target, options)
+        if held:
+            # a folder of the user's (or a store whose root metadata is gone): never adopted, never written to
+            raise BadInputError(f"{path_or_url} is a folder that is not a seg-pipeline store (it holds "
+                                f"{', '.join(held)}); move it away or choose another workdir")
         if mode == "r":
             raise SegPipeError(f"no store at {path_or_url}: run `segpipe preprocess` first")
         group = zarr.open_group(target, mode="a", zarr_format=3, **options,
@@ -171,6 +262,27 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "a", dataset_name: st
         if mode == "a":
             group = zarr.open_group(target, mode="r+", **options)
     return Store(path_or_url, group)
+
+
+def _some_entries(target: str, options: dict, most: int = 3) -> list[str]:
+    """Up to `most` names directly inside `target` (a local folder or a URL prefix); [] when there is
+    nothing there."""
+    local = _local_path(target)
+    if local is not None:
+        if not local.is_dir():
+            return []
+        return sorted(p.name for p in local.iterdir())[:most]
+    store = zarr.storage.FsspecStore.from_url(target, read_only=True, **options)
+
+    async def listing() -> list[str]:
+        names = []
+        async for name in store.list_dir(""):
+            names.append(name.rstrip("/"))
+            if len(names) >= most:
+                break
+        return names
+
+    return sorted(n for n in sync(listing()) if n)
 
 
 def _child_names(group: zarr.Group, prefix: str) -> list[str]:
@@ -193,6 +305,12 @@ class ConfigStore:
         self.group = group
         self.attrs = dict(group.attrs)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        # what readers open cases through: a chunk the store lacks raises instead of reading as zeros
+        self._reader = _ChunksMustExist(group.store, store.url)
+
+    @property
+    def url(self) -> str:
+        return f"{self.store.url}/{self.data_identifier}"
 
     @property
     def patch_size(self) -> list[int]:
@@ -210,7 +328,7 @@ class ConfigStore:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                group = zarr.open_group(self.group.store, path=f"{self.group.path}/cases/{case_id}", mode="r")
+                group = zarr.open_group(StorePath(self._reader, f"{self.group.path}/cases/{case_id}"), mode="r")
         except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, TypeError, KeyError):  # absent, torn, not a group
             return None
         except Exception as exc:  # noqa: BLE001 - said with the case it concerns
@@ -255,10 +373,21 @@ class ConfigStore:
 
     def _array(self, case_id: str, key: str) -> zarr.Array:
         # A complete case never changes, so its handles are cached: a sampler reading one patch
-        # at a time then pays no metadata reads after the first.
+        # at a time then pays no metadata reads after the first. Its reads raise StoreDamageError
+        # on a missing chunk (the group is opened through `_ChunksMustExist`).
         arr = self._arrays.get((case_id, key))
         if arr is None:
-            arr = self._arrays[(case_id, key)] = self.complete_group(case_id)[key]
+            group = self.complete_group(case_id)
+            try:
+                arr = group[key]
+            except KeyError:
+                raise StoreDamageError(damage_message(self.url, case_id, key, f"no {key}/zarr.json")) from None
+            except (zarr.errors.BaseZarrError, ValueError, TypeError) as exc:  # torn metadata
+                raise StoreDamageError(damage_message(self.url, case_id, key, f"unreadable metadata: "
+                                                      f"{type(exc).__name__}: {exc}")) from None
+            if not isinstance(arr, zarr.Array):
+                raise StoreDamageError(damage_message(self.url, case_id, key, "a group where the array should be"))
+            self._arrays[(case_id, key)] = arr
         return arr
 
     def image(self, case_id: str) -> zarr.Array:
@@ -269,12 +398,98 @@ class ConfigStore:
         return self._array(case_id, "label")
 
     def locations(self, case_id: str) -> np.ndarray:
-        return np.asarray(self.complete_group(case_id)["locations"][...])
+        return np.asarray(self._array(case_id, "locations")[...])
 
     def meta(self, case_id: str):
         from pipeline.preprocessing.case_meta import CaseMeta
 
         return CaseMeta.from_json(self.complete_group(case_id).attrs["meta"])
+
+    def check_cases(self, case_ids: list[str] | tuple[str, ...] | None = None) -> dict[str, str]:
+        """The cheap structural check (no chunk is read): case id -> what is wrong, for each complete
+        case of `case_ids` (default: every case) whose arrays' metadata are missing or unreadable, whose
+        shapes, dtypes or chunks disagree with the case's record, or whose chunk files are not all
+        there. One listing and four small metadata reads per case, concurrent. A case that is not
+        complete is not checked (preprocessing redoes it anyway). An error that is not the store's
+        content - a permission, a network failure - raises naming the case: nothing is judged damaged
+        on it."""
+        names = _child_names(self.group, "cases") if case_ids is None else list(case_ids)
+        limit = int(zarr.config.get("async.concurrency") or 10)
+
+        async def run() -> list[tuple[str, str | None]]:
+            gate = asyncio.Semaphore(limit)
+
+            async def one(case_id: str) -> tuple[str, str | None]:
+                async with gate:
+                    return case_id, await self._case_damage(case_id)
+
+            return await asyncio.gather(*(one(c) for c in names))
+
+        return {case_id: damage_message(self.url, case_id, *damage) for case_id, damage in sync(run())
+                if damage is not None}
+
+    async def _case_damage(self, case_id: str) -> tuple[str | None, str] | None:
+        """(array or None, what is wrong) for a damaged complete case; None for a sound or incomplete one."""
+        from pipeline.preprocessing.case_meta import CaseMeta
+
+        base = f"{self.group.path}/cases/{case_id}"
+        try:
+            group = await zarr_async.open_group(StorePath(self.group.store, base), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, TypeError, KeyError):
+            return None  # absent or torn: not complete, not this check's business
+        except Exception as exc:  # noqa: BLE001 - said with the case it concerns
+            raise SegPipeError(f"case {case_id}: cannot read its metadata in {self.url} ({type(exc).__name__}: "
+                               f"{exc}); nothing was changed - fix access and re-run") from exc
+        attrs = dict(group.attrs)
+        if attrs.get("complete") is not True:
+            return None
+        try:
+            meta = CaseMeta.from_json(attrs["meta"])
+            spatial = [int(n) for n in meta.shape_padded]
+        except Exception as exc:  # noqa: BLE001 - a record that cannot be read is damage
+            return None, f"its record ('meta') is unreadable: {type(exc).__name__}: {exc}"
+        try:
+            keys = {k[len(base) + 1:] async for k in self.group.store.list_prefix(base + "/")}
+        except Exception as exc:  # noqa: BLE001
+            raise SegPipeError(f"case {case_id}: cannot list its files in {self.url} ({type(exc).__name__}: "
+                               f"{exc}); nothing was changed - fix access and re-run") from exc
+        image_chunks, label_chunks = self.chunks()
+        num_classes = int(self.attrs.get("num_classes", 0))
+        want = {
+            "image": ([int(self.attrs.get("num_channels", 1)), *spatial], str(np.dtype(self.image_dtype)), list(image_chunks)),
+            "label": (spatial, "uint8" if num_classes <= 255 else "int16", list(label_chunks)),
+        }
+        for key in ARRAYS:
+            if f"{key}/zarr.json" not in keys:
+                return key, f"no {key}/zarr.json"
+            try:
+                arr = await zarr_async.open_array(store=StorePath(self.group.store, f"{base}/{key}"), mode="r", zarr_format=3)
+            except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, TypeError, KeyError) as exc:
+                return key, f"unreadable metadata: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001
+                raise SegPipeError(f"case {case_id}: cannot read its {key} metadata in {self.url} "
+                                   f"({type(exc).__name__}: {exc}); nothing was changed - fix access and re-run") from exc
+            shape, dtype, chunks = list(arr.shape), str(arr.dtype), list(arr.chunks)
+            if key in want:
+                expected = want[key]
+                if (shape, dtype, chunks) != expected:
+                    return key, (f"shape {shape} {dtype} chunks {chunks}; the case's record and the configuration "
+                                 f"say {expected[0]} {expected[1]} chunks {expected[2]}")
+            elif len(shape) != 2 or shape[1] != 1 + len(spatial) or dtype != "int32":
+                return key, f"shape {shape} {dtype}, expected (N, {1 + len(spatial)}) int32"
+            grid = [-(-n // c) for n, c in zip(shape, chunks)]
+            absent = [idx for idx in np.ndindex(*grid) if f"{key}/{arr.metadata.encode_chunk_key(idx)}" not in keys]
+            if absent:
+                return key, f"{len(absent)} of {int(np.prod(grid))} chunk(s) missing, e.g. chunk {list(absent[0])}"
+        return None
+
+    def delete_cases(self, case_ids: list[str]) -> None:
+        """Delete whole case folders (damaged ones: the next preprocessing redoes them)."""
+        if self.group.read_only:
+            raise SegPipeError(f"{self.store.url} is open read-only")
+        for case_id in case_ids:
+            self._delete(case_id)
+            self._arrays = {k: v for k, v in self._arrays.items() if k[0] != case_id}
 
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(image chunks, label chunks) for this configuration's patch size."""
@@ -329,17 +544,41 @@ class ConfigStore:
 
 def verify_store(path_or_url: str | os.PathLike) -> list[Problem]:
     """Read every chunk of every complete case; one Problem per corrupt, missing or inconsistent piece."""
-    store = open_store(path_or_url, "r")
-    problems: list[Problem] = []
+    return [problem for _, problem in _verify(open_store(path_or_url, "r"))]
+
+
+def repair_store(path_or_url: str | os.PathLike) -> tuple[list[Problem], list[str]]:
+    """`verify_store`, then delete every case it found damaged (under the store's run lock), so that
+    the next preprocessing redoes them; returns (problems, deleted '<config>/cases/<case>').
+
+    Deleting rather than rewriting: redoing a case needs the raw dataset, the plans and the Dask
+    settings, which are preprocessing's - and preprocessing redoes a missing case by itself."""
+    store = open_store(path_or_url, "a")
+    with store.lock():
+        found = _verify(store)
+        damaged: dict[str, list[str]] = {}
+        for config, problem in found:
+            if config is not None and problem.case is not None and problem.case not in damaged.setdefault(config, []):
+                damaged[config].append(problem.case)
+        deleted = []
+        for config, cases in damaged.items():
+            store.config(config).delete_cases(cases)
+            deleted.extend(f"{config}/cases/{c}" for c in cases)
+    return [p for _, p in found], deleted
+
+
+def _verify(store: Store) -> list[tuple[str | None, Problem]]:
+    """(configuration, problem) for everything wrong with the store's complete cases."""
+    problems: list[tuple[str | None, Problem]] = []
     for name in store.config_names():
         try:
             cs = store.config(name)
         except SegPipeError as exc:
-            problems.append(Problem(None, f"{name}: {exc}"))
+            problems.append((None, Problem(None, f"{name}: {exc}")))
             continue
         num_classes = int(cs.attrs.get("num_classes", 0))
         for case_id in cs.case_ids():
-            problems.extend(_verify_case(cs, case_id, num_classes))
+            problems.extend((name, p) for p in _verify_case(cs, case_id, num_classes))
     return problems
 
 
@@ -351,18 +590,28 @@ def _verify_case(cs: ConfigStore, case_id: str, num_classes: int) -> list[Proble
         meta = cs.meta(case_id)
     except Exception as exc:
         return [Problem(case_id, f"{where}: unreadable metadata ({type(exc).__name__}: {exc})")]
+    base = f"{cs.group.path}/cases/{case_id}/"
+
+    async def listing() -> set[str]:
+        return {k[len(base):] async for k in cs.group.store.list_prefix(base)}
+
+    keys = sync(listing())
     shapes = {}
-    for key in ("image", "label", "locations"):
+    for key in ARRAYS:
         try:
             arr = group[key]
         except Exception as exc:
             problems.append(Problem(case_id, f"{where}/{key}: missing ({type(exc).__name__})"))
             continue
         shapes[key] = arr.shape
-        if arr.nchunks_initialized < arr.nchunks:
-            problems.append(Problem(case_id, f"{where}/{key}: {arr.nchunks - arr.nchunks_initialized} of "
-                                             f"{arr.nchunks} chunk(s) missing"))
+        absent = {idx for idx in np.ndindex(*arr.cdata_shape) if f"{key}/{arr.metadata.encode_chunk_key(idx)}" not in keys}
+        if absent:
+            first = ", ".join(str(list(idx)) for idx in sorted(absent)[:3])
+            problems.append(Problem(case_id, f"{where}/{key}: {len(absent)} of {arr.nchunks} chunk(s) missing "
+                                             f"({first}{', ...' if len(absent) > 3 else ''})"))
         for idx in np.ndindex(*arr.cdata_shape):
+            if idx in absent:
+                continue  # said above; reading it would raise StoreDamageError
             region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, arr.chunks, arr.shape))
             try:
                 block = arr[region]
@@ -377,6 +626,11 @@ def _verify_case(cs: ConfigStore, case_id: str, num_classes: int) -> list[Proble
         problems.append(Problem(case_id, f"{where}: image {shapes['image']} and label {shapes['label']} shapes differ"))
     if "label" in shapes and list(shapes["label"]) != meta.shape_padded:
         problems.append(Problem(case_id, f"{where}: label shape {shapes['label']} does not match meta {meta.shape_padded}"))
+    if not problems:
+        damage = sync(cs._case_damage(case_id))
+        if damage is not None:  # a dtype or chunking that disagrees with the configuration
+            array, detail = damage
+            problems.append(Problem(case_id, f"{where}{'/' + array if array else ''}: {detail}"))
     return problems
 
 
@@ -450,5 +704,53 @@ class StoreLock:
         if self.held:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+            self.held = False
+
+
+class ObjectStoreLock(StoreLock):
+    """The run lock of a store in a bucket: an object created only if absent (`fs.open(..., "xb")`,
+    a conditional PUT on S3), holding pid and host. Stale when that pid is dead on this host; a
+    holder on another host is never taken over (delete the object if that run is gone)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> None:
+        fs, key = self.path.fs, self.path.path
+        for _attempt in range(3):
+            try:
+                with fs.open(key, "xb") as f:
+                    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or not self._stale(holder):
+                    who = f"pid {holder['pid']} on {holder['host']}" if holder else "another process"
+                    raise SegPipeError(
+                        f"another preprocessing run ({who}) is using this store (lock {self.path}); wait for it "
+                        f"to finish, or delete the lock object if that run is gone") from None
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(key)
+                continue
+            except (NotImplementedError, ValueError) as exc:  # a filesystem without exclusive create
+                log.warning("%s cannot be locked (%s): never run two preprocessing runs on it at once", self.path, exc)
+                return
+            self.held = True
+            return
+        raise SegPipeError(f"could not take the store lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return {"pid": int(holder["pid"]), "host": str(holder["host"])}
+        except FileNotFoundError:
+            return {"pid": -1, "host": socket.gethostname()}  # released meanwhile: retry
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.fs.rm(self.path.path)
             self.held = False
 

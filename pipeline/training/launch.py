@@ -52,6 +52,7 @@ from pipeline.parallel import (
     whereami,
 )
 from pipeline.planning.plans import Plans
+from pipeline.preprocessing.store import StoreDamageError
 from pipeline.storage import as_path, move, remove_tree, size_of, write_json_atomic
 from pipeline.training.loop import TrainResult, TrainSettings, load_plain, train_loop_per_worker
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAIN_SETTINGS, TRAINING_CURVES, TRAINING_LOG, Workdir
@@ -80,6 +81,10 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
         raise BadInputError(f"{wd.store}/{conf.data_identifier} holds {len(available)} complete case(s); "
                             "training needs at least 2 (run `segpipe preprocess`)")
     split = load_or_create_splits(wd, available).split(settings.fold, available)
+    damaged = cstore.check_cases([*split.train, *split.val])  # before any worker starts: no minute of Ray wasted
+    if damaged:
+        raise StoreDamageError("\n".join([*list(damaged.values())[:5], *(
+            [f"... and {len(damaged) - 5} more damaged case(s)"] if len(damaged) > 5 else [])]))
     with torch.device("meta"):  # a plan the network cannot be built from fails here, not in every worker
         build_network(conf, len(plans.channels), len(plans.label_values))
     check_workers(plans, settings.config, settings.num_workers or 1)

@@ -12,6 +12,12 @@ which its own random generator is seeded. DataLoader worker `w` of `n` makes bat
 of the stream and the DataLoader returns them round-robin, so the batches a rank sees are the same
 whatever the number of loader workers (and a resumed run at epoch `e` sees what it would have seen).
 
+Damage: a stored case writes every chunk, so a chunk that is not there is damage, never "empty".
+Before its first batch a sampler runs the store's cheap structural check (`ConfigStore.check_cases`:
+one listing and the arrays' metadata per case, no chunk read) over its cases and refuses a damaged
+one by name; after that, every array it reads raises on a chunk that has gone missing (the store
+opens them so) or fails its checksum, naming the case and the array (`StoreDamageError`, exit 2).
+
 Memory: a sampler holds the batch it is filling and nothing else (no case cache; the store is
 opened lazily inside the worker, so only paths are pickled). The prefetchers hold at most their
 queue depth of finished batches: `num_workers * prefetch_factor` for the DataLoader, `depth` for
@@ -138,6 +144,8 @@ class BatchSampler:
         self.spec = spec
         self.crop = spec.crop_size()
         self._group = None  # the store's ConfigStore, opened on first use in the process that reads
+        self._checked = False  # the structural check of the spec's cases, before the first batch
+        self._reading = "image"  # the array being read, for the error message
         self._channels: int | None = None
         self._augmenter = None
         if spec.augmentation is not None or self.crop != tuple(spec.patch_size):
@@ -155,24 +163,36 @@ class BatchSampler:
                                                                       plans_hash=self.spec.plans_hash)
         return self._group
 
+    def check(self) -> None:
+        """Refuse damaged cases of the spec before any is read (`ConfigStore.check_cases`)."""
+        from pipeline.preprocessing.store import StoreDamageError
+
+        damaged = self.group.check_cases(self.spec.case_ids)
+        if damaged:
+            lines = list(damaged.values())
+            more = f"\n... and {len(lines) - 5} more damaged case(s)" if len(lines) > 5 else ""
+            raise StoreDamageError("\n".join(lines[:5]) + more)
+        self._checked = True
+
     def _sample_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
                     image_out: np.ndarray, label_out: np.ndarray) -> None:
         try:
             self._read_one(case_id, force_fg, rng, image_out, label_out)
         except (ValueError, RuntimeError, OSError) as exc:
-            # zarr's crc32c codec raises ValueError on a flipped bit; zstd a RuntimeError on junk. Name
-            # the case, so a corrupt store stops training with a fix instead of an anonymous error.
-            from pipeline.errors import SegPipeError
+            # zarr's crc32c codec raises ValueError on a flipped bit or a truncated chunk; zstd a
+            # RuntimeError on junk. Name the case and the array, so a corrupt store stops training with
+            # a fix instead of an anonymous error. (A missing chunk raises StoreDamageError itself.)
+            from pipeline.preprocessing.store import StoreDamageError, damage_message
 
-            raise SegPipeError(
-                f"{case_id}: cannot read its patch from {self.spec.store_path}/{self.spec.data_identifier}/cases/"
-                f"{case_id} - corrupt or unreadable chunk ({type(exc).__name__}: {exc}). `segpipe verify "
-                f"{self.spec.store_path}` lists the damage; delete that case's folder and re-run "
-                "`segpipe preprocess` to rewrite it") from exc
+            raise StoreDamageError(damage_message(
+                f"{self.spec.store_path}/{self.spec.data_identifier}", case_id, self._reading,
+                f"corrupt or unreadable chunk: {type(exc).__name__}: {exc}")) from exc
 
     def _read_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
                   image_out: np.ndarray, label_out: np.ndarray) -> None:
+        self._reading = "image"
         image = self.group.image(case_id)
+        self._reading = "label"
         label = self.group.label(case_id)
         shape = label.shape
         # 2d: a patch (1, h, w) through the volume, as nnU-Net's 2d loader picks a slice
@@ -180,6 +200,7 @@ class BatchSampler:
         final = (1, *self.spec.patch_size) if self.spec.is_2d else self.spec.patch_size
         center = None
         if force_fg:
+            self._reading = "locations"
             locations = self.group.locations(case_id)
             if len(locations):
                 classes = np.unique(locations[:, 0])
@@ -187,16 +208,17 @@ class BatchSampler:
                 center = rows[rng.integers(len(rows)), 1:]
             # a case without any foreground falls back to a random patch, as in nnU-Net
         lower = patch_bbox(shape, crop, final, rng, center)
-        if self.spec.is_2d:
-            read_patch(image, lower, crop, image_out[:, None])
-            read_patch(label, lower, crop, label_out[None])
-        else:
-            read_patch(image, lower, crop, image_out)
-            read_patch(label, lower, crop, label_out)
+        image_at, label_at = (image_out[:, None], label_out[None]) if self.spec.is_2d else (image_out, label_out)
+        self._reading = "image"
+        read_patch(image, lower, crop, image_at)
+        self._reading = "label"
+        read_patch(label, lower, crop, label_at)
 
     def batch(self, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `key`: image float32 (B, C, *patch), label int64 (B, *patch)."""
         rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, *key]))
+        if not self._checked:
+            self.check()
         if self._channels is None:
             self._channels = int(self.group.image(self.spec.case_ids[0]).shape[0])
         b = self.spec.batch_size
