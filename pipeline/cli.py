@@ -245,7 +245,7 @@ def cmd_demo(args) -> int:
 def cmd_import_msd(args) -> int:
     from pipeline.data.conversion import import_msd
 
-    path = import_msd(args.source, Path(args.dest))
+    path = import_msd(args.source, args.dest)
     _emit(args, {"dataset": str(path)}, f"imported {path}")
     return 0
 
@@ -254,7 +254,7 @@ def cmd_convert(args) -> int:
     from pipeline.data.conversion import msd_to_nnunet, nnunet_to_msd
 
     convert = msd_to_nnunet if args.to == "nnunetv2" else nnunet_to_msd
-    path = convert(Path(args.source), Path(args.dest))
+    path = convert(args.source, args.dest)
     _emit(args, {"dataset": str(path)}, f"wrote {path} ({args.to} layout)")
     return 0
 

@@ -135,3 +135,20 @@ def test_a_store_in_a_bucket_is_locked_against_a_second_preprocessing_run(bucket
     with store.lock():  # the holder is gone: taken over
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_convert_and_import_write_datasets_into_a_bucket(bucket, synthetic_dataset, tmp_path):
+    import tarfile
+
+    from pipeline import stages
+    from pipeline.cli import main
+
+    url = _upload(synthetic_dataset, f"{bucket}/Phantom")
+    assert main(["convert", url, f"{bucket}/Dataset001_Phantom", "--to", "nnunetv2"]) == 0
+    converted = stages.load_dataset(f"{bucket}/Dataset001_Phantom")
+    assert converted.layout == "nnunetv2" and len(converted.cases) == len(stages.load_dataset(url).cases)
+    assert main(["convert", url, f"{bucket}/Dataset001_Phantom", "--to", "nnunetv2"]) == 2  # never over a dataset
+    with tarfile.open(tmp_path / "Task99_Phantom.tar", "w") as tar:
+        tar.add(synthetic_dataset, arcname="Task99_Phantom")
+    assert main(["import-msd", str(tmp_path / "Task99_Phantom.tar"), "--dest", f"{bucket}/imported"]) == 0
+    assert stages.load_dataset(f"{bucket}/imported/Task99_Phantom").layout == "msd"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -20,7 +19,9 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.data.dataset import LAYOUT_MSD, LAYOUT_NNUNET, load_dataset
+from pipeline.data.nifti import load_header
 from pipeline.errors import BadInputError, SegPipeError
+from pipeline.storage import as_path, copy_file, is_url, local_file, replacing, write_text_atomic
 
 
 def _download(url: str, folder: Path) -> Path:
@@ -40,9 +41,10 @@ def import_msd(source: str, dest_root: Path) -> Path:
     """Unpack a Decathlon task tarball into `dest_root/<TaskXX_Name>` and check it validates."""
     from pipeline.data.validation import validate_dataset
 
-    dest_root = Path(dest_root)
+    dest_root = as_path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".import-") as tmp:
+    # unpacked beside the destination (one rename into place), or locally for a bucket (one upload)
+    with tempfile.TemporaryDirectory(dir=None if is_url(dest_root) else dest_root, prefix=".import-") as tmp:
         tmp = Path(tmp)
         if source.startswith(("http://", "https://")):
             archive = _download(source, tmp)
@@ -66,7 +68,10 @@ def import_msd(source: str, dest_root: Path) -> Path:
         final = dest_root / task.name
         if final.exists():
             raise SegPipeError(f"{final} already exists; remove it or choose another destination")
-        os.replace(task, final)
+        if is_url(final):
+            final.fs.put(str(task), final.path, recursive=True)
+        else:
+            os.replace(task, final)
     return final
 
 
@@ -75,25 +80,40 @@ def _start_conversion(source: Path, dest: Path, layout: str, layout_name: str):
     ds = load_dataset(source)
     if ds.layout != layout:
         raise BadInputError(f"{source} is not in {layout_name}")
-    dest = Path(dest)
-    (dest / "imagesTr").mkdir(parents=True, exist_ok=False)
-    (dest / "labelsTr").mkdir(parents=True)
+    dest = as_path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BadInputError(f"{dest} already exists and is not empty: choose another destination")
+    (dest / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (dest / "labelsTr").mkdir(parents=True, exist_ok=True)
     return ds, dest
+
+
+def _save(img: nib.Nifti1Image, path) -> None:
+    with replacing(path, ".nii.gz") as tmp:
+        nib.save(img, str(tmp))
+
+
+def _load(path) -> nib.Nifti1Image:
+    """A NIfTI fully in memory (a bucket's file is read once, not kept open)."""
+    with local_file(path, ".nii.gz" if str(path).endswith(".gz") else ".nii") as local:
+        img = nib.load(str(local))
+        return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
 
 
 def msd_to_nnunet(source: Path, dest: Path) -> Path:
     """Decathlon -> nnU-Net v2 raw: one file per channel (`CASE_0000.nii.gz`), labels {name: value}."""
     ds, dest = _start_conversion(source, dest, LAYOUT_MSD, "the Decathlon layout")
     for case in ds.cases:
-        img = nib.load(str(case.images[0]))
-        if len(img.shape) == 4:
+        shape = load_header(case.images[0], case.case_id).shape
+        if len(shape) == 4:
+            img = _load(case.images[0])
             data = np.asanyarray(img.dataobj)
-            for c in range(img.shape[3]):
-                nib.save(nib.Nifti1Image(data[..., c], img.affine, img.header),
-                         str(dest / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz"))
+            for c in range(shape[3]):
+                _save(nib.Nifti1Image(data[..., c], img.affine, img.header),
+                      dest / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz")
         else:
-            shutil.copyfile(case.images[0], dest / "imagesTr" / f"{case.case_id}_0000.nii.gz")
-        shutil.copyfile(case.label, dest / "labelsTr" / f"{case.case_id}.nii.gz")
+            copy_file(case.images[0], dest / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        copy_file(case.label, dest / "labelsTr" / f"{case.case_id}.nii.gz")
     meta = {
         "name": ds.name,
         "channel_names": {str(i): m for i, m in enumerate(ds.channels)},
@@ -101,7 +121,7 @@ def msd_to_nnunet(source: Path, dest: Path) -> Path:
         "numTraining": len(ds.cases),
         "file_ending": ".nii.gz",
     }
-    (dest / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(dest / "dataset.json", json.dumps(meta, indent=2) + "\n")
     return dest
 
 
@@ -112,12 +132,12 @@ def nnunet_to_msd(source: Path, dest: Path) -> Path:
     for case in ds.cases:
         name = f"{case.case_id}.nii.gz"
         if len(case.images) == 1:
-            shutil.copyfile(case.images[0], dest / "imagesTr" / name)
+            copy_file(case.images[0], dest / "imagesTr" / name)
         else:
-            imgs = [nib.load(str(p)) for p in case.images]
+            imgs = [_load(p) for p in case.images]
             data = np.stack([np.asanyarray(i.dataobj) for i in imgs], axis=-1)
-            nib.save(nib.Nifti1Image(data, imgs[0].affine, imgs[0].header), str(dest / "imagesTr" / name))
-        shutil.copyfile(case.label, dest / "labelsTr" / name)
+            _save(nib.Nifti1Image(data, imgs[0].affine, imgs[0].header), dest / "imagesTr" / name)
+        copy_file(case.label, dest / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {
         "name": ds.name,
@@ -129,5 +149,5 @@ def nnunet_to_msd(source: Path, dest: Path) -> Path:
         "training": training,
         "test": [],
     }
-    (dest / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(dest / "dataset.json", json.dumps(meta, indent=2) + "\n")
     return dest
