@@ -151,7 +151,11 @@ def test_two_nodes_that_share_no_filesystem_run_every_stage_from_a_bucket(tmp_pa
         assert {r["name"] for r in check["isolated"]} == {"ray-node2", "dask-worker-a", "dask-worker-b"}
         for r in check["isolated"]:
             assert r["mount_namespace"] != check["driver"]["mount_namespace"] and not r["processes_outside_it"]
-            assert "/tmp" in r["hidden_by_tmpfs"]  # the head's folder (and tmp_path) are under it
+            # a tmpfs covers the dataset and the workdir (/tmp itself, or narrower folders when the
+            # checkout or the venv lives under /tmp and must stay visible)
+            hidden = [Path(h) for h in r["hidden_by_tmpfs"]]
+            for path in (dataset, workdir):
+                assert any(h == path or h in path.parents for h in hidden), (path, hidden)
             assert r["sees"] == {"dataset": False, "workdir": False, "head_folder": False}
             assert not r["paths"][str(dataset)]["exists"] and not r["paths"][str(workdir)]["exists"]
         assert summary["isolation"][label]["ok"]
