@@ -652,25 +652,33 @@ class StoreLock:
         self.release()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                created = self._create(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or not self._stale(holder):
                     who = f"pid {holder['pid']} on {holder['host']}" if holder else "another process"
                     raise SegPipeError(
                         f"another preprocessing run ({who}) is using this store (lock {self.path}); wait for it "
-                        f"to finish, or delete the lock file if that run is gone") from None
+                        f"to finish, or delete the lock if that run is gone") from None
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+                    self._remove()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
-            self.held = True
+            self.held = created
             return
         raise SegPipeError(f"could not take the store lock {self.path}")
+
+    def _create(self, text: str) -> bool:
+        """Create the lock holding `text` unless it exists (FileExistsError); True when a lock is held."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+
+    def _remove(self) -> None:
+        os.unlink(self.path)
 
     def _holder(self) -> dict | None:
         try:
@@ -703,7 +711,7 @@ class StoreLock:
     def release(self) -> None:
         if self.held:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                self._remove()
             self.held = False
 
 
@@ -716,28 +724,17 @@ class ObjectStoreLock(StoreLock):
         self.path = path
         self.held = False
 
-    def acquire(self) -> None:
-        fs, key = self.path.fs, self.path.path
-        for _attempt in range(3):
-            try:
-                with fs.open(key, "xb") as f:
-                    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None or not self._stale(holder):
-                    who = f"pid {holder['pid']} on {holder['host']}" if holder else "another process"
-                    raise SegPipeError(
-                        f"another preprocessing run ({who}) is using this store (lock {self.path}); wait for it "
-                        f"to finish, or delete the lock object if that run is gone") from None
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(key)
-                continue
-            except (NotImplementedError, ValueError) as exc:  # a filesystem without exclusive create
-                log.warning("%s cannot be locked (%s): never run two preprocessing runs on it at once", self.path, exc)
-                return
-            self.held = True
-            return
-        raise SegPipeError(f"could not take the store lock {self.path}")
+    def _create(self, text: str) -> bool:
+        try:
+            with self.path.fs.open(self.path.path, "xb") as f:
+                f.write(text.encode())
+        except (NotImplementedError, ValueError) as exc:  # a filesystem without exclusive create
+            log.warning("%s cannot be locked (%s): never run two preprocessing runs on it at once", self.path, exc)
+            return False
+        return True
+
+    def _remove(self) -> None:
+        self.path.fs.rm(self.path.path)
 
     def _holder(self) -> dict | None:
         try:
@@ -748,9 +745,4 @@ class ObjectStoreLock(StoreLock):
         except (ValueError, KeyError, TypeError):
             return None
 
-    def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.fs.rm(self.path.path)
-            self.held = False
 
