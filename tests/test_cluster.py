@@ -31,6 +31,21 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def rehearse(dataset: Path, workdir: Path, *flags: str) -> str:
+    """Run two_nodes.sh as a user would; its output, after asserting that it succeeded in 9 minutes."""
+    script = subprocess.Popen(["bash", str(TWO_NODES), str(dataset), str(workdir), *flags],
+                              env={**os.environ, "SEGPIPE_PYTHON": sys.executable},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = script.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        script.send_signal(signal.SIGTERM)  # its EXIT trap stops what it started
+        output, _ = script.communicate(timeout=120)
+        pytest.fail(f"two_nodes.sh {' '.join(flags)} did not finish within 9 minutes:\n{output[-4000:]}")
+    assert script.returncode == 0, output[-4000:]
+    return output
+
+
 @pytest.mark.slow
 def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_running(tmp_path):
     from pipeline.data.dataset import load_dataset
@@ -41,16 +56,7 @@ def test_two_ray_nodes_and_two_dask_workers_run_every_stage_and_leave_nothing_ru
 
     dataset = make_demo_dataset(tmp_path / "Phantom", num_cases=6)
     workdir = tmp_path / "work"
-    script = subprocess.Popen(["bash", str(TWO_NODES), str(dataset), str(workdir), "--quick"],
-                              env={**os.environ, "SEGPIPE_PYTHON": sys.executable},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = script.communicate(timeout=540)
-    except subprocess.TimeoutExpired:
-        script.send_signal(signal.SIGTERM)  # its EXIT trap stops what it started
-        output, _ = script.communicate(timeout=120)
-        pytest.fail(f"two_nodes.sh did not finish within 9 minutes:\n{output[-4000:]}")
-    assert script.returncode == 0, output[-4000:]
+    rehearse(dataset, workdir, "--quick")
     out = workdir / "two_nodes"
 
     # preprocessing through the Dask scheduler wrote every case
@@ -102,16 +108,7 @@ def test_two_nodes_that_share_no_filesystem_run_every_stage_from_a_bucket(tmp_pa
 
     dataset = make_demo_dataset(tmp_path / "Phantom", num_cases=6)
     workdir = tmp_path / "work"
-    script = subprocess.Popen(["bash", str(TWO_NODES), str(dataset), str(workdir), "--quick", "--no-shared-fs"],
-                              env={**os.environ, "SEGPIPE_PYTHON": sys.executable},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = script.communicate(timeout=540)
-    except subprocess.TimeoutExpired:
-        script.send_signal(signal.SIGTERM)  # its EXIT trap stops what it started
-        output, _ = script.communicate(timeout=120)
-        pytest.fail(f"two_nodes.sh --no-shared-fs did not finish within 9 minutes:\n{output[-4000:]}")
-    assert script.returncode == 0, output[-4000:]
+    rehearse(dataset, workdir, "--quick", "--no-shared-fs")
     out = workdir / "two_nodes"
     assert [p.name for p in workdir.iterdir()] == ["two_nodes"]  # the pipeline wrote nothing here
     summary = json.loads((out / "summary.json").read_text())
