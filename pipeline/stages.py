@@ -136,7 +136,7 @@ def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0
 
 def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
             config: str = "3d_fullres", fold: str | int | Sequence = "0", **options):
-    """Every case of `input_dir` predicted into `output_dir` (CASE.nii.gz in the input's geometry),
+    """Every case of `input_dir` predicted into `output_dir` (CASE plus the input's ending, in its format and geometry),
     skipping cases already there; `options` as `inference.predict.predict_folder` (tta,
     num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`."""
     from pipeline.inference.predict import predict_folder

@@ -128,16 +128,27 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def local_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def local_file(path: str | os.PathLike, suffix: str = "", siblings: tuple[str, ...] = ()) -> Iterator[Path]:
     """A local file with `path`'s content for libraries that need one: the file itself when local,
-    a temporary download (removed afterwards) from object storage."""
+    a temporary download (removed afterwards) from object storage. A folder (a DICOM series) is
+    downloaded whole; `siblings` names files beside `path` that its reader opens too (the data
+    file of a `.mhd` header), downloaded beside it."""
     source = as_path(path)
     if not is_url(source):
         yield source
         return
     with tempfile.TemporaryDirectory(prefix="segpipe-download-") as tmpdir:
         tmp = Path(tmpdir) / f"{source.name}{suffix}"
-        source.fs.get_file(source.path, str(tmp))
+        if source.is_dir():
+            tmp.mkdir()
+            for entry in source.fs.ls(source.path, detail=True):
+                if entry.get("type") == "file":
+                    source.fs.get_file(entry["name"], str(tmp / entry["name"].rstrip("/").rsplit("/", 1)[-1]))
+        else:
+            source.fs.get_file(source.path, str(tmp))
+        for name in siblings:
+            sibling = source.parent / name
+            source.fs.get_file(sibling.path, str(Path(tmpdir) / name))
         yield tmp
 
 

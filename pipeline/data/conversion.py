@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.data.dataset import LAYOUT_MSD, LAYOUT_NNUNET, load_dataset
+from pipeline.data.files import NIFTI_ENDINGS
 from pipeline.data.nifti import load_header
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.storage import as_path, copy_file, is_url, local_file, replacing, write_text_atomic
@@ -80,6 +81,11 @@ def _start_conversion(source: Path, dest: Path, layout: str, layout_name: str):
     ds = load_dataset(source)
     if ds.layout != layout:
         raise BadInputError(f"{source} is not in {layout_name}")
+    for case in ds.cases:
+        other = next((p for p in (*case.images, case.label) if p is not None and not p.name.endswith(NIFTI_ENDINGS)), None)
+        if other is not None:
+            raise BadInputError(f"{other.name}: convert rewrites NIfTI datasets only; this one is in another image format "
+                                "(segpipe reads it as it is, in either layout)", case.case_id)
     dest = as_path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BadInputError(f"{dest} already exists and is not empty: choose another destination")

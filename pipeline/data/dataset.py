@@ -8,6 +8,9 @@ Two layouts are understood:
 * nnU-Net v2 raw: `dataset.json` with `channel_names`, `labels` {"background": 0}, `file_ending`;
   `imagesTr/CASE_0000.nii.gz` (one file per channel) and `labelsTr/CASE.nii.gz`.
 
+Either layout's images may be in any format `pipeline.data.images` reads (`file_ending` `.mha`,
+`.nrrd`, ..., `.dcm` for DICOM series folders; in the Decathlon layout each entry's own ending).
+
 Reading the dataset description touches no voxels; `read_case` loads one case. Label values may be
 non-contiguous (TotalSegmentator's 0..117): `LabelMap` maps them to contiguous training indices
 and back, so predictions are written with the dataset's own values.
@@ -24,8 +27,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pipeline.data.files import NIFTI_ENDINGS, strip_ending
-from pipeline.data.nifti import Geometry, geometry_of, label_dtype, load_header, read_array, to_ras
+from pipeline.data.files import IMAGE_ENDINGS, ending_of, strip_ending
+from pipeline.data.images import open_image
+from pipeline.data.nifti import Geometry, to_ras
 from pipeline.errors import BadInputError, Problem
 from pipeline.storage import absolute, inside
 
@@ -317,16 +321,18 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
         channels = _parse_channels(meta["channel_names"], "channel_names", problems)
         labels = _parse_labels_nnunet(meta.get("labels"), problems)
         ending = meta.get("file_ending", ".nii.gz")
-        if ending not in NIFTI_ENDINGS:
-            problems.append(Problem(None, f"file_ending {ending!r} is not supported (use .nii.gz or .nii)"))
+        if ending not in IMAGE_ENDINGS:
+            problems.append(Problem(None, f"file_ending {ending!r} is not supported (use one of "
+                                          f"{', '.join(IMAGE_ENDINGS)}; .dcm: a folder per DICOM series)"))
             ending = ".nii.gz"
         cases = _nnunet_cases(root, len(channels), ending, problems) if channels else []
     elif "modality" in meta:
         layout = LAYOUT_MSD
         channels = _parse_channels(meta["modality"], "modality", problems)
         labels = _parse_labels_msd(meta.get("labels"), problems)
-        ending = ".nii.gz"
         cases = _msd_cases(root, meta, max(len(channels), 1), problems)
+        ending = ending_of(cases[0].images[0].name) if cases else None
+        ending = ending or ".nii.gz"  # the first case's: what derived files (cross-validation inputs) are named
     else:
         return None, [Problem(None, "dataset.json lacks 'modality' (Decathlon) or 'channel_names' (nnU-Net v2)")]
 
@@ -379,9 +385,9 @@ def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) 
     cid = case.case_id
     arrays, geometry = [], None
     for path in case.images:
-        img = load_header(path, cid)
-        g = geometry_of(img)
-        data = read_array(img, path, cid)
+        img = open_image(path, cid)
+        g = img.geometry
+        data = img.read()
         if case.four_d:
             if data.ndim == 3 and dataset.num_channels == 1:
                 data = data[..., None]
@@ -401,11 +407,11 @@ def read_case(dataset: Dataset, case: CaseFiles | str, with_label: bool = True) 
     image = np.stack(arrays).astype(np.float32, copy=False)
     label = None
     if with_label and case.label is not None:
-        limg = load_header(case.label, cid)
-        lg = geometry_of(limg)
+        limg = open_image(case.label, cid)
+        lg = limg.geometry
         if lg.shape != geometry.shape:
             raise BadInputError(f"label shape {lg.shape} differs from image shape {geometry.shape}", cid)
-        raw = read_array(limg, case.label, cid, dtype=label_dtype(limg.dataobj))
+        raw = limg.read(dtype=limg.label_dtype)
         if raw.ndim == 4 and raw.shape[3] == 1:
             raw = raw[..., 0]
         if (problem := label_values_problem(raw)) is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import logging
 import os
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.orientations import (
     apply_orientation,
     axcodes2ornt,
@@ -228,23 +230,72 @@ def array_from(dataobj, path: Path, case: str | None = None, dtype=np.float32) -
     return data
 
 
+def read_voxels(img: nib.Nifti1Image, path: Path, case: str | None = None, dtype=np.float32) -> np.ndarray:
+    """All voxels of a file as every stage reads them (`nifti.array_from`: scl_slope/scl_inter
+    applied, cast to `dtype`), reading a gzip stream to its end to check its CRC.
+
+    `img` is the file's header as `load_header` checked it, so the declared size is sane and
+    bounds how much decompressed output is accepted (a gzip bomb cannot fill the memory).
+    """
+    offset = int(img.dataobj.offset)  # nibabel zeroes the in-memory header's offset on load
+    file_dtype = img.header.get_data_dtype()
+    expected = offset + int(np.prod(img.shape)) * file_dtype.itemsize
+    try:
+        raw = as_path(path).read_bytes()
+        if as_path(path).name.endswith(".gz"):
+            raw = gunzip_checked(raw, limit=2 * expected + 2**20)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt "
+                            f"({describe_error(exc)})", case) from None
+    if len(raw) < expected:
+        raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt (the header declares "
+                            f"{expected} bytes, the file holds {len(raw)})", case)
+    proxy = ArrayProxy(io.BytesIO(raw), (tuple(img.shape), file_dtype, offset, *scaling_of(img.dataobj)))
+    return array_from(proxy, path, case, dtype)
+
+
+def gunzip_checked(raw: bytes, limit: int) -> bytes:
+    """Every member of a gzip stream, CRC- and length-checked by zlib, refusing output past `limit`."""
+    parts, total = [], 0
+    while raw:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing: zlib checks CRC and size
+        part = inflater.decompress(raw, limit - total + 1)
+        total += len(part)
+        if total > limit:
+            raise ValueError(f"decompresses to more than {limit} bytes, far beyond what its header declares")
+        if not inflater.eof:
+            raise EOFError("compressed stream ends before its end-of-stream marker")
+        parts.append(part)
+        raw = inflater.unused_data.lstrip(b"\0")  # next member; some writers pad with zeros
+    return b"".join(parts)
+
+
 def spacing_of(img: nib.Nifti1Image) -> tuple[float, ...]:
     """Voxel size in the RAS frame (project axis order), from the header alone."""
-    ornt = io_orientation(img.affine)
-    zooms = img.header.get_zooms()[:3]
+    return ras_spacing(img.affine, img.header.get_zooms()[:3])
+
+
+def ras_spacing(affine, zooms) -> tuple[float, ...]:
+    """Voxel sizes given per file axis (`zooms`), put in RAS axis order by the affine's orientation."""
     spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _flip) in enumerate(ornt):
+    for axis, (target, _flip) in enumerate(io_orientation(np.asarray(affine))):
         spacing[int(target)] = float(zooms[axis])
     return tuple(spacing)
 
 
 def geometry_of(img: nib.Nifti1Image) -> Geometry:
-    ornt = io_orientation(img.affine)
+    return geometry_from(img.affine, img.shape[:3], img.header.get_zooms()[:3])
+
+
+def geometry_from(affine, shape, zooms) -> Geometry:
+    """The Geometry of a voxel grid: a 4x4 voxel-to-RAS-world affine, its spatial shape and voxel
+    sizes in file axis order. Every format's reader describes its grid through this one function."""
+    affine = np.asarray(affine, dtype=np.float64)
     return Geometry(
-        affine=tuple(tuple(float(x) for x in row) for row in img.affine),
-        shape=tuple(int(s) for s in img.shape[:3]),
-        axcodes=tuple(nib.orientations.ornt2axcodes(ornt)),
-        spacing=spacing_of(img),
+        affine=tuple(tuple(float(x) for x in row) for row in affine),
+        shape=tuple(int(s) for s in shape[:3]),
+        axcodes=tuple(nib.orientations.ornt2axcodes(io_orientation(affine))),
+        spacing=ras_spacing(affine, zooms),
     )
 
 

@@ -2,12 +2,12 @@
 
 Each case is checked in two steps, so that a dataset of 1,000 cases is cheap to check:
 
-1. Headers only (`nib.load` is lazy): missing or unreadable files, forged shapes (refused from the
-   file size by `nifti.load_header` before anything is allocated), dimensionality and channel
+1. Headers only (`images.open_image`; a DICOM series is read whole): missing or unreadable files,
+   forged shapes (refused from the file size before anything is allocated), dimensionality and channel
    count against dataset.json, image/label shapes, and spacing, direction and origin agreement
    between a case's files within a tolerance. `check_voxels=False` stops here.
-2. Voxels, only when the headers are sound: the whole gzip stream is decompressed with its CRC
-   checked (nibabel reads only the bytes it needs, so a corrupt tail would pass), then NaN/Inf
+2. Voxels, only when the headers are sound: the whole file is read (a NIfTI gzip stream with its
+   CRC checked: nibabel reads only the bytes it needs, so a corrupt tail would pass), then NaN/Inf
    image voxels and non-integer, negative or undeclared label values.
 
 Cases are checked one at a time per worker thread, so memory holds at most `workers` cases. The
@@ -30,32 +30,20 @@ grid, and a label off by a flip or a shift would train the network on misaligned
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.arrayproxy import ArrayProxy
 
 from pipeline.data.dataset import LAYOUT_MSD, CaseFiles, Dataset, label_values_problem, scan_dataset
-from pipeline.data.nifti import (
-    array_from,
-    describe_error,
-    display_name,
-    geometry_of,
-    label_dtype,
-    load_header,
-    scaling_of,
-)
+from pipeline.data.images import ImageFile, open_image
+from pipeline.data.nifti import display_name
 from pipeline.errors import BadInputError, Problem
-from pipeline.storage import as_path
 
 # Files of one case must agree this closely to count as one voxel grid. Header values are float32,
 # so exact equality is too strict; a shift of 1% of a voxel is not a real misalignment.
@@ -175,7 +163,7 @@ def _check_case(dataset: Dataset, case: CaseFiles, check_voxels: bool = True) ->
         headers, errors = _check_headers(dataset, case)
         if headers is None or errors:
             return CaseCheck(errors, [])
-        geometry = geometry_of(headers[0][0])
+        geometry = headers[0][0].geometry
         grid = dict(spacing=geometry.spacing, shape=geometry.ras_shape)
         if not check_voxels:
             return CaseCheck([], [], **grid)
@@ -214,10 +202,10 @@ def spacing_outliers(grids: dict[str, tuple[tuple[float, ...], tuple[int, ...]]]
 # ---------------------------------------------------------------- step 1: headers
 
 
-def geometry_mismatch(reference: nib.Nifti1Image, other: nib.Nifti1Image) -> tuple[str, str, str] | None:
+def geometry_mismatch(reference: ImageFile, other: ImageFile) -> tuple[str, str, str] | None:
     """(what, other's value, reference's value) where two files' voxel grids disagree, or None."""
-    za = np.asarray(reference.header.get_zooms()[:3], dtype=np.float64)
-    zb = np.asarray(other.header.get_zooms()[:3], dtype=np.float64)
+    za = np.asarray(reference.zooms, dtype=np.float64)
+    zb = np.asarray(other.zooms, dtype=np.float64)
     if not np.allclose(za, zb, rtol=SPACING_RTOL, atol=0):
         return "spacing", _fmt(zb) + " mm", _fmt(za) + " mm"
     aa, ab = np.asarray(reference.affine, dtype=np.float64), np.asarray(other.affine, dtype=np.float64)
@@ -237,17 +225,17 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{float(x):.4g}" for x in values) + ")"
 
 
-def _affine_problem(img: nib.Nifti1Image, name: str) -> str | None:
+def _affine_problem(img: ImageFile, name: str) -> str | None:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         return f"{name} has a singular or non-finite affine: its position in space is undefined"
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    zooms = np.asarray(img.zooms, dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         return f"{name} declares voxel size {_fmt(zooms)}: expected positive sizes"
     return None
 
 
-def _channel_problem(img: nib.Nifti1Image, name: str, case: CaseFiles, n: int) -> str | None:
+def _channel_problem(img: ImageFile, name: str, case: CaseFiles, n: int) -> str | None:
     shape = tuple(int(s) for s in img.shape)
     if case.four_d:
         if len(shape) == 4 and shape[3] == n:
@@ -270,7 +258,7 @@ def _check_headers(dataset: Dataset, case: CaseFiles):
     images = []
     for path in (*case.images, *([case.label] if case.label is not None else [])):
         try:
-            images.append(load_header(path, cid))
+            images.append(open_image(path, cid))
         except BadInputError as exc:
             errors.extend(exc.problems)
     if errors:
@@ -311,56 +299,16 @@ def _check_headers(dataset: Dataset, case: CaseFiles):
 # ---------------------------------------------------------------- step 2: voxels
 
 
-def read_voxels(img: nib.Nifti1Image, path: Path, case: str | None = None, dtype=np.float32) -> np.ndarray:
-    """All voxels of a file as every stage reads them (`nifti.array_from`: scl_slope/scl_inter
-    applied, cast to `dtype`), reading a gzip stream to its end to check its CRC.
-
-    `img` is the file's header as `load_header` checked it, so the declared size is sane and
-    bounds how much decompressed output is accepted (a gzip bomb cannot fill the memory).
-    """
-    offset = int(img.dataobj.offset)  # nibabel zeroes the in-memory header's offset on load
-    file_dtype = img.header.get_data_dtype()
-    expected = offset + int(np.prod(img.shape)) * file_dtype.itemsize
-    try:
-        raw = as_path(path).read_bytes()
-        if as_path(path).name.endswith(".gz"):
-            raw = _gunzip(raw, limit=2 * expected + 2**20)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt "
-                            f"({describe_error(exc)})", case) from None
-    if len(raw) < expected:
-        raise BadInputError(f"cannot read voxels of {display_name(path)}: truncated or corrupt (the header declares "
-                            f"{expected} bytes, the file holds {len(raw)})", case)
-    proxy = ArrayProxy(io.BytesIO(raw), (tuple(img.shape), file_dtype, offset, *scaling_of(img.dataobj)))
-    return array_from(proxy, path, case, dtype)
-
-
-def _gunzip(raw: bytes, limit: int) -> bytes:
-    """Every member of a gzip stream, CRC- and length-checked by zlib, refusing output past `limit`."""
-    parts, total = [], 0
-    while raw:
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing: zlib checks CRC and size
-        part = inflater.decompress(raw, limit - total + 1)
-        total += len(part)
-        if total > limit:
-            raise ValueError(f"decompresses to more than {limit} bytes, far beyond what its header declares")
-        if not inflater.eof:
-            raise EOFError("compressed stream ends before its end-of-stream marker")
-        parts.append(part)
-        raw = inflater.unused_data.lstrip(b"\0")  # next member; some writers pad with zeros
-    return b"".join(parts)
-
-
 def _check_voxels(dataset: Dataset, case: CaseFiles, images, label) -> tuple[list[Problem], list[Problem]]:
     cid = case.case_id
     errors: list[Problem] = []
     warnings: list[Problem] = []
     for path, img in zip(case.images, images):
         name = display_name(path)
-        if img.get_data_dtype().kind not in "biuf":
-            errors.append(Problem(cid, f"{name} has unsupported data type {img.get_data_dtype()}"))
+        if img.dtype.kind not in "biuf":
+            errors.append(Problem(cid, f"{name} has unsupported data type {img.dtype}"))
             continue
-        data = read_voxels(img, path, cid)  # float32, as preprocessing and prediction read it
+        data = img.read_checked()  # float32, as preprocessing and prediction read it
         if data.dtype.kind == "f":
             nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
             if nan or inf:
@@ -371,11 +319,11 @@ def _check_voxels(dataset: Dataset, case: CaseFiles, images, label) -> tuple[lis
             warnings.append(Problem(cid, f"{name} is constant (every voxel is {float(lo):g})"))
     if label is not None:
         name = f"label {display_name(case.label)}"
-        if label.get_data_dtype().kind not in "biuf":
-            errors.append(Problem(cid, f"{name} has unsupported data type {label.get_data_dtype()}"))
+        if label.dtype.kind not in "biuf":
+            errors.append(Problem(cid, f"{name} has unsupported data type {label.dtype}"))
         else:
-            data = read_voxels(label, case.label, cid, dtype=label_dtype(label.dataobj))
-            slope, inter = scaling_of(label.dataobj)
+            data = label.read_checked(dtype=label.label_dtype)
+            slope, inter = label.scaling
             if (slope, inter) != (1.0, 0.0):  # say which values: the file holds others
                 name += f" (values after its header's scl_slope {slope:g}, scl_inter {inter:g})"
             errors.extend(_label_problems(data, name, dataset, cid, warnings))

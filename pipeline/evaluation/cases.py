@@ -17,7 +17,8 @@ from nibabel.orientations import inv_ornt_aff
 
 from pipeline.data.dataset import scan_dataset
 from pipeline.data.files import image_files, strip_ending
-from pipeline.data.nifti import Geometry, read_volume
+from pipeline.data.images import read_volume
+from pipeline.data.nifti import Geometry
 from pipeline.errors import BadInputError, Problem
 from pipeline.parallel import cpu_count
 from pipeline.storage import as_path
@@ -33,7 +34,7 @@ MAX_WORKERS = 8
 
 
 def label_files(folder: Path) -> dict[str, Path]:
-    """CASE -> file for every NIfTI directly in `folder` (hidden temp files skipped)."""
+    """CASE -> file for every image directly in `folder` (hidden temp files skipped)."""
     found: dict[str, Path] = {}
     problems = []
     for path in image_files(folder):
@@ -86,7 +87,7 @@ def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike
         raise BadInputError(f"prediction folder {pred_dir} does not exist")
     preds = label_files(pred_dir)
     if not preds:
-        raise BadInputError(f"no prediction files (CASE.nii.gz) in {pred_dir}")
+        raise BadInputError(f"no prediction files (CASE.nii.gz, CASE.mha, ...) in {pred_dir}")
     refs, labels = find_references(ref_dir)
     missing = [Problem(c, f"prediction {p.name} has no reference label in {ref_dir}") for c, p in preds.items()
                if c not in refs]

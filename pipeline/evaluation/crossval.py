@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.files import ending_of
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.storage import as_path, link, remove_tree
 from pipeline.workdir import METRICS_CSV, MODEL_FINAL, Workdir
@@ -46,9 +47,9 @@ def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
     for cid in case_ids:
         case = dataset.case(cid)
         if case.four_d or len(case.images) == 1:
-            targets = {f"{cid}{dataset.file_ending}": case.images[0]}
+            targets = {f"{cid}{ending_of(case.images[0].name)}": case.images[0]}
         else:
-            targets = {f"{cid}_{i:04d}{dataset.file_ending}": p for i, p in enumerate(case.images)}
+            targets = {f"{cid}_{i:04d}{ending_of(p.name)}": p for i, p in enumerate(case.images)}
         for name, target in targets.items():
             link(target, folder / name)
     return folder
@@ -142,15 +143,16 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
                       progress: bool = True) -> CrossvalReport:
     """Predict each fold's validation cases with its model, score them pooled, decide post-processing."""
     from pipeline.data.dataset import load_dataset
-    from pipeline.data.nifti import read_volume, to_ras, write_volume
+    from pipeline.data.images import read_volume, write_volume
+    from pipeline.data.nifti import to_ras
     from pipeline.evaluation.metrics import evaluate_folders
     from pipeline.evaluation.postprocessing import decide_postprocessing
     from pipeline.inference.postprocessing import apply_postprocessing
     from pipeline.inference.predict import predict_folder
     from pipeline.inference.predictor import (
-        OUTPUT_ENDING,
         POSTPROCESSING_FILE,
         parse_folds,
+        prediction_name,
     )
     from pipeline.training.splits import load_or_create_splits
 
@@ -183,7 +185,7 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
             if case in fold_of:
                 raise BadInputError(f"case {case} is a validation case of folds {fold_of[case]} and {fold}: "
                                      "pooled scores need each case once; evaluate those folds separately")
-            pooled[case] = pred_dir / f"{case}{OUTPUT_ENDING}"
+            pooled[case] = pred_dir / prediction_name(case, dataset.case(case).images[0])
             fold_of[case] = fold
 
     _link_predictions(pooled, out / "predictions")

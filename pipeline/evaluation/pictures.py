@@ -95,7 +95,8 @@ def draw_case(row: dict, pred_path: Path, ref_path: Path, image_path: Path, labe
 
     None when the image is on another grid than its label: validation reports that, not a picture.
     """
-    from pipeline.data.nifti import read_volume, to_ras
+    from pipeline.data.images import read_volume
+    from pipeline.data.nifti import to_ras
     from pipeline.evaluation.cases import load_pair
 
     case = row["case"]

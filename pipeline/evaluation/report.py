@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.console import number
-from pipeline.inference.predictor import OUTPUT_ENDING
+from pipeline.inference.predictor import prediction_name
 from pipeline.storage import copy_file, write_text_atomic
 from pipeline.workdir import TRAINING_CURVES, Workdir
 
@@ -42,7 +42,7 @@ def _overlays(summary: dict, dataset, pred_dir: Path, out: Path) -> list[str]:
     for case in chosen:
         cid = case["case"]
         files = dataset.case(cid)
-        pred = pred_dir / f"{cid}{OUTPUT_ENDING}"  # predictions are .nii.gz whatever the inputs are
+        pred = pred_dir / prediction_name(cid, files.images[0])  # in the input's format
         if files.label is None or not pred.is_file():
             continue
         name = f"overlay_{cid}.png"

@@ -3,8 +3,8 @@
 The steps of `preprocessing.preprocess_case` are reverted in reverse order (as nnU-Net's export):
 remove the pad, resample to the cropped original shape (the same sample grid and the same
 separate low-resolution-axis rule, so the voxel centres line up), put the crop back into a
-background volume, transpose back to RAS; `pipeline.data.nifti.write_volume` then restores the file's
-own orientation, affine and header.
+background volume, transpose back to RAS; `pipeline.data.images.write_volume` then restores the file's
+own orientation, grid and header, in its format.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from pipeline.data.dataset import LabelMap
-from pipeline.data.nifti import Geometry, write_volume
+from pipeline.data.images import write_volume
+from pipeline.data.nifti import Geometry
 from pipeline.errors import SegPipeError
 from pipeline.preprocessing.case_meta import CaseMeta
 from pipeline.preprocessing.resampling import resample_image, resample_label
@@ -80,7 +81,7 @@ def restore_probabilities(probs: np.ndarray, meta: CaseMeta | dict) -> np.ndarra
 
 def write_prediction(label_ras_values: np.ndarray, geometry: Geometry | dict, out_path: str | os.PathLike,
                      reference_image_path: str | os.PathLike | None = None) -> None:
-    """Write a RAS label volume as NIfTI in the original orientation, affine and header (atomically)."""
+    """Write a RAS label volume in `out_path`'s format, in the original orientation, grid and header (atomically)."""
     geometry = geometry if isinstance(geometry, Geometry) else Geometry.from_json(geometry)
     label = np.asarray(label_ras_values)
     if tuple(label.shape) != tuple(geometry.ras_shape):

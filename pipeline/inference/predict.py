@@ -17,13 +17,13 @@ from pipeline.console import progress_bar
 from pipeline.data.files import image_files, split_channel
 from pipeline.errors import BadInputError, Problem
 from pipeline.inference.predictor import (
-    OUTPUT_ENDING,
     ModelSpec,
     Predictor,
     find_model,
     npz_path,
     parse_folds,
     predict_one,
+    prediction_name,
 )
 from pipeline.storage import absolute, as_path, is_url
 from pipeline.workdir import Workdir
@@ -41,14 +41,15 @@ def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_n
     problem is collected and raised together as a BadInputError naming the cases.
     """
     from pipeline.data.dataset import CaseFiles, strip_ending
-    from pipeline.data.nifti import load_header
+    from pipeline.data.images import open_image
 
     folder = as_path(input_dir)
     if not folder.is_dir():
         raise BadInputError(f"input folder {folder} does not exist")
     files = image_files(folder)
     if not files:
-        raise BadInputError(f"input folder {folder} holds no NIfTI images (.nii.gz / .nii)")
+        raise BadInputError(f"input folder {folder} holds no images (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr "
+                            "or .dcm series folders)")
     groups: dict[str, dict[int, Path]] = {}
     singles: dict[str, Path] = {}
     for path in files:
@@ -79,7 +80,7 @@ def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_n
             continue
         path = singles[case_id]
         try:
-            shape = load_header(path, case_id).shape
+            shape = open_image(path, case_id).shape
         except BadInputError as exc:
             problems.extend(exc.problems)
             continue
@@ -123,9 +124,9 @@ class PredictReport:
         return "\n".join(lines)
 
 
-def _is_done(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
-    out = output_dir / f"{case_id}{OUTPUT_ENDING}"  # written last, so it marks the case complete
-    return out.is_file() and (not save_probabilities or npz_path(out).is_file())
+def _is_done(output_dir: Path, case, save_probabilities: bool) -> bool:
+    out = output_dir / prediction_name(case.case_id, case.images[0])  # written last: it marks the case complete
+    return out.exists() and (not save_probabilities or npz_path(out).is_file())
 
 
 def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence = "0",
@@ -134,7 +135,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
                    step: float = 0.5, batch_size: int = 2, device: str | None = None,
                    postprocess: bool = True, use_gpu: bool | None = None, cpus_per_worker: int | None = None,
                    resources_timeout_s: float = 600.0) -> PredictReport:
-    """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.nii.gz, skipping cases already written.
+    """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.<the input's ending>, skipping cases already written.
 
     Several folds ('0,1,2') average their probabilities. The post-processing rule beside the model
     (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
@@ -165,7 +166,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
                      batch_size=batch_size, device=device, postprocess=postprocess)
     use_ray = bool(ray_address) or (num_workers or 1) > 1
     report = PredictReport(str(output_dir), config, folds, tta, workers=1)
-    report.skipped = [c.case_id for c in cases if _is_done(output_dir, c.case_id, save_probabilities)]
+    report.skipped = [c.case_id for c in cases if _is_done(output_dir, c, save_probabilities)]
     todo = [c for c in cases if c.case_id not in set(report.skipped)]
     output_dir.mkdir(parents=True, exist_ok=True)
     if todo and use_ray:

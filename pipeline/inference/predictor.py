@@ -24,7 +24,7 @@ from pipeline.workdir import MODEL_BEST, Workdir, model_file
 log = logging.getLogger("segpipe.predict")
 
 POSTPROCESSING_FILE = "postprocessing.json"  # beside the model; applied when present
-OUTPUT_ENDING = ".nii.gz"
+OUTPUT_ENDING = ".nii.gz"  # for inputs without an image ending of their own
 
 
 # ---------------------------------------------------------------- a trained model
@@ -183,8 +183,9 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
     (label, probabilities): the label holds the dataset's own values in the voxel order of the input
     file - the array the written NIfTI holds; probabilities (K, *RAS shape) float32 on the original
-    grid, or None unless asked for. With `output_path` (CASE.nii.gz) the label is written there with
-    the input's affine and header (atomically), and with `save_probabilities` also CASE.npz.
+    grid, or None unless asked for. With `output_path` (CASE plus the input's ending, `prediction_name`)
+    the label is written there in the input's grid and header (atomically), and with
+    `save_probabilities` also CASE.npz.
     """
     from pipeline.data.dataset import CaseData, read_case
     from pipeline.data.nifti import from_ras
@@ -248,6 +249,13 @@ def _argmax_chunked(probs, dtype) -> np.ndarray:
     return out
 
 
+def prediction_name(case_id: str, image) -> str:
+    """CASE plus the ending of the case's (first) image: a prediction comes back in its input's format."""
+    from pipeline.data.files import ending_of
+
+    return f"{case_id}{ending_of(as_path(image).name) or OUTPUT_ENDING}"
+
+
 def npz_path(output_path: Path) -> Path:
     from pipeline.data.dataset import strip_ending
 
@@ -275,7 +283,8 @@ def predict_one(predictor: Predictor, case, output_dir: str | os.PathLike, save_
     """Predict and write one case; bad input comes back as a failed result naming the case."""
     start = time.perf_counter()
     try:
-        predict_case(predictor, case, as_path(output_dir) / f"{case.case_id}{OUTPUT_ENDING}", save_probabilities, progress)
+        predict_case(predictor, case, as_path(output_dir) / prediction_name(case.case_id, case.images[0]),
+                     save_probabilities, progress)
     except BadInputError as exc:
         return CaseResult(case.case_id, False, time.perf_counter() - start, "; ".join(p.message for p in exc.problems))
     except MemoryError:
