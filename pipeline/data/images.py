@@ -74,12 +74,57 @@ def is_nifti(path) -> bool:
 
 
 def _itk_message(exc: BaseException) -> str:
-    """ITK's exceptions span many lines with C++ file names; keep the sentences that say what is wrong."""
+    """ITK's exceptions span many lines with C++ file names, the path again and a stale errno
+    ("Reason: No such file or directory" for a file that exists); keep what says what is wrong."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\):\s*", "", line) for line in lines
-              if not line.startswith("Exception thrown in SimpleITK") and ".cxx:" not in line]
-    text = " ".join(useful) or describe_error(exc)
+              if not line.startswith(("Exception thrown in SimpleITK", "Reason:")) and ".cxx:" not in line]
+    useful = [line for line in useful if not re.match(r"^File cannot be read: .* for reading\.?$", line)]
+    text = " ".join(useful) or "SimpleITK could not read it"
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def stored_data_bytes(path: Path, voxel_bytes: int) -> tuple[int, int, str] | None:
+    """(bytes of voxel data the header declares, bytes the file holds, "compressed"/"uncompressed")
+    for a MetaImage (uncompressed, or compressed with its `CompressedDataSize`) or a raw NRRD; None
+    where only ITK can tell (gzip NRRD, skips, file lists). So a truncated file is named with its
+    numbers before ITK reads it (ITK's MetaImage reader prints its complaints to the console)."""
+    name = path.name
+    if not name.endswith(ITK_ENDINGS):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if name.endswith((".mha", ".mhd")):
+        field = lambda key: re.search(rb"^" + key + rb"\s*=\s*([^\r\n]*)\r?\n?", head,  # noqa: E731
+                                      re.MULTILINE | re.IGNORECASE)
+        data_file, compressed, skip, size = (field(k) for k in (rb"ElementDataFile", rb"CompressedData",
+                                                                 rb"HeaderSize", rb"CompressedDataSize"))
+        if data_file is None or (skip and skip.group(1).strip() not in (b"0", b"")):
+            return None
+        if compressed and compressed.group(1).strip().lower() == b"true":
+            if size is None or not size.group(1).strip().isdigit():
+                return None
+            declared, kind = int(size.group(1)), "compressed"
+        else:
+            declared, kind = voxel_bytes, "uncompressed"
+        if data_file.group(1).strip().upper() == b"LOCAL":
+            return declared, os.path.getsize(path) - data_file.end(), kind
+        files = _data_files(path)
+        if len(files) == 1 and (path.parent / files[0]).is_file():
+            return declared, os.path.getsize(path.parent / files[0]), kind
+        return None
+    else:
+        end = head.find(b"\n\n")
+        fields = dict(line.split(":", 1) for line in head[:end].decode("latin-1").splitlines() if ": " in line)
+        fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+        if end < 0 or fields.get("encoding") != "raw" or "byte skip" in fields or "line skip" in fields:
+            return None
+        if "data file" not in fields and "datafile" not in fields:
+            return voxel_bytes, os.path.getsize(path) - (end + 2), "uncompressed"
+        files = _data_files(path)
+        if len(files) == 1 and (path.parent / files[0]).is_file():
+            return voxel_bytes, os.path.getsize(path.parent / files[0]), "uncompressed"
+        return None
 
 
 # ---------------------------------------------------------------- an opened image file
@@ -230,6 +275,10 @@ class ItkFile(ImageFile):
         if declared > size * MAX_DEFLATE_RATIO:
             raise BadInputError(f"{self.name} header declares size {self.shape} ({declared / 2**30:.1f} GiB) that "
                                 f"{size} bytes of data cannot hold: truncated or forged header", self.case)
+        stored = stored_data_bytes(self.local, declared)
+        if stored is not None and stored[1] < stored[0]:
+            raise BadInputError(f"cannot read voxels of {self.name}: truncated (its header declares {stored[0]} bytes "
+                                f"of {stored[2]} voxel data, the file holds {stored[1]})", self.case)
 
     def read(self, dtype=np.float32) -> np.ndarray:
         image = self._image
@@ -269,6 +318,17 @@ def _data_files(header: Path) -> tuple[str, ...]:
     if value.upper() == "LOCAL" or " " in value or value.upper().startswith("LIST"):
         return ()  # inline data, or a file list / pattern: the reader finds its own files locally
     return (value,)
+
+
+def files_of(path) -> list[Path]:
+    """The files an image is stored in (what a change check stamps): the file itself, a detached
+    header with its data file, or every file of a DICOM series folder."""
+    path = as_path(path)
+    if path.name.endswith(DICOM_ENDING) and path.is_dir():
+        return sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name)
+    if path.name.endswith((".mhd", ".nhdr")) and path.is_file():
+        return [path, *(path.parent / n for n in _data_files(path) if (path.parent / n).is_file())]
+    return [path]
 
 
 def open_image(path, case: str | None = None) -> ImageFile:
@@ -320,6 +380,8 @@ def write_volume(data_ras: np.ndarray, geometry: Geometry, path, reference=None)
             _write_series(sitk, image, tmp, ref.slice_tags if ref is not None else ())
         else:
             sitk.WriteImage(image, str(tmp), useCompression=True)
+            if ref is not None and ref.nrrd_fields and ending in (".nrrd", ".nhdr"):
+                _set_nrrd_fields(tmp, ref.nrrd_fields)
 
 
 def itk_grid(geometry: Geometry) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
@@ -340,6 +402,7 @@ class ReferenceGrid:
     origin: tuple[float, ...]
     direction: tuple[float, ...]
     slice_tags: tuple[dict, ...] = ()
+    nrrd_fields: tuple[str, ...] = ()  # a 3D NRRD reference's grid lines, copied as text
 
 
 def _reference_grid(reference, geometry: Geometry, sitk) -> ReferenceGrid | None:
@@ -356,7 +419,39 @@ def _reference_grid(reference, geometry: Geometry, sitk) -> ReferenceGrid | None
     dim = info.GetDimension()
     return ReferenceGrid(spacing=tuple(info.GetSpacing()[:3]), origin=tuple(info.GetOrigin()[:3]),
                          direction=tuple(np.asarray(info.GetDirection()).reshape(dim, dim)[:3, :3].ravel().tolist()),
-                         slice_tags=tuple(_slice_tags(ref, sitk)) if ref.dicom else ())
+                         slice_tags=tuple(_slice_tags(ref, sitk)) if ref.dicom else (),
+                         nrrd_fields=_nrrd_grid_fields(ref.local) if dim == 3 else ())
+
+
+# NRRD stores spacing x direction as one vector per axis: SimpleITK splits it into spacing and
+# direction on reading and multiplies them again on writing, which can move the last bit. A label
+# written beside a NRRD copies these header lines as text instead, so its grid is the input's exactly.
+NRRD_GRID_FIELDS = ("space", "space directions", "space origin")
+
+
+def _nrrd_header(path: Path, limit: int | None = None) -> tuple[list[str], bytes]:
+    """(header lines, everything after the blank line that ends the header) of a NRRD file
+    (its first `limit` bytes only, when given)."""
+    with open(path, "rb") as f:
+        raw = f.read(limit) if limit else f.read()
+    end = raw.find(b"\n\n")
+    head, rest = (raw, b"") if end < 0 else (raw[:end], raw[end:])
+    return head.decode("latin-1").split("\n"), rest
+
+
+def _nrrd_grid_fields(path: Path) -> tuple[str, ...]:
+    if not path.name.endswith((".nrrd", ".nhdr")):
+        return ()
+    lines, _ = _nrrd_header(path, limit=65536)
+    return tuple(line for line in lines if line.split(":", 1)[0].strip() in NRRD_GRID_FIELDS)
+
+
+def _set_nrrd_fields(path: Path, fields: tuple[str, ...]) -> None:
+    """Replace the grid lines of the NRRD (header) file `path` by `fields`."""
+    lines, rest = _nrrd_header(path)
+    by_key = {f.split(":", 1)[0].strip(): f for f in fields}
+    lines = [by_key.get(line.split(":", 1)[0].strip(), line) if ":" in line else line for line in lines]
+    path.write_bytes("\n".join(lines).encode("latin-1") + rest)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.dataset import CaseData, Dataset, LabelMap, read_case
+from pipeline.data.images import files_of
 from pipeline.errors import BadInputError, Problem, SegPipeError
 from pipeline.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
 from pipeline.preprocessing.case_meta import CaseMeta
@@ -243,7 +244,7 @@ class PreprocessReport:
 
 def _case_files(dataset: Dataset, case_id: str) -> list[Path]:
     case = dataset.case(case_id)
-    return [*case.images, *([case.label] if case.label is not None else [])]
+    return [f for p in (*case.images, *([case.label] if case.label is not None else [])) for f in files_of(p)]
 
 
 def _file_key(dataset: Dataset, path: Path) -> str:
