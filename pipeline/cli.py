@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     _add_train(p)
 
-    p = add("predict", "sliding-window inference, written as NIfTI in the original geometry")
+    p = add("predict", "sliding-window inference, written in the input's format and original geometry")
     p.add_argument("--workdir", required=True)
     p.add_argument("input_dir")
     p.add_argument("output_dir")

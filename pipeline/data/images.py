@@ -16,6 +16,7 @@ input was, bit for bit where the format stores numbers in binary or as the same 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import re
@@ -130,7 +131,7 @@ def stored_data_bytes(path: Path, voxel_bytes: int) -> tuple[int, int, str] | No
 # ---------------------------------------------------------------- an opened image file
 
 
-class ImageFile:
+class ImageFile(abc.ABC):
     """One image file (or DICOM series) opened: its header read, its voxels read on request.
 
     `shape` is in file axis order (x, y, z) with channels last for a 4D file; `affine` maps voxel
@@ -161,9 +162,9 @@ class ImageFile:
         """The dtype a label file is read in: None (the file's own) unless scaling applies."""
         return None
 
+    @abc.abstractmethod
     def read(self, dtype=np.float32) -> np.ndarray:
         """The voxels in file axis order (channels last), scaled, cast to `dtype` (None: as stored)."""
-        raise NotImplementedError
 
     def read_checked(self, dtype=np.float32) -> np.ndarray:
         """`read`, but every byte of the file read and its checksums verified (validation)."""
