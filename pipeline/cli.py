@@ -350,7 +350,8 @@ def _add_resources(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segpipe",
-        description="Self-configuring 3D medical image segmentation: folder of NIfTI in, trained U-Net, predictions and scores out.",
+        description="Self-configuring 3D medical image segmentation: a folder of images in (NIfTI, MetaImage, NRRD, DICOM), "
+                    "trained U-Net, predictions and scores out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
     )

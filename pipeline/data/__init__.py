@@ -1,2 +1,2 @@
-"""Reading datasets: the Decathlon and nnU-Net v2 raw layouts, NIfTI in canonical orientation,
+"""Reading datasets: the Decathlon and nnU-Net v2 raw layouts, images of every format in canonical orientation,
 validation of every case before anything is written, layout conversion and synthetic phantoms."""

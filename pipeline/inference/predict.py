@@ -34,7 +34,7 @@ log = logging.getLogger("segpipe.predict")
 
 
 def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_names: Sequence[str] = ()):
-    """Group INPUT_DIR's NIfTI files into cases and check each has the model's channel count.
+    """Group INPUT_DIR's images (any format `data.images` reads) into cases, each with the model's channel count.
 
     `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ... are one case's channels (nnU-Net v2); any other
     `CASE.nii.gz` is a case on its own (MSD: one channel, or a 4D file with channels last). Every

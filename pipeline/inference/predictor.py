@@ -182,7 +182,7 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     `model` is a run folder (W/runs/<config>/fold_<k>), a ModelSpec or a loaded Predictor; `case`
     a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
     (label, probabilities): the label holds the dataset's own values in the voxel order of the input
-    file - the array the written NIfTI holds; probabilities (K, *RAS shape) float32 on the original
+    file - the array the written file holds; probabilities (K, *RAS shape) float32 on the original
     grid, or None unless asked for. With `output_path` (CASE plus the input's ending, `prediction_name`)
     the label is written there in the input's grid and header (atomically), and with
     `save_probabilities` also CASE.npz.
