@@ -323,3 +323,17 @@ def test_itk_files_and_dicom_series_are_read_from_a_bucket(bucket, tmp_path):
     write_volume(ras, geometry, remote / "out" / "a.mhd", reference=remote / "a.mhd")
     assert sorted(p.name for p in (remote / "out").iterdir()) == ["a.mhd", "a.zraw"]
     np.testing.assert_array_equal(open_image(remote / "out" / "a.mhd").read(None), data)
+
+
+def test_a_detached_header_may_not_reach_outside_its_folder_or_miss_its_data(tmp_path):
+    from pipeline.errors import BadInputError
+
+    (tmp_path / "ds").mkdir()
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(tmp_path / "secret.mhd"))
+    header = (tmp_path / "secret.mhd").read_text()
+    (tmp_path / "ds" / "escape.mhd").write_text(header.replace("= secret.raw", "= ../secret.raw"))
+    with pytest.raises(BadInputError, match=r"c1: ds/escape\.mhd names the data file \.\./secret\.raw, outside its own"):
+        open_image(tmp_path / "ds" / "escape.mhd", "c1")
+    (tmp_path / "ds" / "lost.mhd").write_text(header.replace("= secret.raw", "= lost.raw"))
+    with pytest.raises(BadInputError, match=r"c2: ds/lost\.mhd names the data file lost\.raw, which is missing"):
+        open_image(tmp_path / "ds" / "lost.mhd", "c2")

@@ -211,9 +211,12 @@ class ItkFile(ImageFile):
         _check_exists(self.path, case, folder=self.dicom)
         stack = contextlib.ExitStack()
         self._cleanup = weakref.finalize(self, stack.close)
-        siblings = () if self.dicom or not is_url(self.path) else _data_files(self.path)
+        self.data_files = () if self.dicom else _data_files(self.path)
+        outside = next((n for n in self.data_files if os.path.isabs(n) or ".." in Path(n).parts), None)
+        if outside is not None:  # a dataset's files stay inside its folder
+            raise BadInputError(f"{self.name} names the data file {outside}, outside its own folder", case)
         try:
-            self.local = stack.enter_context(local_file(self.path, siblings=siblings))
+            self.local = stack.enter_context(local_file(self.path, siblings=self.data_files if is_url(self.path) else ()))
         except (OSError, FileNotFoundError) as exc:
             raise BadInputError(f"cannot read {self.name} ({describe_error(exc)})", case) from None
         self._image = None
@@ -268,7 +271,7 @@ class ItkFile(ImageFile):
         """A header declaring more voxels than its data could hold (truncated, or forged to make the
         reader allocate a huge array) is refused before any voxel is read."""
         declared = int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
-        data = [self.local.parent / n for n in _data_files(self.local)] or [self.local]
+        data = [self.local.parent / n for n in self.data_files] or [self.local]
         if not all(p.is_file() for p in data):
             missing = next(p.name for p in data if not p.is_file())
             raise BadInputError(f"{self.name} names the data file {missing}, which is missing", self.case)
@@ -311,7 +314,8 @@ def _data_files(header: Path) -> tuple[str, ...]:
     if not name.endswith((".mhd", ".nhdr")):
         return ()
     key = r"^ElementDataFile\s*=\s*(.+)$" if name.endswith(".mhd") else r"^data ?file\s*:\s*(.+)$"
-    text = header.read_bytes()[:65536].decode("latin-1")
+    with header.open("rb") as f:
+        text = f.read(65536).decode("latin-1")
     m = re.search(key, text, re.MULTILINE | re.IGNORECASE)
     if m is None:
         return ()
