@@ -238,6 +238,8 @@ def test_a_dataset_in_the_format_validates_preprocesses_and_predicts_in_its_own_
         assert itk_grid_of(written) == itk_grid_of(c.images[0])  # the input's grid, number for number
         assert set(np.unique(open_image(written).read(None)).tolist()) <= {0, 1, 2}
     assert sorted(p.name for p in out.iterdir()) == [f"{c}{ending}" for c in dataset.case_ids]
+    summary = stages.evaluate(out, root, tmp_path / "eval", progress=False)  # scored against the labels
+    assert sorted(c["case"] for c in summary["cases"]) == dataset.case_ids
 
     # voxel for voxel: the label fed in as the image comes back in the file's own axis order
     predictor = Predictor(SignNet(), plans, CONFIG, LabelMap((0, 1)), spec=ModelSpec((), tta=False))
@@ -337,3 +339,24 @@ def test_a_detached_header_may_not_reach_outside_its_folder_or_miss_its_data(tmp
     (tmp_path / "ds" / "lost.mhd").write_text(header.replace("= secret.raw", "= lost.raw"))
     with pytest.raises(BadInputError, match=r"c2: ds/lost\.mhd names the data file lost\.raw, which is missing"):
         open_image(tmp_path / "ds" / "lost.mhd", "c2")
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".mha"])
+def test_a_case_stored_with_permuted_axes_is_pictured_over_its_own_image(ending, tmp_path):
+    """`read_volume` gives RAS arrays: the picture code must not reorient them a second time (for a
+    file whose axes are permuted that made the image's shape differ from the label's: no picture)."""
+    from pipeline.data.nifti import geometry_from
+    from pipeline.evaluation.pictures import draw_case
+
+    label = np.zeros((6, 8, 10), np.uint8)
+    label[2:4, 3:6, 4:8] = 1
+    image = label.astype(np.float32) * 100 + 5
+    affine = np.array([[0.0, 0, 2, 0], [1, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])  # file axes (y, z, x) of RAS
+    geometry = geometry_from(affine, label.shape, (1.0, 1.5, 2.0))
+    ras = lambda a: np.transpose(a, (2, 0, 1))  # noqa: E731 - file (y, z, x) -> RAS (x, y, z)
+    for name, data in (("image", image), ("label", label), ("pred", label)):
+        write_volume(ras(data), geometry, tmp_path / f"{name}{ending}")
+    row = {"case": "c", "metrics": {"1": {"dice": 1.0}}}
+    png = draw_case(row, tmp_path / f"pred{ending}", tmp_path / f"label{ending}", tmp_path / f"image{ending}",
+                    {1: "organ"}, tmp_path / "c.png")
+    assert png is not None and (tmp_path / "c.png").stat().st_size > 0

@@ -144,7 +144,6 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
     """Predict each fold's validation cases with its model, score them pooled, decide post-processing."""
     from pipeline.data.dataset import load_dataset
     from pipeline.data.images import read_volume, write_volume
-    from pipeline.data.nifti import to_ras
     from pipeline.evaluation.metrics import evaluate_folders
     from pipeline.evaluation.postprocessing import decide_postprocessing
     from pipeline.inference.postprocessing import apply_postprocessing
@@ -200,7 +199,7 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
         pp_dir.mkdir(parents=True, exist_ok=True)
         for case, path in pooled.items():
             label, geometry = read_volume(path, case, dtype=None)
-            fixed = apply_postprocessing(to_ras(label, geometry), rule)
+            fixed = apply_postprocessing(label, rule)  # read_volume's array is in RAS already
             write_volume(fixed, geometry, pp_dir / path.name, reference=path)
         pp_summary = evaluate_folders(pp_dir, dataset.root, out / "evaluation_postprocessed", progress=progress)
         pp_dice = pp_summary["foreground_mean"]["dice"]

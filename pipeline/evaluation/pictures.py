@@ -96,13 +96,12 @@ def draw_case(row: dict, pred_path: Path, ref_path: Path, image_path: Path, labe
     None when the image is on another grid than its label: validation reports that, not a picture.
     """
     from pipeline.data.images import read_volume
-    from pipeline.data.nifti import to_ras
     from pipeline.evaluation.cases import load_pair
 
     case = row["case"]
     pred, ref, spacing = load_pair(case, pred_path, ref_path)
-    data, geometry = read_volume(image_path, case)
-    image = to_ras(data[..., 0] if data.ndim == 4 else data, geometry)  # channels last: the first is enough
+    data, _ = read_volume(image_path, case)
+    image = data[..., 0] if data.ndim == 4 else data  # RAS already; channels last: the first is enough
     if image.shape != ref.shape:
         return None
     dice = {int(v): m.get("dice") for v, m in row["metrics"].items()}
