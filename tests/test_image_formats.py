@@ -5,6 +5,7 @@ preprocesses and predicts, and the prediction comes back in the input's format o
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 import sys
 
@@ -16,7 +17,7 @@ import torch
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (the [itk] extra, in the test extra) reads these formats")
 
 from pipeline.cli import main  # noqa: E402  (imported before capsys: cli binds sys.stderr at import)
-from pipeline.data.images import ItkFile, open_image, read_volume, write_volume  # noqa: E402
+from pipeline.data.images import ItkFile, keeping_locale, open_image, read_volume, write_volume  # noqa: E402
 from pipeline.data.synthetic import make_case  # noqa: E402
 from pipeline.errors import SegPipeError  # noqa: E402
 
@@ -53,6 +54,11 @@ def write_itk(image: sitk.Image, path) -> None:
         sitk.WriteImage(image, str(path), useCompression=True)
         return
     path.mkdir(parents=True)
+    with keeping_locale():  # GDCM's writer sets the C locale to "C" (ASCII text files) and leaves it
+        write_series(image, path)
+
+
+def write_series(image: sitk.Image, path) -> None:
     d = image.GetDirection()
     fmt = lambda v: f"{v:.10g}"  # noqa: E731 - DICOM decimal strings hold 16 characters
     writer = sitk.ImageFileWriter()
@@ -129,7 +135,9 @@ def test_a_volume_written_beside_its_input_keeps_the_inputs_grid_exactly(ending,
     write_itk(itk_image(data, (0.6, 0.6, 3.0), (10.5, -20.25, 33.125), DIRECTIONS["permuted"]), source)
     ras, geometry = read_volume(source, "case", dtype=None)
     out = tmp_path / "out" / f"case{ending}"
+    before = locale.setlocale(locale.LC_ALL)
     write_volume(ras, geometry, out, reference=source)
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's writer leaves "C": Python's text files turn ASCII
     assert itk_grid_of(out) == itk_grid_of(source)  # every number identical
     again, geometry_again = read_volume(out, "case", dtype=None)
     np.testing.assert_array_equal(again, ras)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import locale
 import os
 import re
 import shutil
@@ -126,6 +127,18 @@ def stored_data_bytes(path: Path, voxel_bytes: int) -> tuple[int, int, str] | No
         if len(files) == 1 and (path.parent / files[0]).is_file():
             return voxel_bytes, os.path.getsize(path.parent / files[0]), "uncompressed"
         return None
+
+
+@contextlib.contextmanager
+def keeping_locale() -> Iterator[None]:
+    """Restore the C locale after SimpleITK's DICOM writer (GDCM), which sets it to "C" and leaves
+    it so: Python's text files would then default to ASCII for the rest of the process."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 # ---------------------------------------------------------------- an opened image file
@@ -382,7 +395,8 @@ def write_volume(data_ras: np.ndarray, geometry: Geometry, path, reference=None)
     image.SetDirection(direction)
     with _writing(path) as tmp:
         if ending == DICOM_ENDING:
-            _write_series(sitk, image, tmp, ref.slice_tags if ref is not None else ())
+            with keeping_locale():
+                _write_series(sitk, image, tmp, ref.slice_tags if ref is not None else ())
         else:
             sitk.WriteImage(image, str(tmp), useCompression=True)
             if ref is not None and ref.nrrd_fields and ending in (".nrrd", ".nhdr"):
