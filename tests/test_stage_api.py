@@ -126,9 +126,10 @@ def _nii_dataset(root: Path, cases: int = 3) -> Path:
 
 
 def test_the_report_shows_overlays_for_a_dataset_of_nii_files(tmp_path):
-    """Predictions are written as .nii.gz whatever the dataset's file ending; the report used to look
-    for `.nii` predictions and silently drew no overlay."""
+    """Predictions are written in their input's format (`.nii` here); the report must look for them
+    under the name `segpipe predict` gives them (a wrong ending once drew no overlay, silently)."""
     from pipeline.evaluation.report import build_report
+    from pipeline.inference.predictor import prediction_name
     from pipeline.workdir import Workdir
 
     dataset = stages.load_dataset(_nii_dataset(tmp_path / "Dataset900_Nii"))
@@ -137,7 +138,7 @@ def test_the_report_shows_overlays_for_a_dataset_of_nii_files(tmp_path):
     pred_dir.mkdir()
     for case in dataset.cases:  # a perfect "prediction", named as `segpipe predict` writes it
         img = nib.load(case.label)
-        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), pred_dir / f"{case.case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), pred_dir / prediction_name(case.case_id, case.images[0]))
     stages.evaluate(pred_dir, dataset.root, tmp_path / "eval", progress=False)
     page = build_report(Workdir.at(tmp_path / "w"), plans, "3d_fullres", "0", dataset, pred_dir, tmp_path / "eval")
     overlays = sorted(p.name for p in page.parent.glob("overlay_*.png"))
