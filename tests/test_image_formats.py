@@ -280,6 +280,7 @@ def test_a_truncated_mha_is_bad_input_naming_the_case(tmp_path, capsys):
 
 def test_both_layouts_take_the_formats_and_a_dicom_series_is_one_folder(tmp_path):
     from pipeline.data.dataset import scan_dataset
+    from pipeline.errors import BadInputError
     from pipeline.inference.predict import group_input_files
 
     nnunet = make_dataset(tmp_path / "nn", ".dcm", num_cases=2)
@@ -297,6 +298,9 @@ def test_both_layouts_take_the_formats_and_a_dicom_series_is_one_folder(tmp_path
         assert dataset.file_ending == ".dcm"
     cases = group_input_files(msd / "imagesTr", 1)
     assert [c.case_id for c in cases] == ["phantom_000", "phantom_001"]
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(msd / "imagesTr" / "phantom_001.nrrd"))
+    with pytest.raises(BadInputError, match=r"phantom_001: phantom_001\.dcm and phantom_001\.nrrd are two images of one"):
+        group_input_files(msd / "imagesTr", 1)
 
     bad = json.loads((nnunet / "dataset.json").read_text()) | {"file_ending": ".png"}
     (nnunet / "dataset.json").write_text(json.dumps(bad))

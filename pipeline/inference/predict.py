@@ -52,8 +52,15 @@ def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_n
                             "or .dcm series folders)")
     groups: dict[str, dict[int, Path]] = {}
     singles: dict[str, Path] = {}
+    problems = []
+    seen: dict[str, Path] = {}
     for path in files:
         stem = strip_ending(path.name)
+        if stem in seen:  # scan.mha beside scan.nii.gz: which one is the case?
+            problems.append(Problem(split_channel(stem)[0] if split_channel(stem) else stem,
+                                    f"{seen[stem].name} and {path.name} are two images of one name: keep one"))
+            continue
+        seen[stem] = path
         channel = split_channel(stem)
         if channel:
             groups.setdefault(channel[0], {})[channel[1]] = path
@@ -64,7 +71,7 @@ def group_input_files(input_dir: str | os.PathLike, num_channels: int, channel_n
             singles[strip_ending(path.name)] = path
 
     expected = f"{num_channels} channel(s)" + (f" ({', '.join(channel_names)})" if channel_names else "")
-    problems, cases = [], []
+    cases = []
     for case_id in sorted(set(groups) | set(singles)):
         if case_id in groups and case_id in singles:
             problems.append(Problem(case_id, f"both {singles[case_id].name} and per-channel files {case_id}_XXXX exist"))
