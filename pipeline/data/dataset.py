@@ -13,7 +13,8 @@ Either layout's images may be in any format `pipeline.data.images` reads (`file_
 
 Reading the dataset description touches no voxels; `read_case` loads one case. Label values may be
 non-contiguous (TotalSegmentator's 0..117): `LabelMap` maps them to contiguous training indices
-and back, so predictions are written with the dataset's own values.
+and back, so predictions are written with the dataset's own values. The nnU-Net v2 layout may also
+declare regions and an `ignore` label (`pipeline.data.labels`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 
@@ -29,64 +30,13 @@ import numpy as np
 
 from pipeline.data.files import IMAGE_ENDINGS, ending_of, strip_ending
 from pipeline.data.images import open_image
+from pipeline.data.labels import LabelMap, Region, parse_nnunet_labels
 from pipeline.data.nifti import Geometry, to_ras
 from pipeline.errors import BadInputError, Problem
 from pipeline.storage import absolute, inside
 
 LAYOUT_MSD = "msd"
 LAYOUT_NNUNET = "nnunetv2"
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """Original label values <-> contiguous training indices (index i is `values[i]`, 0 is background)."""
-
-    values: tuple[int, ...]
-
-    def __post_init__(self):
-        if not self.values or self.values[0] != 0:
-            raise ValueError("label values must start with background 0")
-        if list(self.values) != sorted(set(self.values)):
-            raise ValueError("label values must be unique and sorted")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.values)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.values == tuple(range(len(self.values)))
-
-    def _lookup(self, max_value: int) -> np.ndarray:
-        lut = np.full(max(max_value, self.values[-1]) + 1, -1, dtype=np.int16)
-        lut[list(self.values)] = np.arange(len(self.values), dtype=np.int16)
-        return lut
-
-    def to_index(self, label: np.ndarray) -> np.ndarray:
-        """Original values -> training indices (uint8 when it fits). Undeclared values raise."""
-        label = np.asarray(label)
-        if label.size == 0:
-            return label.astype(np.uint8)
-        lo, hi = int(label.min()), int(label.max())
-        if lo < 0:
-            raise ValueError(f"negative label value {lo}")
-        out = self._lookup(hi)[label.astype(np.int64, copy=False)]
-        if (out < 0).any():
-            bad = sorted(set(np.unique(label[out < 0]).tolist()))[:10]
-            raise ValueError(f"label values {bad} are not declared in dataset.json")
-        return out.astype(self.index_dtype)
-
-    def to_values(self, index: np.ndarray) -> np.ndarray:
-        """Training indices -> original values, in the smallest integer type that holds them."""
-        return np.asarray(self.values, dtype=self.value_dtype)[np.asarray(index, dtype=np.int64)]
-
-    @property
-    def index_dtype(self):
-        return np.uint8 if len(self.values) <= 255 else np.int16
-
-    @property
-    def value_dtype(self):
-        return np.uint8 if self.values[-1] <= 255 else np.int16 if self.values[-1] <= 32767 else np.int32
 
 
 @dataclass(frozen=True)
@@ -109,10 +59,13 @@ class Dataset:
     cases: tuple[CaseFiles, ...]
     file_ending: str = ".nii.gz"
     raw_json: dict = field(default_factory=dict, repr=False, compare=False)
+    regions: tuple[Region, ...] = ()  # nnU-Net v2 region-based labels (pipeline.data.labels)
+    regions_class_order: tuple[int, ...] = ()
+    ignore_value: int | None = None  # the "ignore" label's value, the highest one
 
     @property
     def label_map(self) -> LabelMap:
-        return LabelMap(tuple(sorted(self.labels)))
+        return LabelMap(tuple(sorted(self.labels)), self.regions, self.regions_class_order, self.ignore_value)
 
     @property
     def num_channels(self) -> int:
@@ -185,26 +138,6 @@ def _check_unique_names(labels: dict[int, str], problems: list[Problem]) -> None
         if len(values) > 1:
             problems.append(Problem(None, f"dataset.json labels {', '.join(map(str, sorted(values)))} share the name "
                                           f"{name!r}: each class needs its own name"))
-
-
-def _parse_labels_nnunet(raw: object, problems: list[Problem]) -> dict[int, str]:
-    labels: dict[int, str] = {}
-    if not isinstance(raw, dict) or not raw:
-        problems.append(Problem(None, "dataset.json 'labels' must be a non-empty object like {\"background\": 0}"))
-        return labels
-    for name, value in raw.items():
-        if isinstance(value, (list, tuple)):
-            problems.append(Problem(None, f"label {name!r}: region-based labels (lists of values) are not supported"))
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
-            problems.append(Problem(None, f"label {name!r} has value {value!r}: expected a non-negative integer"))
-            continue
-        if int(value) in labels:
-            problems.append(Problem(None, f"dataset.json labels {labels[int(value)]!r} and {name!r} both have value "
-                                          f"{int(value)}: each class needs its own value"))
-            continue
-        labels[int(value)] = str(name)
-    return labels
 
 
 def _parse_channels(raw: object, key: str, problems: list[Problem]) -> tuple[str, ...]:
@@ -319,7 +252,8 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
     if "channel_names" in meta:
         layout = LAYOUT_NNUNET
         channels = _parse_channels(meta["channel_names"], "channel_names", problems)
-        labels = _parse_labels_nnunet(meta.get("labels"), problems)
+        declared = parse_nnunet_labels(meta.get("labels"), meta.get("regions_class_order"), problems)
+        labels = declared.names
         ending = meta.get("file_ending", ".nii.gz")
         if ending not in IMAGE_ENDINGS:
             problems.append(Problem(None, f"file_ending {ending!r} is not supported (use one of "
@@ -330,6 +264,7 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
         layout = LAYOUT_MSD
         channels = _parse_channels(meta["modality"], "modality", problems)
         labels = _parse_labels_msd(meta.get("labels"), problems)
+        declared = None
         cases = _msd_cases(root, meta, max(len(channels), 1), problems)
         ending = ending_of(cases[0].images[0].name) if cases else None
         ending = ending or ".nii.gz"  # the first case's: what derived files (cross-validation inputs) are named
@@ -350,6 +285,9 @@ def scan_dataset(path: str | os.PathLike) -> tuple[Dataset | None, list[Problem]
     if problems and (not channels or not labels):
         return None, problems
     dataset = Dataset(root, name, layout, channels, labels, tuple(cases), ending, meta)
+    if declared is not None and (declared.regions or declared.ignore_value is not None):
+        dataset = replace(dataset, regions=declared.regions, regions_class_order=declared.regions_class_order,
+                          ignore_value=declared.ignore_value)
     return dataset, problems
 
 

@@ -9,6 +9,11 @@ enough for a small U-Net to pass Dice 0.8 in minutes on a laptop, realistic enou
 z-score normalisation, anisotropic planning and resampling. A few cases are stored in other axis
 orientations (LPS, PSR, LAS) so the reorientation path is exercised.
 
+`labels="regions"` declares the same voxels as nnU-Net v2 regions (`organ+lesion` = [1, 2] and `lesion`
+= 2, painted in that order), `labels="ignore"` keeps only scribbles (a few thin slabs of each
+structure's interior) and marks every other voxel `ignore` (3): both in the nnU-Net v2 raw layout,
+where those declarations live.
+
 Generation is seeded per case (`default_rng([seed, case])`), so a dataset is reproducible bit for
 bit, and crash-safe: written to a temporary sibling folder and renamed into place.
 """
@@ -24,7 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_erosion, gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from pipeline.errors import BadInputError
@@ -34,6 +39,13 @@ VERSION = 1  # bump when the generated data changes, so stale demo datasets are 
 DEFAULT_SHAPE = (48, 48, 24)
 BASE_SPACING = (1.0, 1.0, 2.5)  # mm, RAS axes; z is the thick-slice axis
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+LABEL_SCHEMES = ("classes", "regions", "ignore")
+# nnU-Net v2 declarations of the other schemes (the voxels of "regions" are those of "classes")
+REGION_LABELS = {"background": 0, "organ+lesion": [1, 2], "lesion": 2}
+REGIONS_CLASS_ORDER = [1, 2]
+IGNORE_LABELS = {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}
+IGNORE_VALUE = 3
+SCRIBBLE_EVERY = 4  # "ignore": every 4th sagittal slice is annotated, inside each structure's eroded interior
 # Case i is stored in ORIENTATIONS[i % 8]: mostly RAS, some mirrored and one permuted (as SCT's T2).
 ORIENTATIONS = ("RAS", "RAS", "LPS", "RAS", "RAS", "PSR", "RAS", "LAS")
 # Mean intensity of each structure before bias field, scaling and noise.
@@ -42,8 +54,9 @@ NOISE_SIGMA = 0.05  # of the Rician noise, same units as INTENSITY
 
 
 def make_demo_dataset(out_dir: str | os.PathLike, num_cases: int = 24, seed: int = 0,
-                      shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Path:
-    """The phantom dataset at `out_dir` (Decathlon layout), generating it unless already there.
+                      shape: tuple[int, int, int] = DEFAULT_SHAPE, labels: str = "classes") -> Path:
+    """The phantom dataset at `out_dir` (Decathlon layout; nnU-Net v2 layout for `labels` "regions"
+    or "ignore"), generating it unless already there.
 
     An existing dataset made with the same parameters is returned untouched; one made with other
     parameters is replaced. A folder that is not empty and holds something else is refused.
@@ -54,8 +67,12 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_cases: int = 24, seed: int
         raise BadInputError(f"num_cases must be at least 1, got {num_cases}")
     if len(shape) != 3 or min(shape) < 16:
         raise BadInputError(f"shape must be 3 sizes of at least 16 voxels, got {shape}")
+    if labels not in LABEL_SCHEMES:
+        raise BadInputError(f"labels must be one of {', '.join(LABEL_SCHEMES)}, got {labels!r}")
     params = {"generator": GENERATOR, "version": VERSION, "num_cases": int(num_cases), "seed": int(seed),
               "shape": list(shape)}
+    if labels != "classes":  # the classes dataset keeps its parameters (and so its existing copies)
+        params["labels"] = labels
     if _is_complete(out, params):
         return out
     if out.exists() and not _replaceable(out):
@@ -121,19 +138,22 @@ def _move_into_place(tmp: Path, out: Path, params: dict) -> None:
 def _write_dataset(root: Path, params: dict) -> None:
     (root / "imagesTr").mkdir()
     (root / "labelsTr").mkdir()
+    scheme = params.get("labels", "classes")
+    nnunet = scheme != "classes"
     training = []
     for i in range(params["num_cases"]):
         case_id = f"phantom_{i:03d}"
-        image, label, affine = make_case(params["seed"], i, tuple(params["shape"]))
+        image, label, affine = make_case(params["seed"], i, tuple(params["shape"]), scribbles=scheme == "ignore")
         header = nib.Nifti1Header()
         header.set_qform(affine, code=1)  # scanner coordinates, as both forms of a real scan
         header.set_sform(affine, code=1)
         header.set_xyzt_units("mm", "sec")
-        for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
+        image_name = f"{case_id}_0000.nii.gz" if nnunet else f"{case_id}.nii.gz"
+        for data, folder, name in ((image, "imagesTr", image_name), (label, "labelsTr", f"{case_id}.nii.gz")):
             img = nib.Nifti1Image(data, affine, header)
             img.set_data_dtype(data.dtype)  # a header passed in would impose its own (float32)
-            nib.save(img, str(root / folder / f"{case_id}.nii.gz"))
-        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+            nib.save(img, str(root / folder / name))
+        training.append({"image": f"./imagesTr/{image_name}", "label": f"./labelsTr/{case_id}.nii.gz"})
     meta = {
         "name": "Phantom",
         "description": "Synthetic MRI-like phantoms: a rotated ellipsoid organ containing a lesion, a touching "
@@ -141,19 +161,34 @@ def _write_dataset(root: Path, params: dict) -> None:
         "reference": "generated by seg-pipeline",
         "licence": "CC0-1.0",
         "tensorImageSize": "3D",
-        "modality": {"0": "MRI"},
-        "labels": dict(LABELS),
-        "numTraining": len(training),
-        "numTest": 0,
-        "training": training,
-        "test": [],
-        "synthetic": params,
     }
+    if nnunet:  # the nnU-Net v2 raw layout: `training` only lists the files for `_is_complete`
+        meta.update({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                     "labels": dict(REGION_LABELS if scheme == "regions" else IGNORE_LABELS)})
+        if scheme == "regions":
+            meta["regions_class_order"] = list(REGIONS_CLASS_ORDER)
+    else:
+        meta.update({"modality": {"0": "MRI"}, "labels": dict(LABELS)})
+    meta.update({"numTraining": len(training), "numTest": 0, "training": training, "test": [], "synthetic": params})
     (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def make_case(seed: int, index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE):
-    """(image float32, label uint8, affine) of one phantom, in its stored (possibly non-RAS) orientation."""
+def scribble_label(label: np.ndarray, every: int = SCRIBBLE_EVERY) -> np.ndarray:
+    """Sparse annotation of a full label map: each structure's interior (eroded by one voxel, so
+    no boundary is annotated) on every `every`-th slice of axis 0 keeps its value, everything else
+    becomes `IGNORE_VALUE`. Background is scribbled the same way, so every class is seen."""
+    out = np.full(label.shape, IGNORE_VALUE, dtype=np.uint8)
+    slices = np.zeros(label.shape, dtype=bool)
+    slices[every // 2::every] = True
+    for value in np.unique(label):
+        interior = binary_erosion(label == value, iterations=1)
+        out[interior & slices] = value
+    return out
+
+
+def make_case(seed: int, index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE, scribbles: bool = False):
+    """(image float32, label uint8, affine) of one phantom, in its stored (possibly non-RAS) orientation;
+    with `scribbles`, the label is `scribble_label` of the full one (the image is the same)."""
     rng = np.random.default_rng([seed, index])
     base = np.asarray(shape)
     dims = tuple(int(s) for s in base + np.rint(base * rng.uniform(-0.08, 0.08, 3)).astype(int))
@@ -202,6 +237,8 @@ def make_case(seed: int, index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE
     label = np.zeros(dims, dtype=np.uint8)
     label[organ] = 1
     label[lesion] = 2
+    if scribbles:
+        label = scribble_label(label)
 
     origin = -(np.asarray(dims) - 1) / 2 * spacing + rng.uniform(-20.0, 20.0, 3)
     ras_affine = np.diag([*spacing, 1.0])

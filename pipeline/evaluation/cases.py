@@ -48,7 +48,18 @@ def label_files(folder: Path) -> dict[str, Path]:
 
 
 def _labels_of(dataset) -> dict[int, str]:
-    return {v: n for v, n in sorted(dataset.labels.items()) if v != 0}
+    """The scored foreground labels: not background, not the ignore label."""
+    return {v: n for v, n in sorted(dataset.labels.items()) if v != 0 and v != dataset.ignore_value}
+
+
+def reference_label_map(ref_dir: str | os.PathLike):
+    """The `LabelMap` of the dataset.json at `ref_dir` or above it (regions, ignore label), or None."""
+    ref_dir = as_path(ref_dir)
+    for folder in (ref_dir, ref_dir.parent):
+        if (folder / "dataset.json").is_file():
+            dataset, _ = scan_dataset(folder)
+            return dataset.label_map if dataset is not None else None
+    return None
 
 
 def find_references(ref_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[int, str] | None]:

@@ -14,6 +14,11 @@ Conventions (nnU-Net's where it has one; every output states them in `summary.js
   the two directed 95th percentiles, as MONAI and DeepMind's surface-distance. It is computed on
   the bounding box of both masks (exact: all surface voxels lie inside it).
 * volume_diff_ml = (predicted volume - reference volume) in millilitres.
+* Sparse labels: voxels whose reference is the dataset's `ignore` label are left out of every
+  score (both masks are background there), as nnU-Net v2.
+* Region-based datasets: each region (the union of its label values) is scored as one mask, beside
+  the per-label scores: `summary.json["regions"]` (means, foreground mean, names -> values) and
+  `cases[i]["regions"]`; "foreground_mean" stays the mean over labels.
 
 Cases are the prediction files: a fold's validation predictions cover part of the dataset by
 design, so reference cases without a prediction are not an error (their count is logged), while
@@ -37,7 +42,7 @@ from scipy import ndimage
 
 from pipeline.console import number
 from pipeline.errors import BadInputError
-from pipeline.evaluation.cases import load_pair, map_cases, pair_cases
+from pipeline.evaluation.cases import load_pair, map_cases, pair_cases, reference_label_map
 from pipeline.storage import as_path, write_text_atomic
 
 log = logging.getLogger("segpipe.evaluation")
@@ -49,6 +54,8 @@ CONVENTIONS = {
     "hd95": "mm; max of the two directed 95th-percentile surface-voxel distances",
     "volume_diff_ml": "predicted minus reference volume, millilitres",
     "foreground_mean": "mean over classes of the per-class means",
+    "ignore": "voxels whose reference is the ignore label are excluded from every score",
+    "regions": "a region is scored as the union of its label values; regions.foreground_mean over regions",
 }
 
 
@@ -128,10 +135,39 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     return out
 
 
-def evaluate_case(case: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None = None) -> dict:
-    """One row of `summary.json["cases"]`, metrics keyed by label value (int)."""
+def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                   regions: Sequence) -> dict[str, dict]:
+    """Per region (`pipeline.data.labels.Region`) the metrics of `case_metrics`, the region being the
+    voxels whose value is any of its label values (BraTS' whole tumour = 1, 2 and 3)."""
+    out = {}
+    for region in regions:
+        p = np.isin(pred, region.values).astype(np.uint8)
+        r = np.isin(ref, region.values).astype(np.uint8)
+        out[region.name] = case_metrics(p, r, spacing, [1])[1]
+    return out
+
+
+def mask_ignored(pred: np.ndarray, ref: np.ndarray, ignore_value: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays with background where the reference is the ignore label: those voxels score nowhere."""
+    if ignore_value is None:
+        return pred, ref
+    ignored = ref == ignore_value
+    if not ignored.any():
+        return pred, ref
+    return np.where(ignored, 0, pred).astype(pred.dtype), np.where(ignored, 0, ref).astype(ref.dtype)
+
+
+def evaluate_case(case: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None = None,
+                  label_map=None) -> dict:
+    """One row of `summary.json["cases"]`, metrics keyed by label value (int); with a `LabelMap` of
+    regions also `regions` keyed by region name, and its ignore label masked out."""
     pred, ref, spacing = load_pair(case, pred_path, ref_path)
-    return {"case": case, "metrics": case_metrics(pred, ref, spacing, labels, case)}
+    if label_map is not None:
+        pred, ref = mask_ignored(pred, ref, label_map.ignore_value)
+    row = {"case": case, "metrics": case_metrics(pred, ref, spacing, labels, case)}
+    if label_map is not None and label_map.has_regions:
+        row["regions"] = region_metrics(pred, ref, spacing, label_map.regions)
+    return row
 
 
 # ---------------------------------------------------------------- summary
@@ -143,22 +179,28 @@ def _nanmean(values) -> float:
     return float(arr.mean()) if arr.size else math.nan
 
 
-def summarize(cases: list[dict], labels: Mapping[int, str]) -> dict:
-    """Per-class means (NaN excluded) and the foreground mean; classes absent from a case are NaN there."""
+def _means(per_key: Mapping, keys) -> dict:
+    mean = {}
+    for v in keys:
+        per = per_key[v]
+        hd = [m["hd95"] for m in per if not math.isnan(m["hd95"])]
+        mean[v] = {"dice": _nanmean(m["dice"] for m in per), "iou": _nanmean(m["iou"] for m in per),
+                   "hd95": _nanmean(hd), "volume_diff_ml": _nanmean(m["volume_diff_ml"] for m in per),
+                   "n": sum(not math.isnan(m["dice"]) for m in per), "n_hd95": len(hd)}
+    return mean
+
+
+def summarize(cases: list[dict], labels: Mapping[int, str], label_map=None) -> dict:
+    """Per-class means (NaN excluded) and the foreground mean; classes absent from a case are NaN there.
+    With a region-based `label_map`, the same per region under "regions" (added keys only)."""
     nan_row = {"dice": math.nan, "iou": math.nan, "tp": 0, "fp": 0, "fn": 0, "hd95": math.nan, "volume_diff_ml": 0.0}
     rows = []
     for c in cases:
         metrics = {v: dict(c["metrics"].get(v, nan_row)) for v in labels}
         rows.append({"case": c["case"], "metrics": metrics})
-    mean = {}
-    for v in labels:
-        per = [r["metrics"][v] for r in rows]
-        hd = [m["hd95"] for m in per if not math.isnan(m["hd95"])]
-        mean[v] = {"dice": _nanmean(m["dice"] for m in per), "iou": _nanmean(m["iou"] for m in per),
-                   "hd95": _nanmean(hd), "volume_diff_ml": _nanmean(m["volume_diff_ml"] for m in per),
-                   "n": sum(not math.isnan(m["dice"]) for m in per), "n_hd95": len(hd)}
+    mean = _means({v: [r["metrics"][v] for r in rows] for v in labels}, labels)
     fg = {key: _nanmean(m[key] for m in mean.values()) for key in ("dice", "iou", "hd95")}
-    return {
+    summary = {
         "labels": {str(v): n for v, n in labels.items()},
         "n_cases": len(rows),
         "mean": {str(v): m for v, m in mean.items()},
@@ -166,6 +208,19 @@ def summarize(cases: list[dict], labels: Mapping[int, str]) -> dict:
         "cases": [{"case": r["case"], "metrics": {str(v): m for v, m in r["metrics"].items()}} for r in rows],
         "conventions": CONVENTIONS,
     }
+    if label_map is not None and label_map.has_ignore:
+        summary["ignore_label"] = label_map.ignore_value
+    if label_map is not None and label_map.has_regions:
+        names = [r.name for r in label_map.regions]
+        region_mean = _means({n: [c["regions"][n] for c in cases] for n in names}, names)
+        summary["regions"] = {
+            "values": {r.name: list(r.values) for r in label_map.regions},
+            "mean": region_mean,
+            "foreground_mean": {key: _nanmean(m[key] for m in region_mean.values()) for key in ("dice", "iou", "hd95")},
+        }
+        for out, c in zip(summary["cases"], cases):
+            out["regions"] = c["regions"]
+    return summary
 
 
 def to_jsonable(obj):
@@ -192,6 +247,8 @@ def per_case_csv(summary: dict) -> str:
     for c in summary["cases"]:
         for v, m in c["metrics"].items():
             w.writerow((c["case"], v, summary["labels"][v], *("" if m.get(k) is None else m[k] for k in cols)))
+        for name, m in c.get("regions", {}).items():  # region rows: label "region", name the region's
+            w.writerow((c["case"], "region", name, *("" if m.get(k) is None else m[k] for k in cols)))
     return buf.getvalue()
 
 
@@ -208,6 +265,19 @@ def summary_markdown(summary: dict, title: str = "Evaluation") -> str:
     fg = summary["foreground_mean"]
     lines.append(f"| | **foreground mean** | | **{number(fg['dice'])}** | **{number(fg['iou'])}** | "
                  f"{number(fg.get('hd95'), 2)} | | |")
+    if "ignore_label" in summary:
+        lines += ["", f"Voxels whose reference is the ignore label ({summary['ignore_label']}) are not scored."]
+    if "regions" in summary:
+        regions = summary["regions"]
+        lines += ["", "## Regions", "", "Each region scored as the union of its label values.", "",
+                  "| region | values | n | Dice | IoU | HD95 (mm) | n HD95 | volume diff (ml) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, m in regions["mean"].items():
+            lines.append(f"| {name} | {regions['values'][name]} | {m['n']} | {number(m['dice'])} | {number(m['iou'])} | "
+                         f"{number(m['hd95'], 2)} | {m['n_hd95']} | {number(m['volume_diff_ml'], 3)} |")
+        rfg = regions["foreground_mean"]
+        lines.append(f"| **mean over regions** | | | **{number(rfg['dice'])}** | **{number(rfg['iou'])}** | "
+                     f"{number(rfg.get('hd95'), 2)} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +290,8 @@ def write_outputs(summary: dict, out_dir: Path, title: str = "Evaluation") -> No
     write_text_atomic(out_dir / "summary.md", summary_markdown(summary, title))
     groups = {f"{v}: {name}": [c["metrics"][v]["dice"] for c in summary["cases"]]
               for v, name in summary["labels"].items()}
+    for name in summary.get("regions", {}).get("mean", {}):
+        groups[f"region {name}"] = [c["regions"][name]["dice"] for c in summary["cases"]]
     boxplot(groups, out_dir / "dice_boxplot.png", title=f"Dice per class ({summary['n_cases']} cases)",
             ylabel="Dice", ylim=(0.0, 1.0))
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -239,6 +311,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, ou
     """
     pred_dir, ref_dir, out_dir = as_path(pred_dir), as_path(ref_dir), as_path(out_dir)
     pairs, found_labels = pair_cases(pred_dir, ref_dir)
+    label_map = reference_label_map(ref_dir)
     images = {}
     if pictures:
         from pipeline.evaluation.pictures import find_images
@@ -256,11 +329,12 @@ def evaluate_folders(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, ou
     else:
         labels = found_labels
     values = list(labels) if labels is not None else None
-    cases = map_cases(lambda c, p, r: evaluate_case(c, p, r, values), pairs, num_workers, progress, "evaluate")
+    cases = map_cases(lambda c, p, r: evaluate_case(c, p, r, values, label_map), pairs, num_workers, progress,
+                      "evaluate")
     if labels is None:
         seen = sorted({v for c in cases for v in c["metrics"]})
         labels = {v: str(v) for v in seen}
-    summary = summarize(cases, labels)
+    summary = summarize(cases, labels, label_map)
     summary["prediction_dir"], summary["reference_dir"] = str(pred_dir), str(ref_dir)
     summary = to_jsonable(summary)
     write_outputs(summary, out_dir, title=f"Evaluation of {pred_dir.name} against {ref_dir.name}")

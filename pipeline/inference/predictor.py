@@ -102,7 +102,6 @@ class Predictor:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Predictor:
-        from pipeline.data.dataset import LabelMap
         from pipeline.training.loop import load_trained_network
 
         if not spec.run_dirs:
@@ -125,7 +124,7 @@ class Predictor:
                                f"{len(first_plans.channels)}")
         network = networks[0] if len(networks) == 1 else _Ensemble(networks)
         rule = _load_rule(spec.run_dirs) if spec.postprocess else None
-        return cls(network, first_plans, config_name, LabelMap(label_values), rule,
+        return cls(network, first_plans, config_name, first_plans.label_map(), rule,
                    dataclasses.replace(spec, device=str(device)))
 
     @classmethod
@@ -142,9 +141,10 @@ class Predictor:
     def store_probabilities(self, image: np.ndarray, progress: bool = False):
         """Sliding-window probabilities of a preprocessed image (store frame, padded)."""
         s = self.spec
-        return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_classes,
+        return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_outputs,
                                       step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
-                                      accumulate=s.accumulate, progress=progress)
+                                      accumulate=s.accumulate, progress=progress,
+                                      nonlinearity=self.label_map.nonlinearity)
 
 
 def _load_rule(run_dirs: Sequence[str]):
@@ -214,18 +214,19 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     label_map = predictor.label_map
     probabilities = None
     if save_probabilities or isinstance(store_probs, np.ndarray):
-        probabilities = restore_probabilities(np.asarray(store_probs[...]), meta)
+        probabilities = restore_probabilities(np.asarray(store_probs[...]), meta,
+                                              background_channel=not label_map.has_regions)
         del store_probs
-        label = label_map.to_values(probabilities.argmax(0))
-    else:  # too large for memory: argmax chunk by chunk in the store frame, restore the label only
-        label = restore_label(_argmax_chunked(store_probs, label_map.index_dtype), meta, label_map)
+        label = label_map.probabilities_to_values(probabilities)
+    else:  # too large for memory: labels chunk by chunk in the store frame, restore the label only
+        label = restore_label(segment_chunked(store_probs, label_map), meta, label_map)
         del store_probs
     if predictor.rule is not None:
         label = apply_postprocessing(label, predictor.rule)
     if output_path is not None:
         output_path = as_path(output_path)
         if save_probabilities:
-            save_probabilities_npz(probabilities, label_map.values, npz_path(output_path))
+            save_probabilities_npz(probabilities, label_map, npz_path(output_path))
         write_prediction(label, case.geometry, output_path, reference)
     return from_ras(label, case.geometry), probabilities if save_probabilities else None
 
@@ -238,14 +239,15 @@ def _as_predictor(model) -> Predictor:
     return Predictor.from_spec(ModelSpec(run_dirs=(str(model),)))
 
 
-def _argmax_chunked(probs, dtype) -> np.ndarray:
-    """Argmax over the class axis of a (Zarr) array, one chunk of the spatial axes at a time."""
+def segment_chunked(probs, label_map) -> np.ndarray:
+    """Store indices from a (Zarr) array of probabilities, one chunk of the spatial axes at a time
+    (`LabelMap.probabilities_to_index`: argmax, or regions painted in order)."""
     spatial = probs.shape[1:]
     chunks = getattr(probs, "chunks", probs.shape)[1:]
-    out = np.empty(spatial, dtype=dtype)
+    out = np.empty(spatial, dtype=label_map.index_dtype)
     for block in itertools.product(*(range(0, s, c) for s, c in zip(spatial, chunks))):
         index = tuple(slice(b, b + c) for b, c in zip(block, chunks))
-        out[index] = np.asarray(probs[(slice(None), *index)]).argmax(0)
+        out[index] = label_map.probabilities_to_index(probs[(slice(None), *index)])
     return out
 
 
@@ -262,12 +264,25 @@ def npz_path(output_path: Path) -> Path:
     return output_path.with_name(strip_ending(output_path.name) + ".npz")
 
 
-def save_probabilities_npz(probabilities: np.ndarray, label_values: Sequence[int], path: Path) -> None:
-    """CASE.npz: `probabilities` (K, *RAS shape) float16 on the original grid, `labels` the value of
-    each channel. Written under a temporary name, then renamed."""
+def save_probabilities_npz(probabilities: np.ndarray, label_map, path: Path) -> None:
+    """CASE.npz: `probabilities` (K, *RAS shape) float16 on the original grid and `nonlinearity`.
+    Softmax: `labels` the value of each channel. Regions (sigmoid, channels independent): `regions`
+    the name of each channel, `labels` the value it paints (`regions_class_order`), `region_values`
+    (K, max members) each region's label values padded with -1. `LabelMap.probabilities_to_values`
+    turns an (averaged) array back into labels. Written under a temporary name, then renamed."""
+    extra = {}
+    if label_map.has_regions:
+        width = max(len(r.values) for r in label_map.regions)
+        extra = {"regions": np.asarray([r.name for r in label_map.regions]),
+                 "region_values": np.asarray([list(r.values) + [-1] * (width - len(r.values))
+                                              for r in label_map.regions], dtype=np.int32)}
+        labels = label_map.regions_class_order
+    else:
+        labels = label_map.class_values
     with replacing(path, ".npz") as tmp:  # numpy appends .npz to a name without it
         np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16),
-                            labels=np.asarray(label_values, dtype=np.int32))
+                            labels=np.asarray(labels, dtype=np.int32),
+                            nonlinearity=np.asarray(label_map.nonlinearity), **extra)
 
 
 @dataclass

@@ -132,11 +132,24 @@ def softmax_(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
+def sigmoid_(logits: np.ndarray) -> np.ndarray:
+    """Sigmoid of every value, in place (region-based models: independent outputs)."""
+    np.negative(logits, out=logits)
+    np.exp(logits, out=logits)
+    logits += 1.0
+    np.reciprocal(logits, out=logits)
+    return logits
+
+
+NONLINEARITIES = {"softmax": softmax_, "sigmoid": sigmoid_}
+
+
 class _MemoryAccumulator:
     """Gaussian-weighted logits of the windows; `result` turns their weighted mean into probabilities."""
 
 
-    def __init__(self, num_classes: int, spatial: Sequence[int]):
+    def __init__(self, num_classes: int, spatial: Sequence[int], nonlinearity: str = "softmax"):
+        self.activate = NONLINEARITIES[nonlinearity]
         self.sums = np.zeros((num_classes, *spatial), dtype=np.float32)
         self.weights = np.zeros(tuple(spatial), dtype=np.float32)
 
@@ -147,7 +160,7 @@ class _MemoryAccumulator:
     def result(self) -> np.ndarray:
         np.divide(self.sums, self.weights[None], out=self.sums)
         for row in range(self.sums.shape[1]):  # row by row: temporaries stay one row in size
-            softmax_(self.sums[:, row])
+            self.activate(self.sums[:, row])
         return self.sums
 
 
@@ -160,10 +173,12 @@ class _ZarrAccumulator:
     (K + 1) x patch[0] x the other axes (one slice for 2d patches), whatever the first axis' length.
     """
 
-    def __init__(self, num_classes: int, spatial: Sequence[int], patch_size: Sequence[int], directory: str):
+    def __init__(self, num_classes: int, spatial: Sequence[int], patch_size: Sequence[int], directory: str,
+                 nonlinearity: str = "softmax"):
         import zarr
         from zarr.storage import LocalStore
 
+        self.activate = NONLINEARITIES[nonlinearity]
         chunks = (1,) * (len(spatial) - len(patch_size)) + tuple(patch_size)
         self.shape = tuple(spatial)
         self.depth = chunks[0]
@@ -179,7 +194,7 @@ class _ZarrAccumulator:
         n = min(upto, self.shape[0]) - self.lo
         if n <= 0:
             return
-        self.probs[:, self.lo:self.lo + n] = softmax_(self.slab[:, :n] / self.slab_weights[None, :n])
+        self.probs[:, self.lo:self.lo + n] = self.activate(self.slab[:, :n] / self.slab_weights[None, :n])
         keep = self.depth - n
         if keep > 0:
             self.slab[:, :keep] = self.slab[:, n:]
@@ -249,6 +264,7 @@ def sliding_window_predict(
     zarr_threshold_bytes: int | None = None,
     zarr_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    nonlinearity: str = "softmax",
 ):
     """Class probabilities (K, *spatial) float32 for an image (C, *spatial) in the store frame.
 
@@ -257,7 +273,11 @@ def sliding_window_predict(
     would exceed `zarr_threshold_bytes`, by default a quarter of the RAM available now). The memory
     path returns a NumPy array; the Zarr path a normalised `zarr.Array` living in a temporary
     folder (under `zarr_dir` when given) that is deleted when the array is garbage collected.
+    `nonlinearity` turns the averaged logits into probabilities: "softmax" (classes) or "sigmoid"
+    (regions, `LabelMap.nonlinearity`).
     """
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {nonlinearity!r}")
     patch_size = tuple(int(p) for p in patch_size)
     if device is None:
         param = next(iter(network.parameters()), None)
@@ -277,10 +297,10 @@ def sliding_window_predict(
         accumulate = "zarr" if accumulator_bytes(num_classes, spatial) > threshold else "memory"
     tmp = None
     if accumulate == "memory":
-        acc = _MemoryAccumulator(num_classes, spatial)
+        acc = _MemoryAccumulator(num_classes, spatial, nonlinearity)
     elif accumulate == "zarr":
         tmp = tempfile.mkdtemp(prefix="segpipe_sw_", dir=zarr_dir)
-        acc = _ZarrAccumulator(num_classes, spatial, patch_size, tmp)
+        acc = _ZarrAccumulator(num_classes, spatial, patch_size, tmp, nonlinearity)
     else:
         raise ValueError(f"accumulate must be 'memory', 'zarr' or 'auto', got {accumulate!r}")
 

@@ -383,7 +383,7 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
         raise BadInputError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
     _check_matches(fingerprint, dataset)
     num_cases = len(fingerprint.cases)
-    num_classes = len(dataset.labels)
+    num_classes = dataset.label_map.num_outputs  # the network's output channels (regions, no ignore)
     spacings = fingerprint.spacings
     shapes = fingerprint.shapes_after_crop
     if spacings.shape[1] != 3 or (spacings <= 0).any():
@@ -436,10 +436,16 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
     _add_common(two_d, normalization, norm_texts)
     configurations["2d"] = two_d
 
+    labels_text = _labels_explanation(dataset)
+    if labels_text:
+        plans_text = {**plans_text, "labels": labels_text}
     return Plans(
         dataset_name=dataset.name,
         channels=list(dataset.channels),
         labels={str(v): name for v, name in sorted(dataset.labels.items())},
+        regions=[{"name": r.name, "values": list(r.values)} for r in dataset.regions],
+        regions_class_order=list(dataset.regions_class_order),
+        ignore_label=dataset.ignore_value,
         transpose_forward=[int(a) for a in forward],
         normalization=normalization,
         configurations=configurations,
@@ -447,6 +453,20 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
         fingerprint_hash=fingerprint.hash(),
         explanations=plans_text,
     )
+
+
+def _labels_explanation(dataset: Dataset) -> str:
+    """Why the network has the outputs it has, when the labels are more than plain classes."""
+    lm = dataset.label_map
+    parts = []
+    if lm.has_regions:
+        parts.append(f"region-based (nnU-Net v2): {lm.num_outputs} sigmoid outputs "
+                     + ", ".join(f"{r.name}={list(r.values)}" for r in lm.regions)
+                     + f"; Dice + BCE; export paints {list(lm.regions_class_order)} in that order where p > 0.5")
+    if lm.has_ignore:
+        parts.append(f"label {lm.ignore_value} is 'ignore': masked out of loss, pseudo-Dice and evaluation, never a "
+                     "sampling centre, no network output")
+    return "; ".join(parts)
 
 
 def _plan_lowres(full: ConfigurationPlan, median_shape: np.ndarray, num_cases: int, num_classes: int,

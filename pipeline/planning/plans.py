@@ -24,10 +24,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.labels import LabelMap, Region
 from pipeline.errors import BadInputError, Problem
 from pipeline.storage import as_path, write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: regions, regions_class_order, ignore_label (a version-1 file loads with none of them)
+READABLE_VERSIONS = (1, 2)
+# The plans hash names the layout of preprocessed data, which version 2 did not change: stores and
+# models made from version-1 plans stay valid after an upgrade.
+HASH_LAYOUT_VERSION = 1
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
 # The largest patch a plans.json may ask for. nnU-Net's planner starts from a 256^3 patch (2048^2
@@ -103,11 +108,19 @@ class Plans:
     gpu_memory_gb: float = 8.0  # memory budget the patch and batch were sized for
     fingerprint_hash: str = ""  # the fingerprint the plan was made from
     explanations: dict[str, str] = field(default_factory=dict)  # dataset-level choices
+    regions: list[dict] = field(default_factory=list)  # [{"name", "values"}]: sigmoid outputs; [] = softmax classes
+    regions_class_order: list[int] = field(default_factory=list)  # per region, the label value it paints on export
+    ignore_label: int | None = None  # the "ignore" value (the highest in `labels`): no loss, no Dice, no output
     schema_version: int = SCHEMA_VERSION  # bumped when the JSON layout changes
 
     @property
     def label_values(self) -> tuple[int, ...]:
         return tuple(sorted(int(k) for k in self.labels))
+
+    def label_map(self):
+        """The `LabelMap` (classes or regions, ignore label) these plans train and predict with."""
+        return LabelMap(self.label_values, tuple(Region(r["name"], tuple(r["values"])) for r in self.regions),
+                        tuple(self.regions_class_order), self.ignore_label)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         """The configuration with its inheritance chain resolved (child fields win)."""
@@ -144,12 +157,14 @@ class Plans:
     def hash(self, configuration: str | None = None) -> str:
         """A digest of everything that shapes preprocessed data: stores made from other plans are refused."""
         payload: dict[str, Any] = {
-            "schema_version": self.schema_version,
+            "schema_version": HASH_LAYOUT_VERSION,
             "channels": self.channels,
             "labels": self.labels,
             "transpose_forward": self.transpose_forward,
             "normalization": [dataclasses.asdict(n) for n in self.normalization],
         }
+        if self.ignore_label is not None:  # it decides which voxels the stored sampling locations may hold
+            payload["ignore_label"] = self.ignore_label
         if configuration is not None:
             conf = self.configuration(configuration)
             payload["configuration"] = {
@@ -170,12 +185,16 @@ class Plans:
         if not isinstance(d, dict):
             raise _bad(where, [f"must hold a JSON object, not {type(d).__name__}"])
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise _bad(where, [f"has schema version {version}; this seg-pipeline reads {SCHEMA_VERSION}"])
+        if version not in READABLE_VERSIONS:
+            raise _bad(where, [f"has schema version {version}; this seg-pipeline reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}"])
+        if version == 1 and any(k in d for k in ("regions", "regions_class_order", "ignore_label")):
+            raise _bad(where, ["has schema version 1, which has no regions or ignore label: "
+                               "a file declaring them must say schema_version 2"])
         problems = check_plans_json(d)
         if problems:
             raise _bad(where, problems)
-        d = dict(d)
+        d = dict(d, schema_version=SCHEMA_VERSION)  # version 1 is version 2 without regions or ignore label
         d["normalization"] = [ChannelNormalization(**n) for n in d["normalization"]]
         d["configurations"] = {k: ConfigurationPlan(**{"name": k, **v}) for k, v in d["configurations"].items()}
         plans = cls(**d)
@@ -257,6 +276,12 @@ _PLANS_FIELDS: dict[str, tuple[str, Any]] = {
     "gpu_memory_gb": ("a positive number", lambda v: _is_number(v) and v > 0),
     "fingerprint_hash": ("a string", lambda v: isinstance(v, str)),
     "explanations": ("an object of strings", lambda v: isinstance(v, dict)),
+    "regions": ('a list of {"name": ..., "values": [label values]}', lambda v: isinstance(v, list) and all(
+        isinstance(r, dict) and set(r) == {"name", "values"} and isinstance(r["name"], str)
+        and _ints(r["values"]) for r in v)),
+    "regions_class_order": ("a list of label values, one per region", lambda v: isinstance(v, list)
+                            and all(_is_int(x) and x > 0 for x in v)),
+    "ignore_label": ("a label value", lambda v: _is_int(v) and v > 0),
     "schema_version": ("an integer", _is_int),
 }
 
@@ -314,6 +339,7 @@ def check_plans_json(d: dict) -> list[str]:
         problems += _check_fields(norm, f"normalization[{i}]", _NORMALIZATION_FIELDS, ("scheme",))
         if norm.get("scheme") == "ct" and not all(_is_number(norm.get(k)) for k in ("mean", "std", "lower", "upper")):
             problems.append(f"normalization[{i}] is CT but lacks one of mean, std, lower, upper")
+    problems += _check_label_semantics(d)
     for name, conf in d["configurations"].items():
         where = f"configurations.{name}"
         problems += _check_fields(conf, where, _CONFIGURATION_FIELDS, ())
@@ -323,6 +349,17 @@ def check_plans_json(d: dict) -> list[str]:
         if isinstance(parent, str) and parent not in d["configurations"]:
             problems.append(f"{where}.inherits_from names {parent!r}, which is not a configuration")
     return problems
+
+
+def _check_label_semantics(d: dict) -> list[str]:
+    """Regions, their order and the ignore label agree with `labels` (`LabelMap`'s own checks)."""
+    try:
+        LabelMap(tuple(sorted(int(k) for k in d["labels"])),
+                 tuple(Region(r["name"], tuple(r["values"])) for r in d.get("regions") or []),
+                 tuple(d.get("regions_class_order") or []), d.get("ignore_label"))
+    except ValueError as exc:
+        return [f"labels, regions and ignore_label disagree: {exc}"]
+    return []
 
 
 def _check_resolved(plans: Plans, name: str) -> list[str]:

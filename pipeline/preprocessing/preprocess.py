@@ -107,19 +107,25 @@ def pad_to(shape: tuple[int, ...], patch: list[int]) -> list[list[int]]:
     return pad
 
 
-def sample_locations(label: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """Rows (class_index, *coords) for a bounded random sample of each foreground class's voxels."""
-    flat = np.flatnonzero(label)
+def sample_locations(label: np.ndarray, num_classes: int, seed: int, ignore_index: int | None = None) -> np.ndarray:
+    """Rows (class_index, *coords) for a bounded random sample of each foreground class's voxels.
+
+    With an ignore label (`ignore_index`) its voxels are never a row (no patch is centred on them),
+    and background gets rows too (class 0): annotated background, where the sampler centres the
+    patches it does not force onto foreground, so sparse scribbles are seen (as nnU-Net v2 does).
+    """
+    wanted = [c for c in range(0 if ignore_index is not None else 1, num_classes) if c != ignore_index]
+    flat = np.flatnonzero(label) if ignore_index is None else np.flatnonzero(label != ignore_index)
     if flat.size == 0:
         return np.zeros((0, 1 + label.ndim), dtype=np.int32)
     classes = label.ravel()[flat]
     order = np.argsort(classes, kind="stable")
     flat, classes = flat[order], classes[order]
-    starts = np.searchsorted(classes, np.arange(1, num_classes))
-    ends = np.searchsorted(classes, np.arange(1, num_classes), side="right")
+    starts = np.searchsorted(classes, wanted)
+    ends = np.searchsorted(classes, wanted, side="right")
     rng = np.random.default_rng(seed)
     rows = []
-    for c, (s, e) in enumerate(zip(starts, ends), start=1):
+    for c, s, e in zip(wanted, starts, ends):
         n = int(e - s)
         if n == 0:
             continue
@@ -190,7 +196,7 @@ def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: L
     num_classes = label_map.num_classes
     if label is not None:
         class_voxels = np.bincount(label.ravel(), minlength=num_classes).tolist()
-        locations = sample_locations(label, num_classes, case_seed(cid))
+        locations = sample_locations(label, num_classes, case_seed(cid), label_map.ignore_index)
     else:
         class_voxels, locations = [], np.zeros((0, 1 + len(new_shape)), dtype=np.int32)
     meta = CaseMeta(
@@ -309,7 +315,7 @@ def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_na
         case = read_case(dataset, case_id)
         if case.label is None:
             raise BadInputError("training case has no label file", case_id)
-        pre = preprocess_case(case, plans, config_name, LabelMap(plans.label_values))
+        pre = preprocess_case(case, plans, config_name, plans.label_map())
         conf = plans.configuration(config_name)
         source = source_stamps(dataset, case_id)  # the files were just read: hashing them is cheap
         open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name)).write_case(case_id, pre, source)
@@ -333,9 +339,9 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
 
     start = time.perf_counter()
     conf = plans.configuration(config)
-    if tuple(LabelMap(plans.label_values).values) != tuple(dataset.label_map.values):
-        raise BadInputError(f"the plans declare labels {list(plans.label_values)} but the dataset "
-                            f"declares {list(dataset.label_map.values)}: re-run `segpipe plan`")
+    if plans.label_map() != dataset.label_map:
+        raise BadInputError(f"the plans declare labels {plans.label_map().to_json()} but the dataset "
+                            f"declares {dataset.label_map.to_json()}: re-run `segpipe plan`")
     store_path = url_of(store_path)  # absolute: workers may run elsewhere than this cwd
     store = open_store(store_path, "a", dataset_name=plans.dataset_name)
     report = PreprocessReport(str(store_path), config, conf.data_identifier)

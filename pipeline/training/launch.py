@@ -86,7 +86,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
         raise StoreDamageError("\n".join([*list(damaged.values())[:5], *(
             [f"... and {len(damaged) - 5} more damaged case(s)"] if len(damaged) > 5 else [])]))
     with torch.device("meta"):  # a plan the network cannot be built from fails here, not in every worker
-        build_network(conf, len(plans.channels), len(plans.label_values))
+        build_network(conf, len(plans.channels), plans.label_map().num_outputs)
     check_workers(plans, settings.config, settings.num_workers or 1)
     loop_config = {
         "settings": settings.to_json(),

@@ -387,21 +387,24 @@ class _WorkerRun:
 
         self.num_channels = len(self.plans.channels)
         self.label_values = list(self.plans.label_values)
-        self.num_classes = len(self.label_values)
+        self.label_map = self.plans.label_map()
+        self.num_classes = self.label_map.num_outputs  # network outputs: regions, or classes without ignore
+        self._region_indices = self.label_map.region_indices if self.label_map.has_regions else None
         self.net = build_network(self.conf, self.num_channels, self.num_classes, deep_supervision=True).to(self.device)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
         weights = supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda)
         batch_dice = True if self.conf.batch_dice is None else bool(self.conf.batch_dice)
-        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False, batch_dice=batch_dice),
-                                           weights)
+        self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False, batch_dice=batch_dice,
+                                                      label_map=self.label_map), weights)
         self.plans_hash = config["plans_hash"]
 
         patch = tuple(int(p) for p in self.conf.patch_size)
         global_batch = int(self.conf.batch_size or 2)
         aug = AugmentationConfig.for_patch(patch, self.recipe.augmentation).to_json()
         common = dict(store_path=config["store"], data_identifier=self.conf.data_identifier, patch_size=patch,
-                      seed=self.settings.seed, plans_hash=self.plans_hash)
+                      seed=self.settings.seed, plans_hash=self.plans_hash,
+                      annotated_centres=self.label_map.has_ignore)
         self.train_spec = PatchSpec(case_ids=tuple(config["train_cases"]), rank=self.rank, augmentation=aug,
                                     slots=foreground_slots(global_batch, rank=self.rank, world_size=self.world), **common)
         self.val_spec = PatchSpec(case_ids=tuple(config["val_cases"]), rank=self.rank, augmentation=None,
@@ -515,7 +518,7 @@ class _WorkerRun:
                 if math.isfinite(mean_fg):
                     self.ema = mean_fg if self.ema is None else EMA_WEIGHT * self.ema + (1 - EMA_WEIGHT) * mean_fg
                 row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss}
-                row.update({f"val_dice_{v}": float(d) for v, d in zip(self.label_values[1:], dice)})
+                row.update({f"val_dice_{v}": float(d) for v, d in zip(self.label_map.output_keys, dice)})
                 row.update({"ema_dice": self.ema, "lr": lr, "seconds": round(seconds, 3)})
                 self.rows.append(row)
                 grad_sums = self.coll.all_gather(grad_sum)
@@ -577,7 +580,7 @@ class _WorkerRun:
         """Validation loss and per-class pseudo-Dice over the fixed validation batches of all ranks."""
         from pipeline.training.losses import dice_from_counts, pseudo_dice
 
-        k = self.num_classes - 1
+        k = len(self.label_map.output_keys)
         sums = torch.zeros(2 + 3 * k, dtype=torch.float64)
         self.net.eval()
         for image, label in data:
@@ -585,7 +588,8 @@ class _WorkerRun:
             with torch.autocast(self.device.type, enabled=self.cuda):
                 outputs = self.net(image)
                 loss = self.loss_fn(outputs, label)
-            tp, fp, fn = pseudo_dice(outputs[0], label, self.num_classes)
+            tp, fp, fn = pseudo_dice(outputs[0], label, self.num_classes, self._region_indices,
+                                     self.label_map.ignore_index)
             sums += torch.cat([torch.tensor([float(loss), 1.0], dtype=torch.float64),
                                tp.double(), fp.double(), fn.double()])
         sums = self.coll.all_reduce_sum(sums)
@@ -607,7 +611,7 @@ class _WorkerRun:
 
     def _epoch_outputs(self, row: dict, improved: bool, plot: bool) -> None:
         s = self.settings
-        dice = " ".join(number(row[f"val_dice_{v}"], 3, missing='-') for v in self.label_values[1:])
+        dice = " ".join(number(row[f"val_dice_{v}"], 3, missing='-') for v in self.label_map.output_keys)
         self._log(f"epoch {self.epoch}{'/' + str(s.epochs) if s.epochs else ''}  train {number(row['train_loss'], missing='-')}  "
                   f"val {number(row['val_loss'], missing='-')}  dice [{dice}]  ema {number(row['ema_dice'], 3, missing='-')}  lr {row['lr']:.2e}  "
                   f"{row['seconds']:.1f}s" + ("  *best" if improved else ""))

@@ -74,6 +74,9 @@ class PatchSpec:
     rank: int = 0
     augmentation: dict | None = None  # AugmentationConfig.to_json(); None = no augmentation (validation)
     plans_hash: str | None = None  # checked against the store group when given
+    # sparse labels (an ignore label): patches not forced onto foreground are centred on an annotated
+    # voxel (stored class-0 rows included) instead of anywhere, so they are not mostly "ignore"
+    annotated_centres: bool = False
 
     def __post_init__(self):
         if not self.case_ids:
@@ -116,6 +119,23 @@ def patch_bbox(shape: Sequence[int], patch: Sequence[int], final_patch: Sequence
     if center is None:
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lbs, ubs)]
     return [max(lo, int(c) - p // 2) for lo, c, p in zip(lbs, center, patch)]
+
+
+def choose_center(locations: np.ndarray, force_fg: bool, rng: np.random.Generator) -> np.ndarray | None:
+    """A patch centre from a case's stored locations (rows (class_index, *coords)), or None for a random patch.
+
+    Foreground: a random foreground class present, then a random voxel of it (nnU-Net's rule; class
+    0 rows, stored only for sparse labels, never count). Otherwise any annotated voxel. Ignored
+    voxels are never stored (`preprocessing.sample_locations`), so never a centre.
+    """
+    if force_fg:
+        locations = locations[locations[:, 0] > 0]
+    if not len(locations):
+        return None
+    if not force_fg:
+        return locations[rng.integers(len(locations)), 1:]
+    rows = locations[locations[:, 0] == rng.choice(np.unique(locations[:, 0]))]
+    return rows[rng.integers(len(rows)), 1:]
 
 
 def read_patch(array, lower: Sequence[int], size: Sequence[int], out: np.ndarray) -> None:
@@ -199,13 +219,9 @@ class BatchSampler:
         crop = (1, *self.crop) if self.spec.is_2d else self.crop
         final = (1, *self.spec.patch_size) if self.spec.is_2d else self.spec.patch_size
         center = None
-        if force_fg:
+        if force_fg or self.spec.annotated_centres:
             self._reading = "locations"
-            locations = self.group.locations(case_id)
-            if len(locations):
-                classes = np.unique(locations[:, 0])
-                rows = locations[locations[:, 0] == rng.choice(classes)]
-                center = rows[rng.integers(len(rows)), 1:]
+            center = choose_center(self.group.locations(case_id), force_fg, rng)
             # a case without any foreground falls back to a random patch, as in nnU-Net
         lower = patch_bbox(shape, crop, final, rng, center)
         image_at, label_at = (image_out[:, None], label_out[None]) if self.spec.is_2d else (image_out, label_out)
