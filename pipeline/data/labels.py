@@ -77,6 +77,11 @@ class LabelMap:
         return len(self.values)
 
     @property
+    def is_identity(self) -> bool:
+        """Values 0..K-1: store indices equal label values."""
+        return self.values == tuple(range(len(self.values)))
+
+    @property
     def has_regions(self) -> bool:
         return bool(self.regions)
 
