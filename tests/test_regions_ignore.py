@@ -24,6 +24,7 @@ from pipeline import stages
 from pipeline.cli import main
 from pipeline.data.labels import LabelMap, Region
 from pipeline.data.synthetic import IGNORE_VALUE, make_demo_dataset
+from pipeline.evaluation.postprocessing import decide_postprocessing
 from pipeline.planning.plans import Plans
 from pipeline.preprocessing.preprocess import sample_locations
 from pipeline.preprocessing.store import open_store
@@ -270,3 +271,4 @@ def test_scribble_phantoms_train_and_never_predict_or_score_the_ignore_label(ign
     assert scored["tp"] + scored["fn"] == int((ref == 1).sum())  # only annotated organ voxels are scored
     assert scored["fp"] == int(((pred == 1) & (ref != 1) & (ref != IGNORE_VALUE)).sum())
     assert int(((pred == 1) & (ref == IGNORE_VALUE)).sum()) > 0  # predictions under the ignore label: not counted
+    assert decide_postprocessing(out, dataset).labels == (1, 2)  # evaluate-cv's rule, on the annotated voxels

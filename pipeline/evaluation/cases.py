@@ -153,6 +153,16 @@ def load_pair(case: str, pred_path: Path, ref_path: Path) -> tuple[np.ndarray, n
     return pred, ref, tuple(float(s) for s in rg.spacing)
 
 
+def mask_ignored(pred: np.ndarray, ref: np.ndarray, ignore_value: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays with background where the reference is the ignore label: those voxels score nowhere."""
+    if ignore_value is None:
+        return pred, ref
+    ignored = ref == ignore_value
+    if not ignored.any():
+        return pred, ref
+    return np.where(ignored, 0, pred).astype(pred.dtype), np.where(ignored, 0, ref).astype(ref.dtype)
+
+
 def default_workers() -> int:
     return max(1, min(MAX_WORKERS, cpu_count()))
 

@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from pipeline.console import number
 from pipeline.errors import BadInputError
-from pipeline.evaluation.cases import load_pair, map_cases, pair_cases, reference_label_map
+from pipeline.evaluation.cases import load_pair, map_cases, mask_ignored, pair_cases, reference_label_map
 from pipeline.storage import as_path, write_text_atomic
 
 log = logging.getLogger("segpipe.evaluation")
@@ -147,16 +147,6 @@ def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     return out
 
 
-def mask_ignored(pred: np.ndarray, ref: np.ndarray, ignore_value: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays with background where the reference is the ignore label: those voxels score nowhere."""
-    if ignore_value is None:
-        return pred, ref
-    ignored = ref == ignore_value
-    if not ignored.any():
-        return pred, ref
-    return np.where(ignored, 0, pred).astype(pred.dtype), np.where(ignored, 0, ref).astype(ref.dtype)
-
-
 def evaluate_case(case: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None = None,
                   label_map=None) -> dict:
     """One row of `summary.json["cases"]`, metrics keyed by label value (int); with a `LabelMap` of
@@ -252,32 +242,32 @@ def per_case_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
+def _score_table(heads: tuple[str, str], rows: Sequence[tuple[str, str, dict]], mean_label: str, fg: dict) -> list[str]:
+    """A markdown table of mean scores: one row per (key, description, means), then the mean row."""
+    lines = [f"| {heads[0]} | {heads[1]} | n | Dice | IoU | HD95 (mm) | n HD95 | volume diff (ml) |",
+             f"|{'---:' if heads[0] == 'label' else '---'}|---|---:|---:|---:|---:|---:|---:|"]
+    for key, what, m in rows:
+        lines.append(f"| {key} | {what} | {m['n']} | {number(m['dice'])} | {number(m['iou'])} | "
+                     f"{number(m['hd95'], 2)} | {m['n_hd95']} | {number(m['volume_diff_ml'], 3)} |")
+    lines.append(f"| | **{mean_label}** | | **{number(fg['dice'])}** | **{number(fg['iou'])}** | "
+                 f"{number(fg.get('hd95'), 2)} | | |")
+    return lines
+
+
 def summary_markdown(summary: dict, title: str = "Evaluation") -> str:
     lines = [f"# {title}", "",
              f"{summary['n_cases']} case(s). Dice/IoU/HD95 are per-case means per class; a class absent from "
              "both prediction and reference is excluded. HD95 in mm (cases where one mask is empty are "
-             "excluded: `n HD95`). Volume difference = predicted - reference, ml.", "",
-             "| label | name | n | Dice | IoU | HD95 (mm) | n HD95 | volume diff (ml) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for v, m in summary["mean"].items():
-        lines.append(f"| {v} | {summary['labels'][v]} | {m['n']} | {number(m['dice'])} | {number(m['iou'])} | "
-                     f"{number(m['hd95'], 2)} | {m['n_hd95']} | {number(m['volume_diff_ml'], 3)} |")
-    fg = summary["foreground_mean"]
-    lines.append(f"| | **foreground mean** | | **{number(fg['dice'])}** | **{number(fg['iou'])}** | "
-                 f"{number(fg.get('hd95'), 2)} | | |")
+             "excluded: `n HD95`). Volume difference = predicted - reference, ml.", ""]
+    lines += _score_table(("label", "name"), [(v, summary["labels"][v], m) for v, m in summary["mean"].items()],
+                          "foreground mean", summary["foreground_mean"])
     if "ignore_label" in summary:
         lines += ["", f"Voxels whose reference is the ignore label ({summary['ignore_label']}) are not scored."]
     if "regions" in summary:
         regions = summary["regions"]
-        lines += ["", "## Regions", "", "Each region scored as the union of its label values.", "",
-                  "| region | values | n | Dice | IoU | HD95 (mm) | n HD95 | volume diff (ml) |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for name, m in regions["mean"].items():
-            lines.append(f"| {name} | {regions['values'][name]} | {m['n']} | {number(m['dice'])} | {number(m['iou'])} | "
-                         f"{number(m['hd95'], 2)} | {m['n_hd95']} | {number(m['volume_diff_ml'], 3)} |")
-        rfg = regions["foreground_mean"]
-        lines.append(f"| **mean over regions** | | | **{number(rfg['dice'])}** | **{number(rfg['iou'])}** | "
-                     f"{number(rfg.get('hd95'), 2)} | | |")
+        lines += ["", "## Regions", "", "Each region scored as the union of its label values.", ""]
+        lines += _score_table(("region", "values"), [(n, str(regions["values"][n]), m) for n, m in regions["mean"].items()],
+                              "mean over regions", regions["foreground_mean"])
     return "\n".join(lines) + "\n"
 
 

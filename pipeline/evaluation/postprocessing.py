@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import BadInputError
-from pipeline.evaluation.cases import load_pair, map_cases, pair_cases
+from pipeline.evaluation.cases import load_pair, map_cases, mask_ignored, pair_cases, reference_label_map
 from pipeline.inference.postprocessing import PostprocessingRule, keep_largest
 
 # ---------------------------------------------------------------- deciding
@@ -42,12 +42,14 @@ def _present(arr: np.ndarray) -> set[int]:
     return set(np.flatnonzero(np.bincount(arr.ravel())).tolist()) - {0}
 
 
-def _case_counts(case: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None) -> dict:
+def _case_counts(case: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None,
+                 ignore_value: int | None = None) -> dict:
     """tp/fp/fn per class for: the prediction, after step 1, and after each class's step on either.
 
     Without `labels` the classes are the values present in this case (absent ones count 0, 0, 0).
+    Voxels whose reference is `ignore_value` count nowhere.
     """
-    pred, ref, _ = load_pair(case, pred_path, ref_path)
+    pred, ref = mask_ignored(*load_pair(case, pred_path, ref_path)[:2], ignore_value)
     if labels is None:
         labels = sorted(_present(pred) | _present(ref))
     else:
@@ -92,7 +94,10 @@ def decide_postprocessing(pred_dir: str | os.PathLike, ref_dir: str | os.PathLik
     if labels is None:
         labels = found
     given = None if labels is None else sorted(int(v) for v in labels if int(v) != 0)
-    cases = map_cases(lambda c, p, r: _case_counts(c, p, r, given), pairs, num_workers, progress, "post-processing")
+    label_map = reference_label_map(ref_dir)
+    ignore = None if label_map is None else label_map.ignore_value
+    cases = map_cases(lambda c, p, r: _case_counts(c, p, r, given, ignore), pairs, num_workers, progress,
+                      "post-processing")
     values = given if given is not None else sorted({v for c in cases for v in c["base"]})
     if not values:
         raise BadInputError("no foreground labels to post-process: predictions and references are all background")
