@@ -117,7 +117,10 @@ class DiceBCELoss(nn.Module):
     """Region-based training (nnU-Net's DC_and_BCE_loss): per region a sigmoid output, binary cross-entropy
     plus soft Dice over every region (no background channel), weights 1:1. Targets are store indices,
     turned into region masks here; with `ignore_index`, ignored voxels count in neither term.
-    `weight_dice=0` gives plain BCE (the `ce` recipe's counterpart)."""
+    `weight_dice=0` gives plain BCE (the `ce` recipe's counterpart). One deliberate difference: nnU-Net
+    divides the masked BCE sum by the annotated voxels only, so its BCE grows R-fold (R regions) the
+    moment an ignore label exists; here it is the mean over annotated (voxel, region) pairs, which
+    equals the unmasked loss when nothing is ignored."""
 
     def __init__(self, region_indices: Sequence[Sequence[int]], batch_dice: bool = True,
                  ignore_index: int | None = None, weight_bce: float = 1.0, weight_dice: float = 1.0,
