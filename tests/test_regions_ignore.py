@@ -130,6 +130,12 @@ def test_malformed_region_or_ignore_declarations_exit_2_naming_the_problem(tmp_p
     assert phrase in capsys.readouterr().err
 
 
+def test_a_region_dataset_is_not_converted_to_the_decathlon_layout_that_cannot_declare_regions(tmp_path, capsys):
+    root = make_demo_dataset(tmp_path / "ds", num_cases=1, shape=SHAPE, labels="regions")
+    assert main(["convert", str(root), str(tmp_path / "msd"), "--to", "msd"]) == 2
+    assert "cannot express" in capsys.readouterr().err and not (tmp_path / "msd").exists()
+
+
 def test_plans_carry_the_regions_and_version_1_plans_still_load(tmp_path, dask_client):
     dataset = stages.load_dataset(make_demo_dataset(tmp_path / "ds", num_cases=2, shape=SHAPE, labels="regions"))
     plans = stages.plan(dataset, tmp_path / "w", client=dask_client, progress=False)

@@ -133,6 +133,10 @@ def msd_to_nnunet(source: Path, dest: Path) -> Path:
 
 def nnunet_to_msd(source: Path, dest: Path) -> Path:
     """nnU-Net v2 raw -> Decathlon: channels stacked into one 4D image when there are several."""
+    ds = load_dataset(source)
+    if ds.regions or ds.ignore_value is not None:  # before the destination is made: nothing half-written
+        raise BadInputError(f"{source} declares {'regions' if ds.regions else 'an ignore label'}, which the "
+                            "Decathlon layout cannot express: keep it in the nnU-Net v2 layout")
     ds, dest = _start_conversion(source, dest, LAYOUT_NNUNET, "the nnU-Net v2 raw layout")
     training = []
     for case in ds.cases:
