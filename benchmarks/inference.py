@@ -117,9 +117,10 @@ def bench_large(size: int, tmp: Path, device: str | None = None) -> list[dict]:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         if accumulate == "zarr":
-            from pipeline.inference.predictor import _argmax_chunked
+            from pipeline.data.labels import LabelMap
+            from pipeline.inference.predictor import segment_chunked
 
-            labels = _argmax_chunked(probs, np.uint8)
+            labels = segment_chunked(probs, LabelMap((0, 1, 2)))
         results[accumulate] = labels
         del probs
         rows.append({"shape": list(image.shape), "patch_size": list(patch), "windows": n_windows,
