@@ -31,6 +31,7 @@ EXAMPLES = {
     "predict": "segpipe predict --workdir work/hippo work/hippo/test_images work/hippo/predictions",
     "evaluate": "segpipe evaluate work/hippo/predictions ../shared/data/Task04_Hippocampus --out work/hippo/eval",
     "evaluate-cv": "segpipe evaluate-cv ../shared/data/Task04_Hippocampus --workdir work/hippo --config 3d_lean",
+    "find-best": "segpipe find-best ../shared/data/Task04_Hippocampus --workdir work/hippo",
     "run": "segpipe run ../shared/data/Task04_Hippocampus --workdir work/hippo",
     "demo": "segpipe demo --workdir demo_workdir",
     "import-msd": "segpipe import-msd Task04_Hippocampus.tar --dest data/",
@@ -205,7 +206,17 @@ def cmd_evaluate_cv(args) -> int:
 
     dataset = stages.load_dataset(args.dataset)
     report = stages.evaluate_cv(dataset, args.workdir, config=args.config, folds=args.folds, tta=not args.no_tta,
-                                num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json)
+                                num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json,
+                                save_probabilities=not args.no_probabilities)
+    _emit(args, report.to_json(), str(report))
+    return 0
+
+
+def cmd_find_best(args) -> int:
+    from pipeline import stages
+
+    dataset = stages.load_dataset(args.dataset)
+    report = stages.find_best(dataset, args.workdir, configs=args.configs, progress=not args.json)
     _emit(args, report.to_json(), str(report))
     return 0
 
@@ -394,8 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("input_dir")
     p.add_argument("output_dir")
-    p.add_argument("--config", default="3d_fullres")
-    p.add_argument("--fold", default="0")
+    p.add_argument("--config", default="3d_fullres",
+                   help="a configuration; `best` for what `segpipe find-best` chose; or a comma list "
+                        "(3d_fullres,3d_lean) whose probabilities are averaged (default 3d_fullres)")
+    p.add_argument("--fold", default=None,
+                   help="fold(s) to ensemble, e.g. 0,1,2,3,4 (default 0; for `best` or a list: the "
+                        "cross-validated folds, else every trained fold)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
@@ -421,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--no-probabilities", action="store_true",
+                   help="do not keep each case's class probabilities (CASE.npz; `segpipe find-best` needs them)")
+
+    p = add("find-best", "compare the cross-validated configurations and their pair ensembles; save the best "
+                         "for `segpipe predict --config best`")
+    p.add_argument("dataset", help="the dataset the workdir was trained on (reference labels)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--configs", default=None, metavar="2d,3d_fullres,...",
+                   help="the candidates (default: every configuration `segpipe evaluate-cv` scored; two or more)")
 
     for name, text in (("run", "every stage on DATASET, skipping what is done"),
                        ("demo", "every stage on the embedded synthetic phantom dataset")):
@@ -459,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS = {
     "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
-    "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "evaluate-cv": cmd_evaluate_cv, "run": cmd_run, "demo": cmd_demo,
+    "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "evaluate-cv": cmd_evaluate_cv, "find-best": cmd_find_best, "run": cmd_run, "demo": cmd_demo,
     "import-msd": cmd_import_msd, "convert": cmd_convert, "verify": cmd_verify,
 }
 

@@ -135,13 +135,24 @@ def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0
 
 
 def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-            config: str = "3d_fullres", fold: str | int | Sequence = "0", **options):
+            config: str = "3d_fullres", fold: str | int | Sequence | None = None, **options):
     """Every case of `input_dir` predicted into `output_dir` (CASE plus the input's ending, in its format and geometry),
     skipping cases already there; `options` as `inference.predict.predict_folder` (tta,
-    num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`."""
+    num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`.
+
+    `config` may also be `best` (what `find_best` chose) or a comma list of configurations: their
+    probabilities are averaged (`inference.ensemble`; `fold` None: the cross-validated folds)."""
+    from pipeline.inference.ensemble import is_multi_config
+
+    if is_multi_config(config):
+        from pipeline.inference.ensemble import predict_configurations
+
+        return predict_configurations(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config,
+                                      fold=fold, **options)
     from pipeline.inference.predict import predict_folder
 
-    return predict_folder(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config=config, fold=fold, **options)
+    return predict_folder(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config=config,
+                          fold="0" if fold is None else fold, **options)
 
 
 def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -156,7 +167,7 @@ def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: s
 
 def trained_config(workdir: WorkdirLike) -> str:
     """The one configuration with trained folds in the workdir (BadInputError when there are several)."""
-    from pipeline.evaluation.crossval import trained_folds
+    from pipeline.workdir import trained_folds
 
     wd = Workdir.at(workdir)
     runs = wd.runs
@@ -175,3 +186,12 @@ def evaluate_cv(dataset: Dataset, workdir: WorkdirLike, config: str | None = Non
 
     wd = Workdir.at(workdir)
     return evaluate_crossval(wd, dataset.root, config=config or trained_config(wd), **options)
+
+
+def find_best(dataset: Dataset, workdir: WorkdirLike, configs: str | Sequence[str] | None = None, **options):
+    """nnU-Net's best configuration: every cross-validated configuration and every pair ensemble
+    (averaged validation probabilities) scored on the pooled folds; the choice is saved for
+    `predict(config="best")`. Returns the `FindBestReport` (BadInputError with fewer than two)."""
+    from pipeline.evaluation.find_best import find_best_configuration
+
+    return find_best_configuration(Workdir.at(workdir), dataset.root, configs=configs, **options)

@@ -75,3 +75,15 @@ class Workdir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+
+NUMERIC_FOLDS = tuple(str(k) for k in range(5))
+
+
+def trained_folds(workdir: str | os.PathLike | Workdir, config: str) -> list[str]:
+    """Folds 0-4 of `config` with a final model; `all` only when no numbered fold has one."""
+    wd = Workdir.at(workdir)
+    have = [f for f in NUMERIC_FOLDS if (wd.run_dir(config, f) / MODEL_FINAL).is_file()]
+    if not have and (wd.run_dir(config, "all") / MODEL_FINAL).is_file():
+        have = ["all"]
+    return have

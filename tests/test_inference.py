@@ -487,7 +487,8 @@ def test_evaluate_cv_predicts_each_fold_with_its_own_model_pools_the_scores_and_
 
     for fold, case in zip(favour, cases):  # each case by its own fold's model, and only there
         pred = wd.run_dir(CONFIG, fold) / "validation" / f"{case}.nii.gz"
-        assert sorted(p.name for p in pred.parent.iterdir() if p.is_file()) == [pred.name]
+        # with its class probabilities, which `segpipe find-best` averages into ensembles
+        assert sorted(p.name for p in pred.parent.iterdir() if p.is_file()) == [pred.name, f"{case}.npz"]
         assert set(np.unique(np.asarray(nib.load(pred).dataobj)).tolist()) <= {0, favour[fold]}
         assert_same_geometry(pred, hippocampus / "imagesTr" / f"{case}.nii.gz")
     out = wd.root / "crossval" / CONFIG

@@ -8,13 +8,16 @@ Predictions for the decision are made without any rule (an earlier one would bia
 Layout (the workdir's, beside the models):
 
     runs/<config>/fold_<k>/validation/CASE.nii.gz     fold k's validation cases, by fold k's model
+    runs/<config>/fold_<k>/validation/CASE.npz        ... and their class probabilities (what `segpipe
+                                                       find-best` averages into ensembles)
     runs/<config>/fold_<k>/postprocessing.json        the rule decided on the pooled folds
     crossval/<config>/predictions/                     links to every fold's validation predictions
     crossval/<config>/evaluation/                      pooled summary.json, per_case.csv, summary.md, box plot
     crossval/<config>/postprocessed/ + evaluation_postprocessed/   when the rule changes anything
     crossval/<config>/crossval.json, crossval.md, crossval.png     folds side by side, pseudo-Dice vs evaluated
 
-Re-running skips predictions already written; scoring and the decision are redone (they are cheap).
+Re-running skips predictions already written (a case lacking its probabilities is predicted again);
+scoring and the decision are redone (they are cheap).
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ import numpy as np
 from pipeline.data.files import ending_of
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.storage import as_path, link, remove_tree
-from pipeline.workdir import METRICS_CSV, MODEL_FINAL, Workdir
+from pipeline.workdir import METRICS_CSV, Workdir, trained_folds
 
 log = logging.getLogger("segpipe.crossval")
 
-NUMERIC_FOLDS = tuple(str(k) for k in range(5))
-
+CROSSVAL_VERSION = 1  # crossval.json's layout
 
 def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
     """A folder of links to the cases' images, named as `segpipe predict` reads them (copies on
@@ -53,14 +55,6 @@ def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
         for name, target in targets.items():
             link(target, folder / name)
     return folder
-
-
-def trained_folds(workdir: Workdir, config: str) -> list[str]:
-    """Folds 0-4 with a final model; `all` only when no numbered fold has one."""
-    have = [f for f in NUMERIC_FOLDS if (workdir.run_dir(config, f) / MODEL_FINAL).is_file()]
-    if not have and (workdir.run_dir(config, "all") / MODEL_FINAL).is_file():
-        have = ["all"]
-    return have
 
 
 def final_pseudo_dice(run_dir: Path) -> dict[str, float]:
@@ -108,9 +102,24 @@ class CrossvalReport:
     tta: bool = True  # mirroring at prediction
     optimistic: bool = False  # fold 'all' validates on cases it trained on
     paths: dict[str, str] = field(default_factory=dict)
+    probabilities: bool = False  # CASE.npz saved beside each validation prediction
+    schema_version: int = CROSSVAL_VERSION
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CrossvalReport:
+        """A crossval.json written by `evaluate_crossval`; BadInputError if unreadable or of another layout."""
+        try:
+            d = json.loads(as_path(path).read_text())
+            version = d.pop("schema_version", CROSSVAL_VERSION)  # files from before the version was recorded
+            if version != CROSSVAL_VERSION:
+                raise ValueError(f"schema version {version}, this segpipe reads {CROSSVAL_VERSION}")
+            d["per_fold"] = [FoldScore(**f) for f in d.get("per_fold", [])]
+            return cls(**d)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise BadInputError(f"cannot read the cross-validation record {path} ({exc}): re-run `segpipe evaluate-cv`") from None
 
     def __str__(self) -> str:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
@@ -140,13 +149,13 @@ def _link_predictions(sources: dict[str, Path], folder: Path) -> None:
 
 def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: Sequence[str] | str | None = None,
                       tta: bool = True, num_workers: int | None = None, ray_address: str | None = None,
-                      progress: bool = True) -> CrossvalReport:
-    """Predict each fold's validation cases with its model, score them pooled, decide post-processing."""
+                      progress: bool = True, save_probabilities: bool = True) -> CrossvalReport:
+    """Predict each fold's validation cases with its model, score them pooled, decide post-processing.
+
+    With `save_probabilities` (default) each case's class probabilities are kept beside its
+    prediction (CASE.npz, one case in memory at a time), for `segpipe find-best`'s ensembles.
+    """
     from pipeline.data.dataset import load_dataset
-    from pipeline.data.images import read_volume, write_volume
-    from pipeline.evaluation.metrics import evaluate_folders
-    from pipeline.evaluation.postprocessing import decide_postprocessing
-    from pipeline.inference.postprocessing import apply_postprocessing
     from pipeline.inference.predict import predict_folder
     from pipeline.inference.predictor import (
         POSTPROCESSING_FILE,
@@ -179,7 +188,8 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
         pred_dir = run_dir / "validation"
         log.info("fold %s: predicting %d validation case(s) -> %s", fold, len(cases), pred_dir)
         predict_folder(wd, inputs, pred_dir, config=config, fold=fold, tta=tta, num_workers=num_workers,
-                       ray_address=ray_address, progress=progress, postprocess=False)
+                       ray_address=ray_address, progress=progress, postprocess=False,
+                       save_probabilities=save_probabilities)
         for case in cases:
             if case in fold_of:
                 raise BadInputError(f"case {case} is a validation case of folds {fold_of[case]} and {fold}: "
@@ -188,21 +198,9 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
             fold_of[case] = fold
 
     _link_predictions(pooled, out / "predictions")
-    summary = evaluate_folders(out / "predictions", dataset.root, out / "evaluation", progress=progress)
-    rule = decide_postprocessing(out / "predictions", dataset.root, labels=dataset.labels, progress=progress)
-    rule.save(out / POSTPROCESSING_FILE)
+    summary, rule, pp_dice = score_pooled(pooled, dataset, out, progress=progress)
     for fold in folds:
         rule.save(wd.run_dir(config, fold) / POSTPROCESSING_FILE)
-    pp_dice = None
-    if not rule.is_identity:
-        pp_dir = out / "postprocessed"
-        pp_dir.mkdir(parents=True, exist_ok=True)
-        for case, path in pooled.items():
-            label, geometry = read_volume(path, case, dtype=None)
-            fixed = apply_postprocessing(label, rule)  # read_volume's array is in RAS already
-            write_volume(fixed, geometry, pp_dir / path.name, reference=path)
-        pp_summary = evaluate_folders(pp_dir, dataset.root, out / "evaluation_postprocessed", progress=progress)
-        pp_dice = pp_summary["foreground_mean"]["dice"]
 
     per_fold = []
     for fold in folds:
@@ -215,11 +213,40 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
         config=config, folds=list(folds), num_cases=summary["n_cases"], labels=summary["labels"],
         dice={v: m["dice"] for v, m in summary["mean"].items()}, foreground_dice=summary["foreground_mean"]["dice"],
         foreground_dice_postprocessed=pp_dice, postprocessing=rule.to_json(), per_fold=per_fold, tta=tta,
-        optimistic="all" in folds,
+        optimistic="all" in folds, probabilities=save_probabilities,
         paths={"predictions": str(out / "predictions"), "summary": str(out / "evaluation" / "summary.json"),
                "postprocessing": str(out / POSTPROCESSING_FILE), "report": str(out / "crossval.md")})
     _write_report(report, out)
     return report
+
+
+def score_pooled(pooled: dict[str, Path], dataset, out: Path, progress: bool = True):
+    """Score pooled predictions (case -> file) and decide nnU-Net's post-processing on them.
+
+    Writes `out/evaluation/`, `out/postprocessing.json` and, when the rule changes anything,
+    `out/postprocessed/` + `out/evaluation_postprocessed/`. Returns (summary, rule, foreground Dice
+    after the rule or None). `out/predictions/` must already hold the pooled files.
+    """
+    from pipeline.data.images import read_volume, write_volume
+    from pipeline.evaluation.metrics import evaluate_folders
+    from pipeline.evaluation.postprocessing import decide_postprocessing
+    from pipeline.inference.postprocessing import apply_postprocessing
+    from pipeline.inference.predictor import POSTPROCESSING_FILE
+
+    summary = evaluate_folders(out / "predictions", dataset.root, out / "evaluation", progress=progress)
+    rule = decide_postprocessing(out / "predictions", dataset.root, labels=dataset.labels, progress=progress)
+    rule.save(out / POSTPROCESSING_FILE)
+    pp_dice = None
+    if not rule.is_identity:
+        pp_dir = out / "postprocessed"
+        pp_dir.mkdir(parents=True, exist_ok=True)
+        for case, path in pooled.items():
+            label, geometry = read_volume(path, case, dtype=None)
+            fixed = apply_postprocessing(label, rule)  # read_volume's array is in RAS already
+            write_volume(fixed, geometry, pp_dir / path.name, reference=path)
+        pp_summary = evaluate_folders(pp_dir, dataset.root, out / "evaluation_postprocessed", progress=progress)
+        pp_dice = pp_summary["foreground_mean"]["dice"]
+    return summary, rule, pp_dice
 
 
 def _write_report(report: CrossvalReport, out: Path) -> None:
