@@ -4,6 +4,8 @@
 W/fingerprint.json  W/plans.json  W/splits.json  W/store.zarr/  W/logs/  W/report/
 W/runs/<config>/fold_<k>/   model_final.pt  model_best.pt  plans.json  metrics.csv  ...
 W/runs/ray/                 Ray Train's storage (checkpoints of every run)
+W/crossval/<config>/        pooled cross-validation (`segpipe evaluate-cv`)
+W/find_best/                configurations and ensembles compared, the choice (`segpipe find-best`)
 ```
 """
 

@@ -149,6 +149,13 @@ def test_find_best_needs_two_cross_validated_configurations_with_probabilities(c
                      "--config", "best"]) == 1
     assert "segpipe find-best" in capsys.readouterr().err
 
+    (one / "find_best").mkdir()  # a choice of another layout is refused, not guessed at
+    (one / "find_best" / "choice.json").write_text(json.dumps({"schema_version": 99, "name": "3d_lean"}))
+    assert cli_main(["predict", "--workdir", str(one), str(data / "imagesTr"), str(tmp_path / "out"),
+                     "--config", "best"]) == 2
+    assert "schema version 99" in capsys.readouterr().err
+    (one / "find_best" / "choice.json").unlink()
+
     assert cli_main(["find-best", str(data), "--workdir", str(one), "--configs", "3d_lean,2d"]) == 2
     assert "2d not cross-validated" in capsys.readouterr().err
 

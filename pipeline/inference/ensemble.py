@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import BadInputError, SegPipeError
-from pipeline.storage import as_path, local_file, remove_tree, write_text_atomic
+from pipeline.storage import as_path, local_file, remove_tree, write_json_atomic
 from pipeline.workdir import Workdir, trained_folds
 
 log = logging.getLogger("segpipe.predict")
@@ -117,11 +117,8 @@ class BestChoice:
         return choice
 
     def save(self, path: str | os.PathLike) -> Path:
-        import json
-
-        path = as_path(path)
-        write_text_atomic(path, json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-        return path
+        write_json_atomic(path, self.to_json())
+        return as_path(path)
 
     @classmethod
     def load(cls, workdir) -> BestChoice:
@@ -293,6 +290,8 @@ def predict_configurations(workdir, input_dir, output_dir, config: str = BEST, f
         find_model(wd, c, folds[c], options.get("checkpoint", "final"))
     rule = _ensemble_rule(wd, configs, choice) if postprocess else None
     output_dir = as_path(output_dir)
+    if str(output_dir).rstrip("/") == str(as_path(input_dir)).rstrip("/"):
+        raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
     members = output_dir / MEMBERS_DIR
     reports = []
     for c in configs:
