@@ -158,6 +158,8 @@ def test_find_best_needs_two_cross_validated_configurations_with_probabilities(c
 
     assert cli_main(["find-best", str(data), "--workdir", str(one), "--configs", "3d_lean,2d"]) == 2
     assert "2d not cross-validated" in capsys.readouterr().err
+    assert cli_main(["find-best", str(data), "--workdir", str(one), "--configs", "3d_lean"]) == 2
+    assert "--configs names 1 configuration (3d_lean): find-best compares two or more" in capsys.readouterr().err
 
     shutil.rmtree(one / "crossval" / "3d_lean")
     assert cli_main(["find-best", str(data), "--workdir", str(one)]) == 2

@@ -194,6 +194,9 @@ def find_best_configuration(workdir, dataset_dir, configs: str | Sequence[str] |
                                 f"`segpipe evaluate-cv {dataset_dir} --workdir {wd.root} --config {missing[0]}` first")
     else:
         wanted = list(available)
+    if len(wanted) < 2 and configs:
+        raise BadInputError(f"--configs names {len(wanted)} configuration ({', '.join(wanted)}): find-best compares two "
+                            f"or more (cross-validated in {wd.root}: {', '.join(available) or 'none'})")
     if len(wanted) < 2:
         raise _not_enough(wd, dataset_dir, wanted)
     reports = {c: available[c] for c in wanted}
