@@ -41,6 +41,7 @@ log = logging.getLogger("segpipe.crossval")
 
 CROSSVAL_VERSION = 1  # crossval.json's layout
 
+
 def link_inputs(dataset, case_ids: Sequence[str], folder: Path) -> Path:
     """A folder of links to the cases' images, named as `segpipe predict` reads them (copies on
     object storage, which has no links)."""
@@ -237,8 +238,9 @@ def score_pooled(pooled: dict[str, Path], dataset, out: Path, progress: bool = T
     rule = decide_postprocessing(out / "predictions", dataset.root, labels=dataset.labels, progress=progress)
     rule.save(out / POSTPROCESSING_FILE)
     pp_dice = None
+    pp_dir = out / "postprocessed"
+    remove_tree(pp_dir)  # an earlier run's files (other cases, another rule) would be scored with these
     if not rule.is_identity:
-        pp_dir = out / "postprocessed"
         pp_dir.mkdir(parents=True, exist_ok=True)
         for case, path in pooled.items():
             label, geometry = read_volume(path, case, dtype=None)
