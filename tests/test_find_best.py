@@ -173,3 +173,28 @@ def test_find_best_needs_two_cross_validated_configurations_with_probabilities(c
     err = capsys.readouterr().err
     assert f"3d_lean has no validation probabilities for 1 case(s) ({cases[2]})" in err
     assert not (one / "find_best" / "choice.json").exists()
+
+
+def test_post_processed_candidates_are_scored_in_each_files_own_orientation(tmp_path):
+    # a PSR-oriented file: the rule runs in RAS and the post-processed file goes back to PSR, not
+    # reoriented twice (which would misplace every voxel and score the rule as harmful)
+    from types import SimpleNamespace
+
+    from pipeline.evaluation.crossval import score_pooled
+
+    affine = np.array([[0, 0, -1.0, 30], [-1.0, 0, 0, 20], [0, 2.0, 0, 0], [0, 0, 0, 1]])
+    ref = np.zeros((20, 24, 12), np.uint8)
+    ref[4:12, 5:15, 3:9] = 1
+    pred = ref.copy()
+    pred[17:19, 20:23, 10:12] = 1  # a speck far away: keeping the largest component removes it
+    out = tmp_path / "cand"
+    for folder, arr in ((out / "predictions", pred), (tmp_path / "refs", ref)):
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(arr, affine), str(folder / "case_0.nii.gz"))
+    summary, rule, after = score_pooled({"case_0": out / "predictions" / "case_0.nii.gz"},
+                                        SimpleNamespace(root=tmp_path / "refs", labels={0: "bg", 1: "organ"}), out,
+                                        progress=False)
+    assert rule.keep_largest_foreground and summary["foreground_mean"]["dice"] < 1.0 and after == 1.0
+    written = nib.load(out / "postprocessed" / "case_0.nii.gz")
+    np.testing.assert_array_equal(np.asarray(written.dataobj), ref)
+    np.testing.assert_array_equal(written.affine, affine)
