@@ -167,7 +167,8 @@ def _ensemble_candidate(wd: Workdir, dataset, configs: Sequence[str], files: dic
             todo.append((case, npzs, files[configs[0]][case][0], pooled[case]))
     log.info("ensemble %s: %d case(s) to average, %d up to date", ensemble_name(configs), len(todo), len(cases) - len(todo))
     # two cases at a time: each holds every class's probabilities twice (a label map is K times smaller)
-    map_cases(write_ensemble_case, todo, 2, progress, f"ensemble {ensemble_name(configs)}")
+    if todo:
+        map_cases(write_ensemble_case, todo, 2, progress, f"ensemble {ensemble_name(configs)}")
     summary, rule, pp_dice = score_pooled(pooled, dataset, out, progress=progress)
     return Candidate(ensemble_name(configs), list(configs), summary["foreground_mean"]["dice"],
                      {v: m["dice"] for v, m in summary["mean"].items()}, pp_dice, rule.to_json(),
