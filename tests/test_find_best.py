@@ -16,7 +16,7 @@ from test_inference import assert_same_geometry, make_model
 
 from pipeline.cli import main as cli_main
 from pipeline.data.dataset import load_dataset
-from pipeline.data.nifti import read_volume
+from pipeline.data.images import read_volume
 from pipeline.data.synthetic import make_demo_dataset
 from pipeline.inference.ensemble import load_probabilities
 from pipeline.inference.postprocessing import PostprocessingRule, apply_postprocessing
@@ -130,6 +130,15 @@ def test_predict_runs_the_choice_and_a_comma_list_averages_the_configurations(cr
         np.testing.assert_array_equal(_ras(tmp_path / "pair" / f"{case}.nii.gz"), expected)
         assert_same_geometry(tmp_path / "pair" / f"{case}.nii.gz", data / "imagesTr" / f"{case}.nii.gz")
     assert not (tmp_path / "pair" / ".ensemble_members").exists()  # the members' files are gone once done
+
+    # an input in another format comes back in it, with the same labels
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (the [itk] extra) writes the .mha input")
+    (tmp_path / "mha").mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(data / "imagesTr" / f"{cases[0]}.nii.gz")), str(tmp_path / "mha" / f"{cases[0]}.mha"))
+    assert cli_main(["predict", "--workdir", str(wd.root), str(tmp_path / "mha"), str(tmp_path / "pair_mha"),
+                     "--no-tta", "--config", "3d_lean,3d_fullres"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pair_mha").iterdir()) == [f"{cases[0]}.mha"]
+    np.testing.assert_array_equal(_ras(tmp_path / "pair_mha" / f"{cases[0]}.mha"), _ras(tmp_path / "pair" / f"{cases[0]}.nii.gz"))
 
     # --config best runs the choice: the ensemble above, or one configuration with its cross-validated folds
     assert run("best", "--config", "best") == 0

@@ -122,43 +122,46 @@ def _not_enough(wd: Workdir, dataset_dir, have: Sequence[str]) -> BadInputError:
                          f"{len(have)}: {', '.join(have) or 'none'}{hint}")
 
 
-def _validation_files(wd: Workdir, config: str, report, splits, dataset_dir) -> dict[str, tuple[Path, Path]]:
+def _validation_files(wd: Workdir, config: str, report, splits, dataset) -> dict[str, tuple[Path, Path]]:
     """case -> (prediction, probabilities) of the fold that validated on it; BadInputError when
     the probabilities are missing (a cross-validation from before they were saved)."""
-    from pipeline.inference.predictor import OUTPUT_ENDING, npz_path
+    from pipeline.inference.predictor import npz_path, prediction_name
 
     files, missing = {}, []
     for fold in report.folds:
         for case in splits.validation_cases(fold):
-            pred = wd.run_dir(config, fold) / "validation" / f"{case}{OUTPUT_ENDING}"
+            pred = wd.run_dir(config, fold) / "validation" / prediction_name(case, dataset.case(case).images[0])
             files[case] = (pred, npz_path(pred))
-            if not (pred.is_file() and npz_path(pred).is_file()):
+            if not (pred.exists() and npz_path(pred).is_file()):
                 missing.append(case)
     if missing:
         raise BadInputError(f"configuration {config} has no validation probabilities for {len(missing)} case(s) "
-                            f"({', '.join(sorted(missing)[:5])}): re-run `segpipe evaluate-cv {dataset_dir} --workdir "
+                            f"({', '.join(sorted(missing)[:5])}): re-run `segpipe evaluate-cv {dataset.root} --workdir "
                             f"{wd.root} --config {config}` (it saves them and predicts only those cases again)")
     return files
 
 
 def _up_to_date(out: Path, inputs: Sequence[Path]) -> bool:
-    return out.is_file() and stat(out)[1] >= max(stat(p)[1] for p in inputs)
+    return out.exists() and stat(out)[1] >= max(stat(p)[1] for p in inputs)
 
 
 def _ensemble_candidate(wd: Workdir, dataset, configs: Sequence[str], files: dict[str, dict[str, tuple[Path, Path]]],
                         progress: bool) -> Candidate:
     """Average the members' validation probabilities case by case, score them, decide their rule."""
+    from pipeline.data.files import image_files
     from pipeline.evaluation.cases import map_cases
     from pipeline.evaluation.crossval import score_pooled
-    from pipeline.inference.predictor import OUTPUT_ENDING
+    from pipeline.storage import remove_tree
 
     out = ensemble_dir(wd, configs)
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     cases = sorted(files[configs[0]])
-    pooled = {case: pred_dir / f"{case}{OUTPUT_ENDING}" for case in cases}
-    for stale in pred_dir.iterdir():  # cases no longer validated (folds changed) would be scored too
-        if stale.name.endswith(OUTPUT_ENDING) and stale.name[:-len(OUTPUT_ENDING)] not in pooled:
+    pooled = {case: pred_dir / files[configs[0]][case][0].name for case in cases}  # named as the members'
+    for stale in set(image_files(pred_dir)) - set(pooled.values()):  # cases no longer validated would be scored too
+        if stale.is_dir():  # a DICOM series
+            remove_tree(stale)
+        else:
             stale.unlink()
     todo = []
     for case in cases:
@@ -209,7 +212,7 @@ def find_best_configuration(workdir, dataset_dir, configs: str | Sequence[str] |
     if not wd.splits.is_file():
         raise SegPipeError(f"{wd.splits} is missing: the folds' validation cases are unknown")
     splits = load_or_create_splits(wd, dataset.case_ids)
-    files = {c: _validation_files(wd, c, reports[c], splits, dataset_dir) for c in wanted}
+    files = {c: _validation_files(wd, c, reports[c], splits, dataset) for c in wanted}
     first = wanted[0]
     for c in wanted[1:]:
         if set(files[c]) != set(files[first]):

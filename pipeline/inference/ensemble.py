@@ -180,13 +180,13 @@ def probabilities_to_labels(probabilities: np.ndarray, label_values: Sequence[in
 def write_ensemble_case(case: str, npz_paths: Sequence[str | os.PathLike], reference: str | os.PathLike,
                         out_path: str | os.PathLike, rule=None, save_probabilities: bool = False) -> None:
     """Average one case's probabilities, label, post-process and write it (atomically) in the
-    geometry and header of `reference` (a member's prediction of the case, or its image)."""
-    from pipeline.data.nifti import geometry_of, load_header, write_volume
+    format (`out_path`'s ending), grid and header of `reference` (a member's prediction of the case)."""
+    from pipeline.data.images import open_image, write_volume
     from pipeline.inference.postprocessing import apply_postprocessing
     from pipeline.inference.predictor import npz_path, save_probabilities_npz
 
     probabilities, values = average_probabilities(npz_paths, case)
-    geometry = geometry_of(load_header(as_path(reference), case))
+    geometry = open_image(reference, case).geometry
     if tuple(probabilities.shape[1:]) != tuple(geometry.ras_shape):
         raise BadInputError(f"probabilities of shape {probabilities.shape[1:]} do not fit {reference} "
                             f"(shape {geometry.ras_shape})", case)
@@ -275,8 +275,9 @@ def predict_configurations(workdir, input_dir, output_dir, config: str = BEST, f
     (tta, num_workers, ray_address, checkpoint, step, ...). Returns a PredictReport or an EnsembleReport.
     """
     from pipeline.console import progress_bar
+    from pipeline.data.files import image_files, strip_ending
     from pipeline.inference.predict import predict_folder
-    from pipeline.inference.predictor import OUTPUT_ENDING, find_model, npz_path
+    from pipeline.inference.predictor import find_model, npz_path
 
     start = time.perf_counter()
     wd = Workdir.at(workdir)
@@ -303,13 +304,15 @@ def predict_configurations(workdir, input_dir, output_dir, config: str = BEST, f
                             rule.to_json() if rule is not None and not rule.is_identity else None,
                             members=[r.to_json() for r in reports])
     cases = sorted(set(reports[0].predicted) | set(reports[0].skipped))
+    # each member wrote CASE plus the input's ending (its format): the ensemble's file is named alike
+    written = {c: {strip_ending(p.name): p for p in image_files(members / c)} for c in configs}
     with progress_bar(len(cases), progress and len(cases) > 1, desc=f"ensemble {name}", unit="case") as bar:
         for case in cases:
-            out = output_dir / f"{case}{OUTPUT_ENDING}"
-            if out.is_file() and (not save_probabilities or npz_path(out).is_file()):
+            member_files = [written[c][case] for c in configs]
+            out = output_dir / member_files[0].name
+            if out.exists() and (not save_probabilities or npz_path(out).is_file()):
                 report.skipped.append(case)
             else:
-                member_files = [members / c / f"{case}{OUTPUT_ENDING}" for c in configs]
                 write_ensemble_case(case, [npz_path(p) for p in member_files], member_files[0], out, rule,
                                     save_probabilities)
                 report.predicted.append(case)
