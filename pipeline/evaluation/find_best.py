@@ -38,6 +38,7 @@ from pipeline.inference.ensemble import (
     parse_configs,
     write_ensemble_case,
 )
+from pipeline.planning.plans import Plans
 from pipeline.storage import stat, write_text_atomic
 from pipeline.workdir import Workdir, trained_folds
 
@@ -163,11 +164,12 @@ def _ensemble_candidate(wd: Workdir, dataset, configs: Sequence[str], files: dic
             remove_tree(stale)
         else:
             stale.unlink()
+    label_map = Plans.load(wd.plans).label_map()
     todo = []
     for case in cases:
         npzs = [files[c][case][1] for c in configs]
         if not _up_to_date(pooled[case], npzs):
-            todo.append((case, npzs, files[configs[0]][case][0], pooled[case]))
+            todo.append((case, npzs, files[configs[0]][case][0], pooled[case], label_map))
     log.info("ensemble %s: %d case(s) to average, %d up to date", ensemble_name(configs), len(todo), len(cases) - len(todo))
     # two cases at a time: each holds every class's probabilities twice (a label map is K times smaller)
     if todo:

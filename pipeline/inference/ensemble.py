@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import BadInputError, SegPipeError
+from pipeline.planning.plans import Plans
 from pipeline.storage import as_path, local_file, remove_tree, write_json_atomic
 from pipeline.workdir import Workdir, trained_folds
 
@@ -167,20 +168,13 @@ def average_probabilities(paths: Sequence[str | os.PathLike], case: str | None =
     return total, labels
 
 
-def probabilities_to_labels(probabilities: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
-    """Averaged class probabilities (K, ...) -> label values (the most probable class per voxel).
-
-    The one place an ensemble turns probabilities into labels (softmax outputs, one channel per label value).
-    """
-    from pipeline.data.dataset import LabelMap
-
-    return LabelMap(tuple(int(v) for v in label_values)).to_values(np.asarray(probabilities).argmax(0))
-
-
 def write_ensemble_case(case: str, npz_paths: Sequence[str | os.PathLike], reference: str | os.PathLike,
-                        out_path: str | os.PathLike, rule=None, save_probabilities: bool = False) -> None:
+                        out_path: str | os.PathLike, label_map, rule=None, save_probabilities: bool = False) -> None:
     """Average one case's probabilities, label, post-process and write it (atomically) in the
-    format (`out_path`'s ending), grid and header of `reference` (a member's prediction of the case)."""
+    format (`out_path`'s ending), grid and header of `reference` (a member's prediction of the case).
+
+    `label_map` (the plans') turns the average into labels: the argmax of softmax classes, or the
+    regions painted in `regions_class_order` (`LabelMap.probabilities_to_values`)."""
     from pipeline.data.images import open_image, write_volume
     from pipeline.inference.postprocessing import apply_postprocessing
     from pipeline.inference.predictor import npz_path, save_probabilities_npz
@@ -190,12 +184,15 @@ def write_ensemble_case(case: str, npz_paths: Sequence[str | os.PathLike], refer
     if tuple(probabilities.shape[1:]) != tuple(geometry.ras_shape):
         raise BadInputError(f"probabilities of shape {probabilities.shape[1:]} do not fit {reference} "
                             f"(shape {geometry.ras_shape})", case)
-    label = probabilities_to_labels(probabilities, values)
+    if tuple(values) != tuple(label_map.regions_class_order if label_map.has_regions else label_map.class_values):
+        raise BadInputError(f"probabilities of {npz_paths[0]} paint labels {list(values)}, the plans declare "
+                            f"{list(label_map.class_values)}: are they of this dataset?", case)
+    label = label_map.probabilities_to_values(probabilities)
     if rule is not None:
         label = apply_postprocessing(label, rule)
     out_path = as_path(out_path)
     if save_probabilities:
-        save_probabilities_npz(probabilities, values, npz_path(out_path))
+        save_probabilities_npz(probabilities, label_map, npz_path(out_path))
     del probabilities
     write_volume(label, geometry, out_path, reference=reference)  # written last: marks the case done
 
@@ -290,6 +287,7 @@ def predict_configurations(workdir, input_dir, output_dir, config: str = BEST, f
     for c in configs:  # every model present before anything is predicted
         find_model(wd, c, folds[c], options.get("checkpoint", "final"))
     rule = _ensemble_rule(wd, configs, choice) if postprocess else None
+    label_map = Plans.load(wd.plans).label_map()
     output_dir = as_path(output_dir)
     if str(output_dir).rstrip("/") == str(as_path(input_dir)).rstrip("/"):
         raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
@@ -313,8 +311,8 @@ def predict_configurations(workdir, input_dir, output_dir, config: str = BEST, f
             if out.exists() and (not save_probabilities or npz_path(out).is_file()):
                 report.skipped.append(case)
             else:
-                write_ensemble_case(case, [npz_path(p) for p in member_files], member_files[0], out, rule,
-                                    save_probabilities)
+                write_ensemble_case(case, [npz_path(p) for p in member_files], member_files[0], out, label_map,
+                                    rule, save_probabilities)
                 report.predicted.append(case)
             bar.update()
     if not keep_members:
