@@ -196,6 +196,53 @@ def make_large_dataset(source, root: Path, count: int, size: int, seed: int = 0)
     return root
 
 
+# The TotalSegmentator CT case (122x101x30 at 3 mm, 41 labels) rebuilt at finer (in-plane, z) spacings:
+# a CT dataset whose cases differ in spacing, so the planner's median target makes every case resample.
+CT_SPACINGS = [(0.8, 1.5), (0.9, 2.0), (1.0, 1.25), (1.1, 2.5), (1.2, 1.5), (1.3, 3.0), (0.85, 2.0),
+               (0.95, 1.75), (1.05, 2.25), (1.15, 1.25), (1.25, 2.0), (0.75, 2.5), (0.9, 1.5), (1.0, 3.0),
+               (1.1, 1.75), (1.2, 2.25), (1.3, 1.5), (0.8, 2.75), (1.0, 2.0), (1.15, 3.0)]
+
+
+def make_ct_dataset(root: Path, count: int = 20, nnunet_raw: Path | None = None) -> Path:
+    """`count` CT volumes made from the TotalSegmentator case at the spacings of `CT_SPACINGS` (cycled)
+    (image trilinear, labels nearest; RAS, .nii.gz, int16 HU); with `nnunet_raw`, the same files in
+    nnU-Net v2's raw layout there (Dataset990_CTSpacings) for `nnUNetv2_preprocess`."""
+    source = load_dataset(SHARED / "TotalSegmentator_CT")
+    case = read_case(source, source.cases[0])
+    image, label = np.asarray(case.image[0]), np.asarray(case.label)
+    values = list(source.label_map.values)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    training = []
+    for i in range(count):
+        inplane, z = CT_SPACINGS[i % len(CT_SPACINGS)]
+        spacing = np.array([inplane, inplane, z])
+        factors = np.asarray(case.spacing) / spacing
+        img = np.rint(zoom(image, factors, order=1)).astype(np.int16)
+        lab = zoom(label, factors, order=0).astype(np.uint8)
+        affine = np.diag([*spacing, 1.0])
+        name = f"ct_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(img, affine), str(root / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(lab, affine), str(root / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = json.loads((SHARED / "TotalSegmentator_CT" / "dataset.json").read_text())
+    meta.update(name="CTSpacings", training=training, numTraining=count)
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    if nnunet_raw is not None:
+        dst = nnunet_raw / "Dataset990_CTSpacings"
+        shutil.rmtree(dst, ignore_errors=True)
+        (dst / "imagesTr").mkdir(parents=True)
+        (dst / "labelsTr").mkdir()
+        for i in range(count):
+            os.link(root / "imagesTr" / f"ct_{i:03d}.nii.gz", dst / "imagesTr" / f"ct_{i:03d}_0000.nii.gz")
+            os.link(root / "labelsTr" / f"ct_{i:03d}.nii.gz", dst / "labelsTr" / f"ct_{i:03d}.nii.gz")
+        names = source.labels
+        (dst / "dataset.json").write_text(json.dumps({
+            "name": "CTSpacings", "channel_names": {"0": "CT"}, "numTraining": count, "file_ending": ".nii.gz",
+            "labels": {("background" if v == 0 else str(names.get(v, f"label_{v}"))): v for v in values}}, indent=1))
+    return root
+
+
 # ---------------------------------------------------------------- report
 
 

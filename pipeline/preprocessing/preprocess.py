@@ -20,11 +20,13 @@ second run on the same store. A chunk that is there but corrupt is found only by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,31 @@ class PreprocessedCase:
     label: np.ndarray | None  # contiguous class indices (*spatial), or None (inference)
     locations: np.ndarray  # int32 (N, 1 + ndim): class index, then coordinates in the padded array
     meta: CaseMeta
+
+
+class StageTimes:
+    """Seconds spent in each named stage of one or more cases; handed to `preprocess_case`,
+    `preprocess_and_write` and `ConfigStore.write_case` by benchmarks/profile_preprocess.py to
+    see where a case's time goes. Without one (the default) the stages are not timed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def untimed(stage: str) -> contextlib.AbstractContextManager:
+    """The stage clock used when nobody profiles: nothing is measured."""
+    return contextlib.nullcontext()
+
+
+StageClock = Callable[[str], contextlib.AbstractContextManager]
 
 
 def channel_normalizations(plans: Plans, conf: ConfigurationPlan) -> list[ChannelNormalization]:
@@ -141,8 +168,11 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode())
 
 
-def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: LabelMap) -> PreprocessedCase:
-    """Transpose, crop to nonzero, normalise, resample, pad; sample foreground locations; record the undo."""
+def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: LabelMap,
+                    clock: StageClock = untimed) -> PreprocessedCase:
+    """Transpose, crop to nonzero, normalise, resample, pad; sample foreground locations; record the undo.
+
+    `clock` (a `StageTimes`) times each stage for benchmarks/profile_preprocess.py."""
     cid = case.case_id
     conf = plans.configuration(config_name)
     if conf.spacing is None or conf.patch_size is None:
@@ -150,31 +180,34 @@ def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: L
     tf = list(plans.transpose_forward)
     if any(float(s) <= 0 or not np.isfinite(s) for s in case.spacing):
         raise BadInputError(f"voxel spacing {tuple(case.spacing)} must be positive", cid)
-    if not np.isfinite(case.image).all():
-        raise BadInputError("image contains NaN or infinite values", cid)
-    shape_ras = [int(s) for s in case.image.shape[1:]]
-    image = np.transpose(case.image, [0, *[t + 1 for t in tf]])
-    label = None
-    if case.label is not None:
-        try:
-            label = label_map.to_index(np.transpose(case.label, tf))
-        except ValueError as exc:
-            raise BadInputError(f"label: {exc}", cid) from None
-    spacing_before = [float(case.spacing[t]) for t in tf]
+    with clock("reorient"):
+        if not np.isfinite(case.image).all():
+            raise BadInputError("image contains NaN or infinite values", cid)
+        shape_ras = [int(s) for s in case.image.shape[1:]]
+        image = np.transpose(case.image, [0, *[t + 1 for t in tf]])
+        label = None
+        if case.label is not None:
+            try:
+                label = label_map.to_index(np.transpose(case.label, tf))
+            except ValueError as exc:
+                raise BadInputError(f"label: {exc}", cid) from None
+        spacing_before = [float(case.spacing[t]) for t in tf]
 
     # crop to the nonzero region (any channel), as nnU-Net; the filled mask also drives zscore masking
-    mask = nonzero_mask(image)
-    box = bbox_of(mask)
-    crop = tuple(slice(a, b) for a, b in box)
-    image, mask = image[(slice(None), *crop)], mask[crop]
-    if label is not None:
-        label = label[crop]
+    with clock("crop"):
+        mask = nonzero_mask(image)
+        box = bbox_of(mask)
+        crop = tuple(slice(a, b) for a, b in box)
+        image, mask = image[(slice(None), *crop)], mask[crop]
+        if label is not None:
+            label = label[crop]
     crop_ras = [None] * len(tf)
     for i, t in enumerate(tf):
         crop_ras[t] = box[i]
     shape_after_crop = [int(s) for s in image.shape[1:]]
 
-    image = normalize(image, channel_normalizations(plans, conf), mask)
+    with clock("normalise"):
+        image = normalize(image, channel_normalizations(plans, conf), mask)
 
     spacing_after = target_spacing(conf, spacing_before)
     new_shape = compute_new_shape(shape_after_crop, spacing_before, spacing_after)
@@ -183,29 +216,35 @@ def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: L
     order_z = conf.order_z if conf.order_z is not None else 0
     image_order = conf.image_order if conf.image_order is not None else 3
     label_order = conf.label_order if conf.label_order is not None else 1
-    image = resample_image(image, new_shape, image_order, axis, order_z)
+    with clock("resample image"):
+        image = resample_image(image, new_shape, image_order, axis, order_z)
     if label is not None:
-        label = resample_label(label, new_shape, label_order, axis, order_z)
+        with clock("resample labels"):
+            label = resample_label(label, new_shape, label_order, axis, order_z)
 
-    pad = pad_to(new_shape, list(conf.patch_size))
-    if any(a or b for a, b in pad):
-        image = np.pad(image, [[0, 0], *pad], mode="constant", constant_values=0)
-        if label is not None:
-            label = np.pad(label, pad, mode="constant", constant_values=0)
+    with clock("pad"):
+        pad = pad_to(new_shape, list(conf.patch_size))
+        if any(a or b for a, b in pad):
+            image = np.pad(image, [[0, 0], *pad], mode="constant", constant_values=0)
+            if label is not None:
+                label = np.pad(label, pad, mode="constant", constant_values=0)
+        image = np.ascontiguousarray(image, dtype=np.float32)
 
     num_classes = label_map.num_classes
-    if label is not None:
-        class_voxels = np.bincount(label.ravel(), minlength=num_classes).tolist()
-        locations = sample_locations(label, num_classes, case_seed(cid), label_map.ignore_index)
-    else:
-        class_voxels, locations = [], np.zeros((0, 1 + len(new_shape)), dtype=np.int32)
-    meta = CaseMeta(
-        case_id=cid, geometry=case.geometry, shape_ras=shape_ras, transpose_forward=tf, crop_bbox=crop_ras,
-        shape_after_crop=shape_after_crop, spacing_before=spacing_before, spacing_after=spacing_after,
-        shape_after_resample=list(new_shape), pad=pad, class_voxels=class_voxels, separate_z_axis=axis,
-        order_z=order_z,
-    )
-    return PreprocessedCase(cid, np.ascontiguousarray(image, dtype=np.float32), label, locations, meta)
+    with clock("foreground locations"):
+        if label is not None:
+            class_voxels = np.bincount(label.ravel(), minlength=num_classes).tolist()
+            locations = sample_locations(label, num_classes, case_seed(cid), label_map.ignore_index)
+        else:
+            class_voxels, locations = [], np.zeros((0, 1 + len(new_shape)), dtype=np.int32)
+    with clock("metadata"):
+        meta = CaseMeta(
+            case_id=cid, geometry=case.geometry, shape_ras=shape_ras, transpose_forward=tf, crop_bbox=crop_ras,
+            shape_after_crop=shape_after_crop, spacing_before=spacing_before, spacing_after=spacing_after,
+            shape_after_resample=list(new_shape), pad=pad, class_voxels=class_voxels, separate_z_axis=axis,
+            order_z=order_z,
+        )
+    return PreprocessedCase(cid, image, label, locations, meta)
 
 
 # ---------------------------------------------------------------- the dataset on Dask
@@ -302,23 +341,34 @@ def source_changed(dataset: Dataset, case_id: str, stored: dict) -> bool:
     return False
 
 
-def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_name: str, store_path: str) -> dict:
-    """One Dask task: read, preprocess and write one case; a small JSON-able summary comes back.
-
-    Failures come back as data rather than exceptions: exceptions with custom constructors do not
-    survive pickling intact, and the message must name the case.
-    """
+def open_config_store(store_path: str, plans: Plans, config_name: str):
+    """The configuration group of the store a task writes into (it exists: `run_preprocessing` made it)."""
     from pipeline.preprocessing.store import open_store
 
+    conf = plans.configuration(config_name)
+    return open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name))
+
+
+def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_name: str, store_path: str,
+                         clock: StageClock = untimed, config_store=None) -> dict:
+    """One case: read, preprocess and write it; a small JSON-able summary comes back.
+
+    Failures come back as data rather than exceptions: exceptions with custom constructors do not
+    survive pickling intact, and the message must name the case. `clock`: see `StageTimes`;
+    `config_store`: the configuration group when the caller has it open already (`preprocess_batch`).
+    """
     start = time.perf_counter()
     try:
-        case = read_case(dataset, case_id)
+        with clock("read and decompress"):
+            case = read_case(dataset, case_id)
         if case.label is None:
             raise BadInputError("training case has no label file", case_id)
-        pre = preprocess_case(case, plans, config_name, plans.label_map())
-        conf = plans.configuration(config_name)
-        source = source_stamps(dataset, case_id)  # the files were just read: hashing them is cheap
-        open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name)).write_case(case_id, pre, source)
+        pre = preprocess_case(case, plans, config_name, plans.label_map(), clock)
+        with clock("hashing"):
+            source = source_stamps(dataset, case_id)  # the files were just read: hashing them is cheap
+        with clock("metadata"):
+            cs = config_store if config_store is not None else open_config_store(store_path, plans, config_name)
+        cs.write_case(case_id, pre, source, clock)
     except BadInputError as exc:
         return {"case_id": case_id, "ok": False, "message": "; ".join(p.message for p in exc.problems)}
     except SegPipeError as exc:
@@ -328,6 +378,53 @@ def preprocess_and_write(dataset: Dataset, case_id: str, plans: Plans, config_na
     except Exception as exc:  # a bug or an unreadable store: still one line, other cases go on
         return {"case_id": case_id, "ok": False, "message": f"{type(exc).__name__}: {exc}"}
     return {"case_id": case_id, "ok": True, "shape": list(pre.image.shape), "seconds": time.perf_counter() - start}
+
+
+def _config_store_or_none(store_path: str, plans: Plans, config_name: str):
+    try:
+        return open_config_store(store_path, plans, config_name)
+    except Exception:  # noqa: BLE001 - each case then tries itself and reports the error with its id
+        return None
+
+
+def preprocess_batch(dataset: Dataset, case_ids: list[str], plans: Plans, config_name: str, store_path: str) -> list[dict]:
+    """One Dask task: `preprocess_and_write` for each case of a batch, the store opened once for all."""
+    cs = _config_store_or_none(store_path, plans, config_name)
+    return [preprocess_and_write(dataset, cid, plans, config_name, store_path, config_store=cs) for cid in case_ids]
+
+
+# A Dask task costs a few ms of CPU to schedule, ship and report - as much as a 40 KB case takes to
+# preprocess - so small cases travel in batches: up to BATCH_CASES cases or BATCH_BYTES of raw files
+# per task, and at least TASKS_PER_WORKER tasks per worker so that the workers stay evenly loaded.
+BATCH_CASES = 32
+BATCH_BYTES = 32 << 20
+TASKS_PER_WORKER = 4
+
+
+def case_batches(dataset: Dataset, case_ids: list[str], workers: int) -> list[list[str]]:
+    """`case_ids` in order, cut into the batches of one Dask task each (a large case travels alone)."""
+    if not case_ids:
+        return []
+    most = max(1, min(BATCH_CASES, -(-len(case_ids) // (TASKS_PER_WORKER * max(1, workers)))))
+    batches: list[list[str]] = [[]]
+    size = 0
+    for case_id in case_ids:
+        try:
+            nbytes = sum(stat(p)[0] for p in _case_files(dataset, case_id))
+        except OSError:
+            nbytes = 0  # its task reports the problem
+        if batches[-1] and (len(batches[-1]) >= most or size + nbytes > BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(case_id)
+        size += nbytes
+    return batches
+
+
+def _cases_of(dataset: Dataset, case_ids: list[str]) -> Dataset:
+    """The dataset with only `case_ids` (what one task needs: its pickle stays small)."""
+    keep = set(case_ids)
+    return dataclasses.replace(dataset, cases=tuple(c for c in dataset.cases if c.case_id in keep))
 
 
 def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, client=None,
@@ -369,30 +466,19 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
         bar = tqdm(total=len(todo), desc=f"preprocess {config}", unit="case", disable=not progress or not todo)
         results = []
         if client is None:
+            cs = _config_store_or_none(str(store_path), plans, config) if todo else None
             for case_id in todo:
-                results.append(preprocess_and_write(dataset, case_id, plans, config, str(store_path)))
+                results.append(preprocess_and_write(dataset, case_id, plans, config, str(store_path), config_store=cs))
                 bar.update()
         else:
-            from distributed import as_completed
-
             from pipeline.parallel import SharedPath, check_dask_workers_see
 
             # a worker that cannot see the store would write cases nobody else reads: stop here, naming it
             check_dask_workers_see(client, [SharedPath("dataset", str(dataset.root)),
                                             SharedPath("store", str(store_path), "store")])
-            ds_f, plans_f = client.scatter([dataset, plans], broadcast=True, hash=False)
-            futures = {client.submit(preprocess_and_write, ds_f, case_id, plans_f, config, str(store_path),
-                                     key=f"preprocess-{config}-{case_id}-{time.time_ns()}", pure=False): case_id
-                       for case_id in todo}
-            for future in as_completed(futures):
-                try:
-                    results.append(future.result())
-                except Exception as exc:  # the worker died (e.g. over its memory limit) or the task could not run
-                    results.append({"case_id": futures[future], "ok": False,
-                                    "message": f"the Dask worker failed on this case, e.g. over its memory "
-                                               f"limit ({type(exc).__name__}: {exc})"})
-                future.release()
-                bar.update()
+            workers = max(1, sum(client.nthreads().values()))
+            results = _run_batches(client, dataset, case_batches(dataset, todo, workers), plans, config,
+                                   str(store_path), bar)
         bar.close()
     order = {cid: i for i, cid in enumerate(todo)}
     for r in sorted(results, key=lambda r: order[r["case_id"]]):
@@ -402,3 +488,36 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
             report.failed.append(Problem(r["case_id"], r["message"]))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _run_batches(client, dataset: Dataset, batches: list[list[str]], plans: Plans, config: str, store_path: str,
+                 bar) -> list[dict]:
+    """Each batch as one Dask task; a batch whose task fails (its worker died, e.g. over its memory
+    limit) is retried one case per task, so a single bad case fails alone and names itself."""
+    from distributed import as_completed
+
+    stamp = time.time_ns()
+    pending = {client.submit(preprocess_batch, _cases_of(dataset, batch), batch, plans, config, store_path,
+                             key=f"preprocess-{config}-{batch[0]}-{len(batch)}-{stamp}", pure=False): batch
+               for batch in batches}
+    results: list[dict] = []
+    done = as_completed(list(pending), with_results=True, raise_errors=False)
+    for future, value in done:
+        batch = pending.pop(future)
+        future.release()
+        if not isinstance(value, BaseException):
+            results.extend(value)
+            bar.update(len(value))
+            continue
+        if len(batch) > 1:
+            for case_id in batch:
+                retry = client.submit(preprocess_batch, _cases_of(dataset, [case_id]), [case_id], plans, config,
+                                      store_path, key=f"preprocess-{config}-{case_id}-retry-{stamp}", pure=False)
+                pending[retry] = [case_id]
+                done.add(retry)
+            continue
+        results.append({"case_id": batch[0], "ok": False,
+                        "message": f"the Dask worker failed on this case, e.g. over its memory limit "
+                                   f"({type(value).__name__}: {value})"})
+        bar.update()
+    return results

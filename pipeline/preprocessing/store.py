@@ -504,39 +504,52 @@ class ConfigStore:
         return {name: dict(attrs.get("source") or {}) for name, attrs in sorted(self._complete_attrs().items())
                 if attrs is not None}
 
-    def write_case(self, case_id: str, pre, source: dict | None = None) -> None:
+    def write_case(self, case_id: str, pre, source: dict | None = None, clock=None) -> None:
         """Write one case (`preprocessing.PreprocessedCase`); `complete` is set last, after every array.
 
         `source` (file -> stamp, `preprocessing.source_stamps`) lets a later run see that the raw
-        files changed since and redo the case."""
+        files changed since and redo the case. `clock` (`preprocessing.StageTimes`) times the
+        metadata writes apart from encoding and writing the chunks."""
+        clock = clock or (lambda stage: contextlib.nullcontext())
         if "/" in case_id or case_id in ("", ".", ".."):
             raise SegPipeError(f"case id {case_id!r} cannot name a store group")
         if self.group.read_only:
             raise SegPipeError(f"{self.store.url} is open read-only")
         if pre.label is None:
             raise SegPipeError(f"case {case_id} has no label: only training cases go into the store")
-        if case_id in _child_names(self.group, "cases"):
-            self._delete(case_id)
-        self._arrays = {k: v for k, v in self._arrays.items() if k[0] != case_id}
         image_chunks, label_chunks = self.chunks()
         num_classes = int(self.attrs["num_classes"])
-        group = self.group.create_group(f"cases/{case_id}", attributes={
-            "case_id": case_id, "complete": False, "meta": pre.meta.to_json(), "source": source or {}})
+        label_dtype = "uint8" if num_classes <= 255 else "int16"
         image = pre.image
         if self.image_dtype == "float16":
             image = np.clip(image, -FLOAT16_MAX, FLOAT16_MAX)
-        arr = group.create_array("image", shape=image.shape, dtype=self.image_dtype, chunks=image_chunks,
-                                 compressors=image_compressors(), fill_value=0, config=ARRAY_CONFIG)
-        arr[...] = image.astype(self.image_dtype)
-        label_dtype = "uint8" if num_classes <= 255 else "int16"
-        arr = group.create_array("label", shape=pre.label.shape, dtype=label_dtype, chunks=label_chunks,
-                                 compressors=label_compressors(), fill_value=0, config=ARRAY_CONFIG)
-        arr[...] = pre.label.astype(label_dtype)
         locs = np.asarray(pre.locations, dtype=np.int32).reshape(-1, 1 + pre.label.ndim)
-        arr = group.create_array("locations", shape=locs.shape, dtype="int32", chunks=(max(1, len(locs)), locs.shape[1]),
-                                 compressors=locations_compressors(), fill_value=0, config=ARRAY_CONFIG)
-        arr[...] = locs
-        group.update_attributes({"complete": True})  # last: readers see the case from here on
+        arrays = [("image", image.astype(self.image_dtype), image_chunks, image_compressors()),
+                  ("label", pre.label.astype(label_dtype), label_chunks, label_compressors()),
+                  ("locations", locs, (max(1, len(locs)), locs.shape[1]), locations_compressors())]
+        path = StorePath(self.group.store, f"{self.group.path}/cases/{case_id}")
+        self._arrays = {k: v for k, v in self._arrays.items() if k[0] != case_id}
+
+        async def write_array(group, name: str, data: np.ndarray, chunks, compressors) -> None:
+            arr = await group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                           compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
+            await arr.setitem(Ellipsis, data)
+
+        # three round trips to zarr's event loop, not one per call: on a small case they cost more than the data
+        with clock("metadata"):  # a leftover of an earlier write goes first, then the group, not complete yet
+            async def create_group():
+                await self.group.store.delete_dir(path.path)
+                return await zarr_async.group(store=path, zarr_format=3, attributes={
+                    "case_id": case_id, "complete": False, "meta": pre.meta.to_json(), "source": source or {}})
+
+            group = sync(create_group())
+        async def write_arrays() -> None:
+            await asyncio.gather(*(write_array(group, *spec) for spec in arrays))
+
+        with clock("Zarr encode and write"):  # the three arrays at once
+            sync(write_arrays())
+        with clock("metadata"):
+            sync(group.update_attributes({"complete": True}))  # last: readers see the case from here on
 
 
 # ---------------------------------------------------------------- integrity
