@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,8 @@ from harness import (  # noqa: E402
     subset_dataset,
     write_results,
 )
+from preprocess_vs_nnunet import DUMP as NNUNET_DUMP  # noqa: E402
+from preprocess_vs_nnunet import to_store_frame  # noqa: E402
 
 from pipeline.data.dataset import load_dataset, read_case  # noqa: E402
 from pipeline.parallel import dask_client  # noqa: E402
@@ -101,9 +104,10 @@ def run_ours(dataset, plans, workers: int | None, tmp: Path) -> dict:
             "peak_rss_tree_MiB": sampler.peak_tree / MIB, "store_MB": size / 1e6}
 
 
-def run_cli(dataset, plans, workers: int, tmp: Path) -> dict:
+def run_cli(dataset, plans, workers: int, tmp: Path, inspect=None) -> dict:
     """`segpipe preprocess --workers N` as a user runs it (validation, Dask start-up, preprocessing, shutdown),
-    measured by the harness as a child process: the end-to-end figure to set beside nnUNetv2_preprocess."""
+    measured by the harness as a child process: the end-to-end figure to set beside nnUNetv2_preprocess.
+    `inspect(store_path)` runs on the store before it is deleted (the agreement check)."""
     wd = tmp / f"cli-{workers}"
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
@@ -117,6 +121,8 @@ def run_cli(dataset, plans, workers: int, tmp: Path) -> dict:
     cases = len(dataset.cases)
     size = sum(f.stat().st_size for f in (wd / "store.zarr").rglob("*") if f.is_file())
     workers_rss = [p["peak_rss_mib"] for p in run.top_processes if p["pid"] != run.pid and p["peak_rss_mib"] > 50]
+    if inspect is not None:
+        inspect(wd / "store.zarr")
     shutil.rmtree(wd, ignore_errors=True)
     return {"tool": "seg-pipeline", "workers": workers, "mode": f"segpipe preprocess --workers {workers} (CLI)",
             "cases": cases, "seconds": run.wall_s, "cases_per_s": cases / run.wall_s,
@@ -142,7 +148,7 @@ def nnunet_subset_raw(raw: Path, dataset_name: str, case_ids: list[str], dest: P
 
 
 def run_nnunet(venv: Path, dataset_id: int, dataset_name: str, workers: int, tmp: Path, raw: Path,
-               ref: Path = NNUNET_REF) -> dict:
+               ref: Path = NNUNET_REF, inspect=None) -> dict:
     """nnUNetv2_preprocess on the same raw data; plans and fingerprint copied into a scratch folder.
 
     The command runs as a child measured by the harness: its tree (the -np pool and the export
@@ -163,6 +169,8 @@ def run_nnunet(venv: Path, dataset_id: int, dataset_name: str, workers: int, tmp
     cases = len(list(out.glob("*.pkl")))
     children = [p["peak_rss_mib"] for p in run.top_processes if p["pid"] != run.pid]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    if inspect is not None:
+        inspect(out)
     shutil.rmtree(pre, ignore_errors=True)
     return {"tool": "nnU-Net v2", "workers": workers, "mode": f"nnUNetv2_preprocess -np {workers}", "cases": cases,
             "seconds": run.wall_s, "cases_per_s": cases / run.wall_s, "cpu_s_per_case": run.cpu_s / max(1, cases),
@@ -243,6 +251,84 @@ def make_ct_dataset(root: Path, count: int = 20, nnunet_raw: Path | None = None)
     return root
 
 
+def nnunet_plan(venv: Path, dataset_id: int, dataset_name: str, raw: Path, dest: Path, workers: int) -> Path:
+    """nnU-Net's own fingerprint and plans for a raw dataset (set-up, not timed); returns the
+    reference folder `run_nnunet` copies them from (dest/preprocessed/<dataset_name>)."""
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(dest / "preprocessed"),
+               nnUNet_results=str(dest / "results"), OMP_NUM_THREADS="1")
+    for tool, extra in (("nnUNetv2_extract_fingerprint", ["-np", str(workers)]), ("nnUNetv2_plan_experiment", [])):
+        subprocess.run([str(venv / "bin" / tool), "-d", str(dataset_id), *extra], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    shutil.copy(raw / dataset_name / "dataset.json", dest / "preprocessed" / dataset_name / "dataset.json")
+    return dest
+
+
+def save_store_cases(store: Path, folder: Path) -> None:
+    """Each case's label and image (padding removed) as .npy, with its orientation and axis order."""
+    from pipeline.preprocessing.store import open_store
+
+    folder.mkdir(parents=True, exist_ok=True)
+    root = open_store(store, "r")
+    cs = root.config(root.config_names()[0])
+    for cid in cs.case_ids():
+        meta = cs.meta(cid)
+        unpad = tuple(slice(a, a + n) for (a, _), n in zip(meta.pad, meta.shape_after_resample))
+        np.save(folder / f"{cid}_label.npy", np.asarray(cs.label(cid)[unpad]))
+        np.save(folder / f"{cid}_image.npy", np.asarray(cs.image(cid)[(slice(None), *unpad)]))
+        (folder / f"{cid}.json").write_text(json.dumps({"ornt": np.asarray(meta.geometry.ornt).tolist(),
+                                                        "transpose_forward": meta.transpose_forward}))
+
+
+def save_nnunet_cases(python: Path, out: Path, folder: Path) -> None:
+    """nnU-Net's preprocessed arrays (blosc2) as .npy, read in its own interpreter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = sorted(p.name[: -len(".pkl")] for p in out.glob("*.pkl"))
+    subprocess.run([str(python), "-c", NNUNET_DUMP, str(out), str(folder), *cases], check=True)
+
+
+def agreement(ours: Path, theirs: Path, label_map) -> list[dict]:
+    """Per case: same shape, labels equal voxel for voxel (share), image correlation."""
+    rows = []
+    for meta_file in sorted(ours.glob("*.json")):
+        cid = meta_file.stem
+        meta = json.loads(meta_file.read_text())
+        ornt, tf = np.asarray(meta["ornt"]), meta["transpose_forward"]
+        ours_lab = np.load(ours / f"{cid}_label.npy")
+        row = {"case": cid, "ours_shape": list(ours_lab.shape)}
+        if not (theirs / f"{cid}_seg.npy").is_file():
+            rows.append({**row, "same_shape": False, "missing": "nnU-Net output"})
+            continue
+        seg = np.maximum(to_store_frame(np.load(theirs / f"{cid}_seg.npy")[0], ornt, tf), 0)
+        seg = label_map.to_index(seg)
+        row.update(nnunet_shape=list(seg.shape), same_shape=seg.shape == ours_lab.shape)
+        if row["same_shape"]:
+            differ = seg != ours_lab
+            row["label_agreement"] = float(1 - differ.mean())
+            row["label_voxels_differing"] = int(differ.sum())
+            # our resampling keeps a class that no output voxel would get (README: "rescued"); nnU-Net drops it
+            dropped = np.setdiff1d(np.unique(ours_lab), np.unique(seg))
+            row["classes_nnunet_dropped"] = dropped.tolist()
+            row["label_voxels_differing_not_rescued"] = int((differ & ~np.isin(ours_lab, dropped)).sum())
+            img = np.load(ours / f"{cid}_image.npy").astype(np.float64)
+            nn_img = np.stack([to_store_frame(c, ornt, tf) for c in np.load(theirs / f"{cid}.npy")]).astype(np.float64)
+            row["image_r"] = float(np.corrcoef(img.ravel(), nn_img.ravel())[0, 1])
+        rows.append(row)
+    return rows
+
+
+def ratios(runs: list[dict]) -> dict | None:
+    """Ours (whole `segpipe preprocess` command) vs nnUNetv2_preprocess at equal workers: cases/s ratio per
+    round (rows alternate ours, nnU-Net) and their median."""
+    ours = [r for r in runs if "CLI" in r["mode"]]
+    theirs = [r for r in runs if r["tool"] != "seg-pipeline"]
+    if not ours or not theirs:
+        return None
+    per_round = [a["cases_per_s"] / b["cases_per_s"] for a, b in zip(ours, theirs)]
+    cpu = [b["cpu_s_per_case"] / a["cpu_s_per_case"] for a, b in zip(ours, theirs)]
+    return {"cases_per_s_ratio": per_round, "median": float(np.median(per_round)),
+            "cpu_s_per_case_ratio": cpu, "cpu_median": float(np.median(cpu))}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -263,6 +349,20 @@ def markdown(results: dict) -> str:
                          f"{r['cpu_s_per_case']:.2f} | "
                          f"{per} | {r['peak_rss_tree_MiB']:.0f} | {r['store_MB']:.1f} |")
         lines.append("")
+        if info.get("ratio_vs_nnunet"):
+            rt = info["ratio_vs_nnunet"]
+            lines += [f"Whole command, ours vs nnU-Net at equal workers: **{rt['median']:.2f}x** the cases/s (rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in rt['cases_per_s_ratio'])}); CPU s/case {rt['cpu_median']:.2f}x less.", ""]
+        if info.get("nnunet_target_spacing"):
+            lines += [f"Target spacing: nnU-Net's plan {[round(x, 4) for x in info['nnunet_target_spacing']]}, "
+                      f"ours {[round(x, 4) for x in info['our_target_spacing']]} (store axis order).", ""]
+        if info.get("agreement"):
+            ag = info["agreement"]
+            lines += [f"Agreement with nnU-Net's preprocessed cases: {ag['same_shape']}/{ag['cases']} same shape, "
+                      f"labels identical voxel for voxel in {ag['labels_identical']}/{ag['same_shape']} "
+                      f"(lowest share {ag['label_agreement_min']}); identical except the voxels of classes nnU-Net "
+                      f"drops and we rescue (README, resampling) in {ag['labels_identical_but_rescued']}/"
+                      f"{ag['same_shape']} ({ag['rescued_voxels']} voxels in all); image r >= {ag['image_r_min']}.", ""]
     if any(r["tool"] != "seg-pipeline" for info in results["sets"].values() for r in info["runs"]):
         lines += ["CLI and nnU-Net rows are whole commands measured from outside (start-up, workers and shutdown "
                   "included); the in-process and dask rows time `run_preprocessing` alone on a running cluster.", "",
@@ -272,16 +372,24 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CT_NAME = "CT at several spacings"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=None, help="hippocampus cases (default: all 208)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-in-process", action="store_true")
+    parser.add_argument("--no-dask", action="store_true", help="skip the in-cluster `run_preprocessing` rows")
     parser.add_argument("--no-cli", action="store_true",
-                        help="skip the end-to-end `segpipe preprocess` rows (hippocampus, one per --workers)")
-    parser.add_argument("--skip-hippocampus", action="store_true", help="only the synthetic set")
+                        help="skip the end-to-end `segpipe preprocess` rows (hippocampus, CT; one per --workers)")
+    parser.add_argument("--skip-hippocampus", action="store_true", help="only the synthetic and CT sets")
     parser.add_argument("--synthetic-cases", type=int, default=4, help="0 to skip the large synthetic set")
     parser.add_argument("--synthetic-size", type=int, default=256)
+    parser.add_argument("--ct-cases", type=int, default=0,
+                        help="CT volumes rebuilt from the TotalSegmentator case at CT_SPACINGS (0: skip; the issue's set: 20)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of the whole-command rows, ours and nnU-Net's alternating")
     parser.add_argument("--with-nnunet", type=Path, default=None, metavar="VENV",
                         help="also run nnUNetv2_preprocess from this venv (e.g. ../nnunet_ref/venv)")
     parser.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF,
@@ -296,6 +404,15 @@ def main(argv=None) -> int:
         results["complete"] = final
         return write_results("preprocess", results, markdown(results), lambda nf: plot(results, nf), args.out)
 
+    def add(info: dict, name: str, row: dict) -> None:
+        row["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        info["runs"].append(row)
+        info["ratio_vs_nnunet"] = ratios(info["runs"])
+        save()
+        print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.3f} CPU s/case, "
+              f"peak RSS/worker {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, "
+              f"tree {row['peak_rss_tree_MiB']:.0f} MiB, load {row['load_average'][0]}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:
         tmp = Path(tmp_name)
         hippo = load_dataset(SHARED / "Task04_Hippocampus")
@@ -306,38 +423,61 @@ def main(argv=None) -> int:
             large = load_dataset(make_large_dataset(hippo, tmp / "large", args.synthetic_cases, args.synthetic_size))
             sets.append((f"synthetic {args.synthetic_size}^3", large,
                          f"hippocampus upsampled to {args.synthetic_size}^3, spacing 0.5 mm +- 10% (every case resampled), .nii"))
+        ct_ref = None
+        if args.ct_cases:
+            nn_raw = tmp / "nnunet_raw_ct" if args.with_nnunet else None
+            ct = load_dataset(make_ct_dataset(tmp / "ct", args.ct_cases, nn_raw))
+            sets.append((CT_NAME, ct, "the TotalSegmentator CT case (41 labels) rebuilt at in-plane 0.75-1.3 mm and "
+                         "z 1.25-3 mm, .nii.gz int16; every case resampled"))
+            if args.with_nnunet:
+                ct_ref = nnunet_plan(args.with_nnunet, 990, "Dataset990_CTSpacings", nn_raw, tmp / "nnunet_ct_ref",
+                                     max(args.workers))
         for name, dataset, description in sets:
             plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
             conf = plans.configuration(CONFIG)
-            info = {"cases": len(dataset.cases), "description": description + f"; target spacing {conf.spacing}, "
-                    f"patch {conf.patch_size}", "runs": []}
+            info = {"cases": len(dataset.cases), "description": description + f"; target spacing "
+                    f"{[round(x, 3) for x in conf.spacing]}, patch {conf.patch_size}", "runs": []}
             results["sets"][name] = info
-            modes = ([] if args.no_in_process else [None]) + list(args.workers)
-            for workers in modes:
-                row = run_ours(dataset, plans, workers, tmp)
-                info["runs"].append(row)
-                save()
-                print(f"{name}: {row['mode']} {row['workers']} worker(s): {row['cases_per_s']:.2f} cases/s, "
-                      f"{row['cpu_s_per_case']:.2f} CPU s/case, "
-                      f"peak RSS/worker {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
-            if not args.no_cli and name == "Task04_Hippocampus":
+            if name == CT_NAME and ct_ref is not None:
+                nn_plans = json.loads((ct_ref / "preprocessed" / "Dataset990_CTSpacings" / "nnUNetPlans.json").read_text())
+                info["nnunet_target_spacing"] = nn_plans["configurations"][CONFIG]["spacing"]
+                info["our_target_spacing"] = list(conf.spacing)
+            if name != CT_NAME:
+                modes = ([] if args.no_in_process else [None]) + ([] if args.no_dask else list(args.workers))
+                for workers in modes:
+                    add(info, name, run_ours(dataset, plans, workers, tmp))
+            whole = name in ("Task04_Hippocampus", CT_NAME)
+            for round_ in range(args.rounds if whole else 0):
                 for workers in args.workers:
-                    row = run_cli(dataset, plans, workers, tmp)
-                    info["runs"].append(row)
-                    save()
-                    print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
-                          f"tree {row['peak_rss_tree_MiB']:.0f} MiB")
-            if args.with_nnunet and name == "Task04_Hippocampus":
-                raw = args.nnunet_ref / "raw"
-                if args.cases:  # the same cases as ours
-                    raw = nnunet_subset_raw(raw, "Dataset004_Hippocampus", [c.case_id for c in dataset.cases],
-                                            tmp / "nnunet_raw_subset")
-                for workers in args.workers:
-                    row = run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw, args.nnunet_ref)
-                    info["runs"].append(row)
-                    save()
-                    print(f"{name}: {row['mode']}: {row['cases_per_s']:.2f} cases/s, {row['cpu_s_per_case']:.2f} CPU s/case, "
-                          f"peak RSS {[round(p) for p in row['peak_rss_per_worker_MiB']]} MiB, tree {row['peak_rss_tree_MiB']:.0f} MiB")
+                    check = round_ == 0 and name == CT_NAME and ct_ref is not None
+                    if not args.no_cli:
+                        keep = (lambda store: save_store_cases(store, tmp / "ours_ct")) if check else None
+                        add(info, name, run_cli(dataset, plans, workers, tmp, inspect=keep))
+                    if args.with_nnunet and name == "Task04_Hippocampus":
+                        raw = args.nnunet_ref / "raw"
+                        if args.cases:  # the same cases as ours
+                            raw = nnunet_subset_raw(raw, "Dataset004_Hippocampus", [c.case_id for c in dataset.cases],
+                                                    tmp / "nnunet_raw_subset")
+                        add(info, name, run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw,
+                                                   args.nnunet_ref))
+                    if ct_ref is not None and name == CT_NAME:
+                        python = args.with_nnunet / "bin" / "python"
+                        keep = (lambda out: save_nnunet_cases(python, out, tmp / "nnunet_ct")) if check else None
+                        add(info, name, run_nnunet(args.with_nnunet, 990, "Dataset990_CTSpacings", workers, tmp,
+                                                   tmp / "nnunet_raw_ct", ct_ref, inspect=keep))
+                    if check and not args.no_cli:
+                        rows = agreement(tmp / "ours_ct", tmp / "nnunet_ct", dataset.label_map)
+                        matched = [r for r in rows if r["same_shape"]]
+                        info["agreement"] = {
+                            "cases": len(rows), "same_shape": len(matched),
+                            "labels_identical": sum(r["label_voxels_differing"] == 0 for r in matched),
+                            "labels_identical_but_rescued": sum(r["label_voxels_differing_not_rescued"] == 0
+                                                                for r in matched),
+                            "rescued_voxels": sum(r["label_voxels_differing"] - r["label_voxels_differing_not_rescued"] for r in matched),
+                            "label_agreement_min": min((r["label_agreement"] for r in matched), default=None),
+                            "image_r_min": min((r["image_r"] for r in matched), default=None), "per_case": rows}
+                        save()
+                        print(f"{name}: agreement {json.dumps({k: v for k, v in info['agreement'].items() if k != 'per_case'})}")
     paths = save(final=True)
     print(f"-> {paths['md']}")
     return 0
