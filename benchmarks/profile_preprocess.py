@@ -179,7 +179,8 @@ def markdown(result: dict, before: dict | None = None) -> str:
 
 def plot(result: dict, new_figure):
     """A stacked bar of stage shares per case set."""
-    fig, ax = new_figure(9, 4)
+    fig, axes = new_figure(9, 4)
+    ax = axes[0][0]
     sets = result["sets"]
     bottom = np.zeros(len(sets))
     for stage in result["stages"]:
@@ -189,7 +190,6 @@ def plot(result: dict, new_figure):
     ax.set_ylabel("% of the case's wall time")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title("Where a preprocessed case's time goes", fontsize=10)
-    fig.tight_layout()
     return fig
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy.ndimage import affine_transform
+from scipy.ndimage import affine_transform, binary_fill_holes
 
 from pipeline.data.dataset import load_dataset, read_case
 from pipeline.errors import BadInputError
@@ -18,8 +18,9 @@ from pipeline.inference.export import restore_label, restore_probabilities, writ
 from pipeline.planning.fingerprint import compute_fingerprint
 from pipeline.planning.planner import plan_experiment
 from pipeline.planning.plans import ChannelNormalization
-from pipeline.preprocessing.normalization import normalize_channel
-from pipeline.preprocessing.preprocess import preprocess_case, run_preprocessing
+from pipeline.preprocessing import preprocess as preprocess_module
+from pipeline.preprocessing.normalization import nonzero_mask, normalize_channel
+from pipeline.preprocessing.preprocess import case_batches, preprocess_case, run_preprocessing
 from pipeline.preprocessing.resampling import resample_image, resample_label
 from pipeline.preprocessing.store import open_store
 
@@ -255,7 +256,8 @@ def test_a_broken_case_is_reported_by_id_while_the_others_finish(hippocampus, tm
     assert open_store(tmp_path / "store.zarr", "r").config("3d_fullres").case_ids() == [ids[0], ids[2]]
 
 
-def test_dask_gives_the_same_store_as_in_process(hippo4, dask_client, tmp_path):
+def test_dask_gives_the_same_store_as_in_process(hippo4, dask_client, tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess_module, "TASKS_PER_WORKER", 1)  # two tasks of two cases each: batches
     plans = planned(hippo4)
     local = run_preprocessing(hippo4, plans, "3d_fullres", tmp_path / "local.zarr", progress=False)
     remote = run_preprocessing(hippo4, plans, "3d_fullres", tmp_path / "dask.zarr", client=dask_client, progress=False)
@@ -268,6 +270,28 @@ def test_dask_gives_the_same_store_as_in_process(hippo4, dask_client, tmp_path):
         np.testing.assert_array_equal(a.label(cid)[...], b.label(cid)[...])
         np.testing.assert_array_equal(a.locations(cid), b.locations(cid))
         assert a.meta(cid) == b.meta(cid)
+
+
+def test_small_cases_travel_in_batches_and_a_large_one_alone(hippocampus, monkeypatch):
+    ds = load_dataset(hippocampus)
+    ids = [c.case_id for c in ds.cases]
+    batches = case_batches(ds, ids, workers=2)
+    assert [c for b in batches for c in b] == ids  # every case once, in order
+    assert len(batches) >= 2 * preprocess_module.TASKS_PER_WORKER  # both workers kept busy to the end
+    assert max(len(b) for b in batches) > 1 and max(len(b) for b in batches) <= preprocess_module.BATCH_CASES
+    monkeypatch.setattr(preprocess_module, "BATCH_BYTES", 1)  # every case is "large" now
+    assert case_batches(ds, ids[:5], workers=1) == [[c] for c in ids[:5]]
+    assert case_batches(ds, [], workers=2) == []
+
+
+def test_the_nonzero_mask_fills_holes_as_nnunet_on_the_whole_array():
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 12, 3))
+        image = np.zeros((1, *shape), dtype=np.float32)
+        box = tuple(slice(int(rng.integers(0, n)), None) for n in shape)  # masks away from the border too
+        image[(0, *box)] = rng.random(image[(0, *box)].shape) < rng.uniform(0.3, 0.95)
+        np.testing.assert_array_equal(nonzero_mask(image), binary_fill_holes(image[0] != 0), err_msg=str(trial))
 
 
 def _heartbeat_filter_installed() -> bool:
