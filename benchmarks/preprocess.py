@@ -394,6 +394,9 @@ def main(argv=None) -> int:
                         help="also run nnUNetv2_preprocess from this venv (e.g. ../nnunet_ref/venv)")
     parser.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF,
                         help="folder with nnU-Net's raw/ and preprocessed/ (plans, fingerprint) of Dataset004_Hippocampus")
+    parser.add_argument("--nnunet-ct-ref", type=Path, default=None,
+                        help="nnU-Net's fingerprint and plans of this script's CT set made earlier (a folder holding "
+                             "preprocessed/Dataset990_CTSpacings): skips planning it again (the volumes are deterministic)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -429,7 +432,9 @@ def main(argv=None) -> int:
             ct = load_dataset(make_ct_dataset(tmp / "ct", args.ct_cases, nn_raw))
             sets.append((CT_NAME, ct, "the TotalSegmentator CT case (41 labels) rebuilt at in-plane 0.75-1.3 mm and "
                          "z 1.25-3 mm, .nii.gz int16; every case resampled"))
-            if args.with_nnunet:
+            if args.with_nnunet and args.nnunet_ct_ref:
+                ct_ref = args.nnunet_ct_ref
+            elif args.with_nnunet:
                 ct_ref = nnunet_plan(args.with_nnunet, 990, "Dataset990_CTSpacings", nn_raw, tmp / "nnunet_ct_ref",
                                      max(args.workers))
         for name, dataset, description in sets:
