@@ -8,8 +8,9 @@ runs, not a copy of it:
   timed again on its own on the case's file-order arrays and split off the read, then the store
   axis order and label value -> index mapping are added to it;
 * crop, normalise, resample image, resample labels, pad, foreground locations;
-* hashing (the raw files' sha256 stamps), Zarr encode and write (the three arrays), metadata
-  (opening the store, the case group and its attributes, the `complete` flag, `CaseMeta`);
+* hashing (the raw files' sha256 stamps), Zarr encode and write (the case encoded in memory and
+  its files written), metadata (opening the store - once for the hippocampus cases, as a batch
+  task does - the `complete` flag, `CaseMeta`);
 * other: the rest of the task's wall time (error handling, summaries).
 
 Cases: hippocampus (small 1 mm MRI, no resampling; per-case mean over `--hippocampus` cases), the
@@ -50,7 +51,7 @@ from pipeline.data.dataset import load_dataset  # noqa: E402
 from pipeline.data.nifti import geometry_of, to_ras  # noqa: E402
 from pipeline.planning.fingerprint import compute_fingerprint  # noqa: E402
 from pipeline.planning.planner import plan_experiment  # noqa: E402
-from pipeline.preprocessing.preprocess import StageTimes, preprocess_and_write  # noqa: E402
+from pipeline.preprocessing.preprocess import StageTimes, open_config_store, preprocess_and_write  # noqa: E402
 from pipeline.preprocessing.store import config_attrs, open_store  # noqa: E402
 
 CONFIG = "3d_fullres"
@@ -71,11 +72,13 @@ def _reorient_seconds(dataset, case_id: str) -> float:
     return seconds
 
 
-def profile_case(dataset, plans, case_id: str, store_path: Path) -> dict:
-    """One run of `preprocess_and_write` on one case: seconds per stage, wall and CPU seconds."""
+def profile_case(dataset, plans, case_id: str, store_path: Path, config_store=None) -> dict:
+    """One run of `preprocess_and_write` on one case: seconds per stage, wall and CPU seconds.
+    `config_store`: the store opened once for several cases, as `preprocess_batch` does."""
     clock = StageTimes()
     cpu, start = time.process_time(), time.perf_counter()
-    result = preprocess_and_write(dataset, case_id, plans, CONFIG, str(store_path), clock=clock)
+    result = preprocess_and_write(dataset, case_id, plans, CONFIG, str(store_path), clock=clock,
+                                  config_store=config_store)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if not result["ok"]:
         raise RuntimeError(f"{case_id}: {result['message']}")
@@ -101,7 +104,10 @@ def _profile_set(name: str, description: str, dataset, plans, case_ids: list[str
     """Per-stage seconds of one case: the median over repeats (one case) or the mean over cases (several)."""
     store = _fresh_store(tmp, dataset, plans)
     profile_case(dataset, plans, case_ids[0], store)  # warm-up: caches (resampling weights), imports
-    runs = [profile_case(dataset, plans, cid, store) for cid in case_ids for _ in range(repeats if len(case_ids) == 1 else 1)]
+    # several cases share one open store, as the cases of a Dask task do (`preprocess_batch`)
+    shared = open_config_store(str(store), plans, CONFIG) if len(case_ids) > 1 else None
+    runs = [profile_case(dataset, plans, cid, store, shared) for cid in case_ids
+            for _ in range(repeats if len(case_ids) == 1 else 1)]
     pick = statistics.median if len(case_ids) == 1 else statistics.fmean
     stages = {s: pick([r["stages"][s] for r in runs]) for s in STAGES}
     shutil.rmtree(store, ignore_errors=True)
