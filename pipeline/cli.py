@@ -37,6 +37,9 @@ EXAMPLES = {
     "import-msd": "segpipe import-msd Task04_Hippocampus.tar --dest data/",
     "convert": "segpipe convert data/Task04_Hippocampus data/Dataset004_Hippocampus --to nnunetv2",
     "verify": "segpipe verify work/hippo/store.zarr",
+    "import-nnunet": "segpipe import-nnunet nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres "
+                     "--workdir work/hippo_nnunet",
+    "export-nnunet": "segpipe export-nnunet --workdir work/hippo --config 3d_fullres nnUNet_results",
 }
 
 
@@ -182,10 +185,43 @@ def cmd_predict(args) -> int:
         args.workdir, args.input_dir, args.output_dir, config=args.config, fold=args.fold, tta=not args.no_tta,
         save_probabilities=args.save_probabilities, num_workers=args.num_workers, ray_address=args.ray_address,
         progress=not args.json, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        resources_timeout_s=args.resources_timeout_s or 600.0,
+        resources_timeout_s=args.resources_timeout_s or 600.0, checkpoint=args.checkpoint, step=args.step_size,
     )
     _emit(args, report.to_json(), str(report))
     return 0
+
+
+def cmd_import_nnunet(args) -> int:
+    from pipeline import stages
+
+    report = stages.import_nnunet(args.results_folder, args.workdir, _fold_list(args.fold))
+    _emit(args, report.to_json(), str(report))
+    return 0
+
+
+def cmd_export_nnunet(args) -> int:
+    from pipeline import stages
+
+    report = stages.export_nnunet(args.workdir, args.output_dir, config=args.config, folds=_fold_list(args.fold),
+                                  dataset_id=args.dataset_id)
+    _emit(args, report.to_json(), str(report))
+    return 0
+
+
+def _fold_list(text: str | None) -> list[str] | None:
+    from pipeline.inference.predictor import parse_folds
+
+    return None if text is None else parse_folds(text)
+
+
+def _step_size(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction of the patch), got {text}")
+    return value
 
 
 def cmd_evaluate(args) -> int:
@@ -408,11 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="3d_fullres",
                    help="a configuration; `best` for what `segpipe find-best` chose; or a comma list "
                         "(3d_fullres,3d_lean) whose probabilities are averaged (default 3d_fullres)")
-    p.add_argument("--fold", default=None,
-                   help="fold(s) to ensemble, e.g. 0,1,2,3,4 (default 0; for `best` or a list: the "
-                        "cross-validated folds, else every trained fold)")
+    p.add_argument("--fold", default=None, metavar="0,1,2,3,4",
+                   help="fold(s) to ensemble (default: every fold with a trained model, as nnUNetv2_predict; for "
+                        "`best` or a list: the cross-validated folds, else every trained fold)")
+    p.add_argument("--checkpoint", choices=["final", "best"], default="final",
+                   help="model_final.pt (default) or model_best.pt (nnU-Net's checkpoint_best)")
+    p.add_argument("--step-size", type=_step_size, default=0.5, metavar="S",
+                   help="sliding-window step as a fraction of the patch (default 0.5, nnU-Net's; larger is faster)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
-    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also OUTPUT/CASE.npz (class probabilities, RAS order) and OUTPUT/nnunet/ (nnU-Net's .npz + "
+                        ".pkl layout, for nnUNetv2_ensemble)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
     p.add_argument("--ray-address", default=None)
     _add_resources(p)
@@ -473,6 +515,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--to", choices=["nnunetv2", "msd"], required=True)
 
+    p = add("import-nnunet", "an nnU-Net v2 trained-model folder into a workdir, so that `segpipe predict` runs it")
+    p.add_argument("results_folder", help="nnUNet_results/DatasetNNN_Name/TRAINER__PLANS__CONFIG (dataset.json, "
+                                          "plans.json, fold_K/checkpoint_final.pth)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--fold", default=None, metavar="0,1,...", help="folds to import (default: every fold with a checkpoint)")
+
+    p = add("export-nnunet", "a trained configuration written as an nnU-Net v2 results folder (nnUNetv2_predict reads it)")
+    p.add_argument("output_dir", help="an nnUNet_results folder: receives DatasetNNN_Name/nnUNetTrainer__nnUNetPlans__CONFIG/")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=None, help="(default: the one configuration with trained folds)")
+    p.add_argument("--fold", default=None, metavar="0,1,...", help="folds to export (default: every trained fold)")
+    p.add_argument("--dataset-id", type=int, default=None,
+                   help="nnU-Net's dataset number (default: from the dataset name, TaskNN_/DatasetNNN_, else 999)")
+
     p = add("verify", "read every chunk of a preprocessed store; report corrupt or missing data (exit 2)")
     p.add_argument("store", help="a store.zarr folder (or fsspec URL)")
     p.add_argument("--repair", action="store_true",
@@ -485,6 +541,7 @@ HANDLERS = {
     "validate": cmd_validate, "fingerprint": cmd_fingerprint, "plan": cmd_plan, "preprocess": cmd_preprocess,
     "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "evaluate-cv": cmd_evaluate_cv, "find-best": cmd_find_best, "run": cmd_run, "demo": cmd_demo,
     "import-msd": cmd_import_msd, "convert": cmd_convert, "verify": cmd_verify,
+    "import-nnunet": cmd_import_nnunet, "export-nnunet": cmd_export_nnunet,
 }
 
 

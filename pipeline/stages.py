@@ -137,8 +137,10 @@ def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0
 def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
             config: str = "3d_fullres", fold: str | int | Sequence | None = None, **options):
     """Every case of `input_dir` predicted into `output_dir` (CASE plus the input's ending, in its format and geometry),
-    skipping cases already there; `options` as `inference.predict.predict_folder` (tta,
-    num_workers, ray_address, save_probabilities, ...). Returns the `PredictReport`.
+    skipping cases already there; `fold` None ensembles every trained fold (as nnUNetv2_predict);
+    `options` as `inference.predict.predict_folder` (tta, num_workers, ray_address, checkpoint, step,
+    save_probabilities, ...). With `save_probabilities`, `output_dir/nnunet/` also gets them in nnU-Net's
+    layout for `nnUNetv2_ensemble` (`interop.nnunet.write_probabilities`). Returns the `PredictReport`.
 
     `config` may also be `best` (what `find_best` chose) or a comma list of configurations: their
     probabilities are averaged (`inference.ensemble`; `fold` None: the cross-validated folds)."""
@@ -151,8 +153,37 @@ def predict(workdir: WorkdirLike, input_dir: str | os.PathLike, output_dir: str 
                                       fold=fold, **options)
     from pipeline.inference.predict import predict_folder
 
-    return predict_folder(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config=config,
-                          fold="0" if fold is None else fold, **options)
+    report = predict_folder(Workdir.at(workdir), as_path(input_dir), as_path(output_dir), config=config, fold=fold,
+                            **options)
+    if options.get("save_probabilities"):
+        from pipeline.interop.nnunet import PROBABILITIES_DIR, write_probabilities
+
+        try:
+            write_probabilities(workdir, config, report.folds[0], as_path(input_dir), as_path(output_dir))
+        except BadInputError as exc:  # ours are written; nnU-Net's layout cannot express this model
+            log.warning("probabilities not written in nnU-Net's layout (%s/): %s", PROBABILITIES_DIR, exc)
+    return report
+
+
+def import_nnunet(results_folder: str | os.PathLike, workdir: WorkdirLike, folds: Sequence | None = None):
+    """An nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_K/checkpoint_*.pth, post-processing)
+    converted into the workdir, so that `predict` runs it; BadInputError for what does not map one to
+    one (other trainers or architectures, unsafe checkpoint content, missing folds). Returns the `ImportReport`."""
+    from pipeline.interop.nnunet import import_results_folder
+
+    return import_results_folder(results_folder, Workdir.at(workdir), None if folds is None else [str(f) for f in folds])
+
+
+def export_nnunet(workdir: WorkdirLike, output_dir: str | os.PathLike, config: str | None = None,
+                  folds: Sequence | None = None, dataset_id: int | None = None):
+    """Trained folds of `config` (default: the one trained configuration) written as an nnU-Net v2 results
+    folder `output_dir/DatasetNNN_Name/nnUNetTrainer__nnUNetPlans__<config>/` that nnUNetv2_predict reads.
+    Returns the `ExportReport`."""
+    from pipeline.interop.nnunet import export_run
+
+    wd = Workdir.at(workdir)
+    return export_run(wd, as_path(output_dir), config or trained_config(wd),
+                      None if folds is None else [str(f) for f in folds], dataset_id)
 
 
 def evaluate(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,

@@ -121,9 +121,20 @@ def test_the_stages_follow_the_data_flow():
     assert not offences, "\n".join(offences)
 
 
+def test_no_stage_imports_the_interop_package():
+    """`interop` (other tools' formats) sits beside the flow: it may use every stage, no stage uses it."""
+    stages = ("data", "planning", "preprocessing", "training", "inference", "evaluation")
+    offences = [f"{name}:{line} imports {target}" for name, imports in _imports(_modules()).items()
+                if name.split(".")[1:2] and name.split(".")[1] in stages
+                for target, _, line in imports if target.startswith("pipeline.interop")]
+    assert not offences, "\n".join(offences)
+
+
 def test_the_stage_packages_mirror_the_flow_diagram():
     for package in ("data", "planning", "preprocessing", "training", "inference", "evaluation"):
         assert (PACKAGE / package / "__init__.py").is_file(), package
+    packages = sorted(d.name for d in PACKAGE.iterdir() if (d / "__init__.py").is_file())
+    assert packages == ["data", "evaluation", "inference", "interop", "planning", "preprocessing", "training"], packages
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert top == ["__init__", "cli", "config_docs", "console", "errors", "parallel", "plotting", "run", "stages",
                    "storage", "workdir"], top

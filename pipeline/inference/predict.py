@@ -19,6 +19,7 @@ from pipeline.errors import BadInputError, Problem
 from pipeline.inference.predictor import (
     ModelSpec,
     Predictor,
+    available_folds,
     find_model,
     npz_path,
     parse_folds,
@@ -136,7 +137,7 @@ def _is_done(output_dir: Path, case, save_probabilities: bool) -> bool:
     return out.exists() and (not save_probabilities or npz_path(out).is_file())
 
 
-def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence = "0",
+def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence | None = None,
                    tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
                    ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
                    step: float = 0.5, batch_size: int = 2, device: str | None = None,
@@ -144,7 +145,8 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
                    resources_timeout_s: float = 600.0) -> PredictReport:
     """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.<the input's ending>, skipping cases already written.
 
-    Several folds ('0,1,2') average their probabilities. The post-processing rule beside the model
+    Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
+    nnUNetv2_predict does (`predictor.available_folds`). The post-processing rule beside the model
     (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
     the cases are spread over Ray workers, each loading the model once (`pipeline.inference.ray_backend`);
     otherwise they run one after another in this process. Cases with bad input are reported and the
@@ -160,7 +162,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
     if blocked is not None and not blocked.is_dir():
         raise BadInputError(f"output folder {output_dir} cannot be made: "
                             f"{'it' if blocked == output_dir else blocked} is an existing file, not a folder")
-    folds = parse_folds(fold)
+    folds = parse_folds(fold) if fold is not None else available_folds(wd, config, checkpoint)  # nnU-Net's default
     run_dirs = find_model(wd, config, folds, checkpoint)
     if str(input_dir).rstrip("/") == str(output_dir).rstrip("/") or (
             not is_url(output_dir) and output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve()):

@@ -54,9 +54,27 @@ def parse_folds(fold: str | int | Sequence) -> list[str]:
     return list(dict.fromkeys(folds))
 
 
-def find_model(workdir, config: str, fold: str | int | Sequence = "0", checkpoint: str = "final") -> list[Path]:
-    """The run folders of the requested folds, or a SegPipeError saying which command makes them."""
+def available_folds(workdir, config: str, checkpoint: str = "final") -> list[str]:
+    """The folds of `config` with a model_<checkpoint>.pt, as nnUNetv2_predict finds them: the numbered
+    folds in order ('all' only when there is no numbered one), or a SegPipeError saying how to make one."""
     wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    root = wd.runs / config
+    names = [d.name.removeprefix("fold_") for d in root.iterdir() if d.is_dir() and d.name.startswith("fold_")
+             and model_file(d, checkpoint).is_file()] if root.is_dir() else []
+    numbered = sorted((n for n in names if n.isdigit()), key=int)
+    if numbered or names:
+        return numbered or sorted(names)
+    train = f"segpipe train --workdir {wd.root}" + (f" --config {config}" if config != "3d_fullres" else "") + " --fold 0"
+    raise SegPipeError(f"no trained model for configuration {config} in {root} (no fold_K/{model_file(root, checkpoint).name}): "
+                       f"train one with `{train}` or import one with `segpipe import-nnunet`")
+
+
+def find_model(workdir, config: str, fold: str | int | Sequence | None = None, checkpoint: str = "final") -> list[Path]:
+    """The run folders of the requested folds (None: every available fold, `available_folds`), or a
+    SegPipeError saying which command makes them."""
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.at(workdir)
+    if fold is None:
+        fold = available_folds(wd, config, checkpoint)
     run_dirs = []
     for f in parse_folds(fold):
         run_dir = wd.run_dir(config, f)
@@ -128,7 +146,7 @@ class Predictor:
                    dataclasses.replace(spec, device=str(device)))
 
     @classmethod
-    def load(cls, workdir, config: str = "3d_fullres", fold: str | int | Sequence = "0", **options) -> Predictor:
+    def load(cls, workdir, config: str = "3d_fullres", fold: str | int | Sequence | None = "0", **options) -> Predictor:
         """`options` are ModelSpec fields (checkpoint, tta, step, batch_size, device, accumulate)."""
         checkpoint = options.get("checkpoint", "final")
         run_dirs = find_model(workdir, config, fold, checkpoint)
