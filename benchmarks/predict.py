@@ -182,19 +182,6 @@ def make_nnunet_model(python: str, ref: Path, results: Path, weights_out: Path) 
     return {**run.output, "build_s": round(run.wall_s, 1)}
 
 
-def nnunet_to_ours(state: dict) -> dict:
-    """nnU-Net's PlainConvUNet state dict under our module names (the aliases nnU-Net keeps are dropped)."""
-    out = {}
-    for key, value in state.items():
-        if ".all_modules." in key or key.startswith("decoder.encoder."):
-            continue  # the same tensors again, under a second name
-        k = re.sub(r"^encoder\.stages\.(\d+)\.0\.convs\.(\d+)\.", r"encoder.\1.\2.", key)
-        k = re.sub(r"^decoder\.stages\.(\d+)\.convs\.(\d+)\.", r"decoder.\1.\2.", k)
-        k = re.sub(r"^decoder\.(transpconvs|seg_layers)\.", r"\1.", k)
-        out[k.replace(".conv.", ".0.").replace(".norm.", ".1.")] = value
-    return out
-
-
 def topology_check(plans, nnunet_plans: Path) -> dict:
     """Our 3d_fullres configuration against nnU-Net's, field by field (both in (z, y, x) = our store order)."""
     ours = plans.configuration(CONFIG)
@@ -217,6 +204,7 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple
     import torch
     from inference import make_model  # benchmarks/inference.py: plans + a seeded untrained model file
 
+    from pipeline.interop.nnunet_weights import load_nnunet_weights
     from pipeline.training.loop import save_model_file
     from pipeline.training.model import build_network
 
@@ -224,7 +212,7 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple
     info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run"}
     if nnunet_weights is not None and nnunet_weights.is_file():
         net = build_network(plans.configuration(CONFIG), len(plans.channels), len(plans.label_values))
-        net.load_state_dict(nnunet_to_ours(torch.load(nnunet_weights, weights_only=True)), strict=True)
+        load_nnunet_weights(net, torch.load(nnunet_weights, weights_only=True), str(nnunet_weights))  # strict
         save_model_file(wd.run_dir(CONFIG, "0") / "model_final.pt", net, configuration=CONFIG, epoch=0, ema_dice=None,
                         num_input_channels=len(plans.channels), num_classes=len(plans.label_values),
                         label_values=list(plans.label_values), plans_hash=plans.hash(CONFIG))

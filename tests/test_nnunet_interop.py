@@ -286,6 +286,9 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
     folder = nnunet_folder(tmp_path / "r", {"0": net}, payload=_RunsCodeWhenUnpickled(marker))
     _refused(capsys, tmp_path, folder, match="refused to load")
     assert not marker.exists()
+    live = tmp_path / "payload_is_live"  # the same payload, unpickled plainly, does run
+    pickle.loads(pickle.dumps(_RunsCodeWhenUnpickled(live))).close()
+    assert live.exists()
 
 
 def test_postprocessing_pickle_that_would_run_code_is_refused(tmp_path, capsys):
