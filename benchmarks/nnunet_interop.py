@@ -39,6 +39,7 @@ from harness import (  # noqa: E402
     NNUNET_REF,
     RESULTS,
     SHARED,
+    finish_machine,
     machine_info,
     machine_line,
     md_table,
@@ -124,6 +125,33 @@ def agreement(a_dir: Path, b_dir: Path, case_ids: list[str]) -> dict:
             "mean": round(sum(values) / len(values), 6) if values else None, "cases": len(values)}
 
 
+def probability_difference(ours_dir: Path, nnunet_dir: Path, case_ids: list[str]) -> dict:
+    """Largest and mean absolute difference of the softmax probabilities both tools wrote in nnU-Net's layout
+    (CASE.npz `probabilities`, (classes, z, y, x)); ours are stored as float16 (resolution ~5e-4 near 1)."""
+    import numpy as np
+
+    per_case = {}
+    for case in case_ids:
+        a, b = ours_dir / f"{case}.npz", nnunet_dir / f"{case}.npz"
+        if not (a.is_file() and b.is_file()):
+            per_case[case] = None
+            continue
+        with np.load(a) as fa, np.load(b) as fb:
+            x, y = fa["probabilities"].astype(np.float32), fb["probabilities"].astype(np.float32)
+        per_case[case] = ({"max_abs": round(float(np.abs(x - y).max()), 6), "mean_abs": round(float(np.abs(x - y).mean()), 7)}
+                          if x.shape == y.shape else {"shape_ours": list(x.shape), "shape_nnunet": list(y.shape)})
+    values = [v["max_abs"] for v in per_case.values() if v and "max_abs" in v]
+    return {"per_case": per_case, "max_abs": max(values) if values else None}
+
+
+def foreground_voxels(folder: Path, case_ids: list[str]) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    return int(sum(np.count_nonzero(np.asarray(nib.load(folder / f"{c}.nii.gz").dataobj))
+                   for c in case_ids if (folder / f"{c}.nii.gz").is_file()))
+
+
 def markdown(result: dict) -> str:
     a = result["agreement"]
     lines = [f"# nnU-Net v2 models in and out ({result['meta']['cases']} unseen Task04 cases, folds "
@@ -134,6 +162,9 @@ def markdown(result: dict) -> str:
              "", "## Agreement of the label maps (fraction of voxels equal; target >= 0.999)", "",
              md_table(["comparison", "min over cases", "mean"],
                       [[k, v["min"], v["mean"]] for k, v in a.items()]), "",
+             f"Softmax probabilities in nnU-Net's layout (ours from `--save-probabilities`, `OUTPUT/nnunet/`), largest "
+             f"absolute difference over every class and voxel: **{result['probabilities']['max_abs']}** (ours are "
+             f"stored as float16). Foreground voxels in nnU-Net's labels: {result['foreground_voxels_nnunet']}.", "",
              "## Steps (whole commands; s/case = wall / cases)", "",
              md_table(["step", "ok", "wall s", "s/case", "CPU s", "peak RSS tree MiB"],
                       [[r["step"], "yes" if r["ok"] else f"NO: {r.get('error', '')}", r["wall_s"], r.get("s_per_case", "–"),
@@ -203,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     n = len(test_ids)
 
     step(steps, "segpipe import-nnunet", [*segpipe, "import-nnunet", model, "--workdir", wd], ours_env, args.timeout)
-    step(steps, f"nnUNetv2_predict -f {' '.join(folds)}", [nn_bin / "nnUNetv2_predict", "-i", inputs, "-o", out / "nnunet",
-         "-d", DATASET_ID, "-c", CONFIG, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0"], env, args.timeout, n)
-    step(steps, "segpipe predict (in-process)", [*segpipe, "predict", "--workdir", wd, inputs, out / "ours"],
-         ours_env, args.timeout, n)
+    step(steps, f"nnUNetv2_predict -f {' '.join(folds)} --save_probabilities", [nn_bin / "nnUNetv2_predict", "-i", inputs,
+         "-o", out / "nnunet", "-d", DATASET_ID, "-c", CONFIG, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0",
+         "--save_probabilities"], env, args.timeout, n)
+    step(steps, "segpipe predict --save-probabilities (in-process)", [*segpipe, "predict", "--workdir", wd, inputs,
+         out / "ours", "--save-probabilities"], ours_env, args.timeout, n)
     step(steps, "segpipe predict --num-workers 2 (Ray)", [*segpipe, "predict", "--workdir", wd, inputs, out / "ours_ray",
                                                           "--num-workers", "2"], ours_env, args.timeout, n)
     exported = work / "exported_results"
@@ -216,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     step(steps, "nnUNetv2_predict on the exported folder", [nn_bin / "nnUNetv2_predict", "-i", inputs, "-o",
          out / "nnunet_exported", "-d", EXPORT_ID, "-c", CONFIG, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0"],
          nnunet_env(work, exported), args.timeout, n)
-    for fold in folds:
-        step(steps, f"segpipe predict --fold {fold} --save-probabilities", [*segpipe, "predict", "--workdir", wd, inputs,
-             out / f"ours_fold{fold}", "--fold", fold, "--save-probabilities"], ours_env, args.timeout, n)
-    step(steps, "nnUNetv2_ensemble on our probabilities", [nn_bin / "nnUNetv2_ensemble", "-i",
-         *[out / f"ours_fold{f}" / "nnunet" for f in folds], "-o", out / "ensemble", "-np", "1"], env, args.timeout)
+    if len(folds) > 1:
+        for fold in folds:
+            step(steps, f"segpipe predict --fold {fold} --save-probabilities", [*segpipe, "predict", "--workdir", wd,
+                 inputs, out / f"ours_fold{fold}", "--fold", fold, "--save-probabilities"], ours_env, args.timeout, n)
+    ensemble_inputs = [out / f"ours_fold{f}" / "nnunet" for f in folds] if len(folds) > 1 else [out / "ours" / "nnunet"]
+    step(steps, "nnUNetv2_ensemble on our probabilities", [nn_bin / "nnUNetv2_ensemble", "-i", *ensemble_inputs,
+         "-o", out / "ensemble", "-np", "1"], env, args.timeout)
 
     result_agreement = {
         "ours (in-process) vs nnUNetv2_predict": agreement(out / "ours", out / "nnunet", test_ids),
@@ -228,13 +262,19 @@ def main(argv: list[str] | None = None) -> int:
         "nnUNetv2_predict on our export vs on nnU-Net's own folder": agreement(out / "nnunet_exported", out / "nnunet", test_ids),
         "nnUNetv2_ensemble of our per-fold probabilities vs our fold ensemble": agreement(out / "ensemble", out / "ours", test_ids),
     }
+    probabilities = probability_difference(out / "ours" / "nnunet", out / "nnunet", test_ids)
+    foreground = foreground_voxels(out / "nnunet", test_ids)
+    if foreground == 0:
+        notes.append("nnU-Net's model predicts background everywhere on these cases (a few training iterations), so "
+                     "the label agreement is weak evidence; the probability difference compares every class's softmax")
     notes.append("our fold ensemble averages logits (as nnUNetv2_predict), nnUNetv2_ensemble averages the per-fold "
                  "probabilities (stored as float16 by segpipe): near-ties may differ")
-    result = {"benchmark": args.name, "device": "cpu", "machine": machine,
+    result = {"benchmark": args.name, "device": "cpu", "machine": finish_machine(machine),
               "meta": {"cases": n, "case_ids": test_ids, "train_cases": len(train_ids), "folds": folds,
                        "iterations": args.iterations, "reused_training": reused, "work": str(work),
                        "total_s": round(time.perf_counter() - start, 1)},
-              "agreement": result_agreement, "steps": steps, "notes": notes}
+              "agreement": result_agreement, "probabilities": probabilities, "foreground_voxels_nnunet": foreground,
+              "steps": steps, "notes": notes}
     paths = write_results(args.name, result, markdown(result), None, args.out)
     print(paths["md"].read_text())
     return 0 if all(r["ok"] for r in steps) else 1

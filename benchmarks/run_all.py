@@ -129,6 +129,7 @@ STEPS = [
          lambda c: (["--nnunet-python", c.nnunet_python, "--nnunet-preprocessed", str(c.nnunet_ref / "preprocessed")]
                     if c.nnunet_python and c.nnunet_ref else []), 0, 1800),
     Step("quality_vs_nnunet", "quality_vs_nnunet.py", None, _quality, 0, 6 * 3600, needs_workdir=True),
+    Step("nnunet_interop", "nnunet_interop.py", None, lambda c: [], 0, 2 * 3600),
 ]
 
 
@@ -444,6 +445,13 @@ def headline_rows() -> list[tuple]:
             _num(dice(nn), 3) if nn else "not run",
             f"{dice(ours) - dice(nn):+.3f}" if dice(ours) is not None and dice(nn) is not None else "–",
             _device(q), "quality_vs_nnunet.md", q)
+    ni = _read("nnunet_interop")
+    if ni and ni.get("agreement"):
+        a = ni["agreement"].get("ours (in-process) vs nnUNetv2_predict", {})
+        e = ni["agreement"].get("nnUNetv2_predict on our export vs on nnU-Net's own folder", {})
+        add(f"nnU-Net model imported: min voxel agreement with nnUNetv2_predict ({a.get('cases')} cases; our export "
+            "run by nnUNetv2_predict), target >= 0.999",
+            f"{_num(a.get('min'), 4)} ({_num(e.get('min'), 4)})", "–", "–", "CPU", "nnunet_interop.md", ni)
     th = _read("train_hippocampus")
     if th and th.get("foreground_mean_dice") is not None:
         pseudo = th.get("pseudo_foreground_dice")

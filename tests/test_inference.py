@@ -458,7 +458,7 @@ def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model,
     assert components(single == 2) > 1  # the untrained net leaves specks
     rule = PostprocessingRule(labels=(1, 2), keep_largest_per_class=(2,))
     rule.save(wd.run_dir(CONFIG, "0") / "postprocessing.json")
-    predict_folder(wd, inputs, tmp_path / "post", config=CONFIG, tta=False, progress=False)
+    predict_folder(wd, inputs, tmp_path / "post", config=CONFIG, fold="0", tta=False, progress=False)
     np.testing.assert_array_equal(read("post"), keep_largest(single, [2]))
     assert components(read("post") == 2) == 1
 

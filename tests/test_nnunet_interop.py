@@ -221,7 +221,9 @@ def test_export_then_import_round_trip_and_probabilities_for_nnunet_ensemble(tmp
     folder = tmp_path / "nnUNet_results/Dataset900_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres"
     ckpt = torch.load(folder / "fold_0/checkpoint_final.pth", weights_only=False)
     assert ckpt["trainer_name"] == "nnUNetTrainer" and ckpt["init_args"]["configuration"] == CONFIG
-    exported = json.loads((folder / "plans.json").read_text())["configurations"][CONFIG]
+    exported_plans = json.loads((folder / "plans.json").read_text())
+    assert exported_plans["foreground_intensity_properties_per_channel"].keys() == {"0"}  # nnU-Net reads every channel's
+    exported = exported_plans["configurations"][CONFIG]
     for key in ("patch_size", "spacing", "normalization_schemes", "use_mask_for_norm"):
         assert exported[key] == NNUNET_PLANS["configurations"][CONFIG][key], key
     assert exported["architecture"]["arch_kwargs"] == ARCH["arch_kwargs"]

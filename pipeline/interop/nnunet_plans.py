@@ -238,8 +238,9 @@ def nnunet_from_plans(plans: Plans, configuration: str, dataset_name: str) -> tu
                          "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
         "batch_dice": bool(conf.batch_dice),
     }
+    # nnU-Net's preprocessor looks every channel up here (only CT normalisation reads the values)
     intensity = {str(c): {"mean": n.mean, "std": n.std, "percentile_00_5": n.lower, "percentile_99_5": n.upper}
-                 for c, n in enumerate(plans.normalization) if n.scheme == "ct"}
+                 for c, n in enumerate(plans.normalization)}
     full_spacing = conf.spacing if dims == 3 else [1.0, *conf.spacing]
     nnunet_plans = {
         "dataset_name": dataset_name, "plans_name": "nnUNetPlans",
