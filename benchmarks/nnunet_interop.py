@@ -68,6 +68,13 @@ runpy.run_path(tool, run_name="__main__")
 '''
 
 
+BORDER_NOTE = ("where the probabilities differ most is within a few voxels of the image border. Likely cause (not proven): nnU-Net 2.8 accumulates "
+               "the Gaussian-weighted window logits and the weights in float16 (torch.half, predict_from_raw_data.py), "
+               "and the Gaussian is smallest there, so its own values lose precision; seg-pipeline accumulates in "
+               "float32. The preprocessed input is identical (checked by hand on hippocampus_056: largest difference 0.0), "
+               "and without TTA the border differences remain (0.117 at most on hippocampus_088, mean 1.4e-4).")
+
+
 def nnunet_env(work: Path, results: Path | None = None) -> dict:
     return dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                 nnUNet_results=str(results or work / "results"), nnUNet_compile="false", PYTHONUNBUFFERED="1")
@@ -267,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if foreground == 0:
         notes.append("nnU-Net's model predicts background everywhere on these cases (a few training iterations), so "
                      "the label agreement is weak evidence; the probability difference compares every class's softmax")
+    notes.append(BORDER_NOTE)
     notes.append("our fold ensemble averages logits (as nnUNetv2_predict), nnUNetv2_ensemble averages the per-fold "
                  "probabilities (stored as float16 by segpipe): near-ties may differ")
     result = {"benchmark": args.name, "device": "cpu", "machine": finish_machine(machine),
