@@ -15,6 +15,9 @@ In one run, on the same machine and cases:
    folder (another dataset id); `nnUNetv2_predict` runs it, agreement with step 2's nnU-Net output.
 4. `segpipe predict --save-probabilities` per fold, then `nnUNetv2_ensemble` on their `nnunet/`
    folders: nnU-Net's tool reads our probability layout; agreement with our two-fold ensemble.
+5. A few training iterations leave a model that predicts background everywhere, which makes label
+   agreement easy; so the same checkpoint with background's output bias lowered until about half
+   the test voxels are foreground (near-ties everywhere) is imported and predicted by both tools too.
 
     SEGPIPE_NNUNET_REF=/work/nnunet_ref .venv/bin/python benchmarks/nnunet_interop.py [--cases 4]
         [--train-cases 40] [--folds 0,1] [--iterations 30] [--work /tmp/segpipe_nnunet_interop]
@@ -151,6 +154,37 @@ def probability_difference(ours_dir: Path, nnunet_dir: Path, case_ids: list[str]
     return {"per_case": per_case, "max_abs": max(values) if values else None}
 
 
+def balanced_shift(nnunet_dir: Path, case_ids: list[str]) -> float:
+    """Median over the test voxels of log p(background) - log p(best foreground class), from nnU-Net's probabilities."""
+    import numpy as np
+
+    margins = []
+    for case in case_ids:
+        with np.load(nnunet_dir / f"{case}.npz") as f:
+            p = np.clip(f["probabilities"].astype(np.float64), 1e-12, 1)
+        margins.append((np.log(p[0]) - np.log(p[1:].max(0))).ravel())
+    return float(np.median(np.concatenate(margins)))
+
+
+def make_balanced_model(source: Path, target: Path, folds: list[str], shift: float) -> None:
+    """A copy of nnU-Net's model folder whose checkpoints' full-resolution head has background's bias lowered by
+    `shift` (loaded with seg-pipeline's safe loader, saved with torch.save as nnU-Net reads it)."""
+    import torch
+
+    from pipeline.interop.nnunet_files import load_checkpoint
+
+    target.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copyfile(source / name, target / name)
+    for fold in folds:
+        ckpt = load_checkpoint(source / f"fold_{fold}" / "checkpoint_final.pth")
+        heads = sorted({int(k.split(".")[2]) for k in ckpt["network_weights"] if k.startswith("decoder.seg_layers.")})
+        bias = ckpt["network_weights"][f"decoder.seg_layers.{heads[-1]}.bias"]
+        bias[0] -= shift
+        (target / f"fold_{fold}").mkdir()
+        torch.save(ckpt, target / f"fold_{fold}" / "checkpoint_final.pth")
+
+
 def foreground_voxels(folder: Path, case_ids: list[str]) -> int:
     import nibabel as nib
     import numpy as np
@@ -194,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/segpipe_nnunet_interop"),
                     help="nnU-Net's raw/preprocessed/results and the outputs; existing training is reused")
     ap.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF)
+    ap.add_argument("--no-balanced", dest="balanced", action="store_false",
+                    help="skip the balanced-classes variant of nnU-Net's model (see the notes in the results)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--name", default="nnunet_interop")
     ap.add_argument("--out", default=str(RESULTS))
@@ -263,6 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     step(steps, "nnUNetv2_ensemble on our probabilities", [nn_bin / "nnUNetv2_ensemble", "-i", *ensemble_inputs,
          "-o", out / "ensemble", "-np", "1"], env, args.timeout)
 
+    balanced = work / "results_balanced" / DATASET / model.name
+    if args.balanced:  # the same network, background's output bias lowered so that about half the voxels are foreground
+        shutil.rmtree(balanced.parents[1], ignore_errors=True)
+        shift = balanced_shift(out / "nnunet", test_ids)
+        make_balanced_model(model, balanced, folds, shift)
+        notes.append(f"balanced model: nnU-Net's checkpoint with the background logit's bias of the full-resolution head "
+                     f"lowered by {shift:.3f} (the median margin of background over the best foreground class on the "
+                     "test cases), so that about half the voxels are foreground: near-ties everywhere, a harsh test of "
+                     "label agreement")
+        step(steps, "segpipe import-nnunet (balanced)", [*segpipe, "import-nnunet", balanced, "--workdir",
+                                                         work / "segpipe_balanced"], ours_env, args.timeout)
+        step(steps, "nnUNetv2_predict_from_modelfolder (balanced)", [nn_bin / "nnUNetv2_predict_from_modelfolder", "-i",
+             inputs, "-o", out / "nnunet_balanced", "-m", balanced, "-f", *folds, "-device", "cpu", "-npp", "1", "-nps",
+             "1"], env, args.timeout, n)  # this entry point wants at least one process each
+        step(steps, "segpipe predict (balanced)", [*segpipe, "predict", "--workdir", work / "segpipe_balanced", inputs,
+                                                   out / "ours_balanced"], ours_env, args.timeout, n)
     result_agreement = {
         "ours (in-process) vs nnUNetv2_predict": agreement(out / "ours", out / "nnunet", test_ids),
         "ours (Ray, 2 workers) vs nnUNetv2_predict": agreement(out / "ours_ray", out / "nnunet", test_ids),
@@ -274,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     if foreground == 0:
         notes.append("nnU-Net's model predicts background everywhere on these cases (a few training iterations), so "
                      "the label agreement is weak evidence; the probability difference compares every class's softmax")
+    if args.balanced:
+        result_agreement["balanced model: ours vs nnUNetv2_predict"] = agreement(out / "ours_balanced",
+                                                                                  out / "nnunet_balanced", test_ids)
+        if result_agreement["balanced model: ours vs nnUNetv2_predict"]["cases"]:
+            notes.append(f"balanced model: {foreground_voxels(out / 'nnunet_balanced', test_ids)} foreground voxels "
+                         "in nnU-Net's labels")
     notes.append(BORDER_NOTE)
     notes.append("our fold ensemble averages logits (as nnUNetv2_predict), nnUNetv2_ensemble averages the per-fold "
                  "probabilities (stored as float16 by segpipe): near-ties may differ")
