@@ -307,7 +307,7 @@ def test_dockerfile_pinned_bases_non_root_user_no_secrets():
     assert re.search(r"^USER .*\n(?:.*\n)*?CMD ", text, re.M), "USER before CMD, after every install"
     assert args["TORCH_VERSION"] == "2.13.0"
     assert "https://download.pytorch.org/whl/cpu" in text
-    assert args["EXTRAS"] == "s3,gcs" and 'pip install ".[${EXTRAS}]"' in text
+    assert args["EXTRAS"] == "s3,gcs,itk" and 'pip install ".[${EXTRAS}]"' in text
     for line in lines:
         if line.startswith(("ENV", "ARG")):
             for name, value in re.findall(r"(\w+)=(\S+)", line):
