@@ -170,10 +170,13 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from pipeline import stages
     from pipeline.training.launch import run_training
     from pipeline.training.loop import TrainSettings
 
-    result = run_training(TrainSettings.from_args(args))
+    settings = TrainSettings.from_args(args)
+    stages.previous_stage(settings.workdir, settings.config, settings.fold, progress=not args.json)  # a cascade's inputs
+    result = run_training(settings)
     _emit(args, result.to_json(), str(result))
     return 0
 

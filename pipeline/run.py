@@ -82,17 +82,15 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
         raise SegPipeError(f"preprocessing failed for {len(report.failed)} case(s): {report.failed[0]}")
 
     fold = str(o.fold)
-    run_dir = wd.run_dir(config, fold)
-    if (run_dir / MODEL_FINAL).is_file():
-        log.info("[5/7] train: %s already holds the final model, skipped", run_dir)
-    else:
-        train = dict(o.train)
-        if o.demo and train.get("time_budget_min") is None and train.get("epochs") is None:
-            train["time_budget_min"] = DEMO_TIME_BUDGET_MIN
-        # an interrupted run continues from its checkpoint; with none yet, training starts afresh
-        train["resume"] = bool(train.get("resume")) or wd.ray_storage.exists()
-        log.info("[5/7] train %s fold %s", config, fold)
-        stages.train(wd, config, fold, **train)
+    previous = plans.configuration(config).previous_stage
+    if previous is not None:  # a cascade: its previous stage first, every cross-validation fold of it
+        log.info("[4/7] preprocess %s (the cascade's previous stage)", previous)
+        report = stages.preprocess(dataset, wd, previous, plans=plans, **dask)
+        if report.failed:
+            raise SegPipeError(f"preprocessing {previous} failed for {len(report.failed)} case(s): {report.failed[0]}")
+        for k in previous_stage_folds(wd, dataset.case_ids, fold):
+            _train(wd, previous, k, o)
+    _train(wd, config, fold, o)
 
     splits = load_or_create_splits(wd, dataset.case_ids)
     heldout = splits.validation_cases(fold)
@@ -108,3 +106,27 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
     log.info("foreground mean Dice %s  IoU %s on %d held-out case(s)", number(fg["dice"]), number(fg["iou"]), len(heldout))
     return {"report": str(report_path), "config": config, "fold": fold, "foreground_mean": fg,
             "evaluation": str(eval_dir / "summary.json")}
+
+
+def _train(wd: Workdir, config: str, fold: str, o: RunOptions) -> None:
+    """Train one configuration and fold unless its final model exists; an interrupted run resumes."""
+    run_dir = wd.run_dir(config, fold)
+    if (run_dir / MODEL_FINAL).is_file():
+        log.info("[5/7] train: %s already holds the final model, skipped", run_dir)
+        return
+    train = dict(o.train)
+    if o.demo and train.get("time_budget_min") is None and train.get("epochs") is None:
+        train["time_budget_min"] = DEMO_TIME_BUDGET_MIN
+    # an interrupted run continues from its checkpoint; with none yet, training starts afresh
+    train["resume"] = bool(train.get("resume")) or wd.ray_storage.exists()
+    log.info("[5/7] train %s fold %s", config, fold)
+    stages.train(wd, config, fold, **train)
+
+
+def previous_stage_folds(wd: Workdir, case_ids, fold: str) -> list[str]:
+    """The previous stage's folds a cascade fold needs: those validating on its training and validation cases."""
+    from pipeline.inference.previous_stage import folds_for_cases
+    from pipeline.training.splits import load_or_create_splits
+
+    split = load_or_create_splits(wd, case_ids).split(fold)
+    return list(folds_for_cases(load_or_create_splits(wd, case_ids), [*split.train, *split.val]))

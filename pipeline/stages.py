@@ -119,9 +119,21 @@ def preprocess(dataset: Dataset, workdir: WorkdirLike, config: str = "3d_fullres
         return run_preprocessing(dataset, plans, config, wd.store, client=c, progress=progress)
 
 
+def previous_stage(workdir: WorkdirLike, config: str, fold: str | int | None = None, *, tta: bool = True,
+                   progress: bool = True):
+    """For a cascade stage (`3d_cascade_fullres`): its previous stage's cross-validated segmentations
+    of the cases fold `fold` (None: every fold) trains and validates on, made where missing (each case
+    by the fold that did not train on it); `PreviousStageReport`, or None for other configurations."""
+    from pipeline.inference.previous_stage import make_previous_stage_predictions
+
+    return make_previous_stage_predictions(Workdir.at(workdir), config, None if fold is None else str(fold),
+                                           tta=tta, progress=progress)
+
+
 def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0", **settings):
     """Train one configuration and fold data-parallel with Ray Train; `settings` are the other
     `TrainSettings` fields (num_workers, epochs, time_budget_min, resume, ray_address, recipe, ...).
+    A cascade stage first gets its previous stage's segmentations (`previous_stage`).
     Returns the `TrainResult` (model files, metrics, epochs)."""
     from pipeline.training.launch import run_training
     from pipeline.training.loop import TrainSettings
@@ -131,6 +143,7 @@ def train(workdir: WorkdirLike, config: str = "3d_fullres", fold: str | int = "0
     if unknown:
         raise TypeError(f"train() got unknown settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     settings = {k: v for k, v in settings.items() if v is not None}
+    previous_stage(workdir, config, fold, progress=False)
     return run_training(TrainSettings(workdir=str(Workdir.at(workdir).root), config=config, fold=str(fold), **settings))
 
 

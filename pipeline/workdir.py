@@ -6,6 +6,8 @@ W/runs/<config>/fold_<k>/   model_final.pt  model_best.pt  plans.json  metrics.c
 W/runs/ray/                 Ray Train's storage (checkpoints of every run)
 W/crossval/<config>/        pooled cross-validation (`segpipe evaluate-cv`)
 W/find_best/                configurations and ensembles compared, the choice (`segpipe find-best`)
+W/runs/<previous>/predicted_next_stage/<config>.zarr/   a cascade's inputs: the previous stage's
+                            cross-validated segmentations in <config>'s store frame (pipeline.training.cascade)
 ```
 """
 
@@ -69,6 +71,11 @@ class Workdir:
 
     def run_dir(self, config: str, fold: int | str) -> Path:
         return self.runs / config / f"fold_{fold}"
+
+    def next_stage_predictions(self, previous: str, config: str) -> Path:
+        """The segmentations configuration `previous` made for the cascade stage `config` (each case by
+        the fold that did not train on it), beside `previous`'s run folders, as nnU-Net keeps them."""
+        return self.runs / previous / "predicted_next_stage" / f"{config}.zarr"
 
     @property
     def logs(self) -> Path:

@@ -168,6 +168,11 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
             not is_url(output_dir) and output_dir.exists() and input_dir.exists() and output_dir.resolve() == input_dir.resolve()):
         raise BadInputError("the output folder must differ from the input folder (predictions would mix with images)")
     plans = Plans.load(run_dirs[0] / "plans.json")
+    previous = plans.configuration(config).previous_stage
+    if previous is not None:  # a cascade runs its previous stage first: its folds must be trained too
+        from pipeline.inference.cascade import previous_stage_run_dirs
+
+        previous_stage_run_dirs(run_dirs, previous, checkpoint)
     cases = group_input_files(input_dir, len(plans.channels), plans.channels)
     if use_gpu is False and device is None:
         device = "cpu"

@@ -108,7 +108,7 @@ class Predictor:
     """A trained model loaded once: plans, label map, network(s), post-processing rule."""
 
     def __init__(self, network: torch.nn.Module, plans, config_name: str, label_map, rule=None,
-                 spec: ModelSpec | None = None):
+                 spec: ModelSpec | None = None, previous: Predictor | None = None):
         self.spec = spec or ModelSpec(run_dirs=())
         self.device = torch.device(self.spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
@@ -117,9 +117,12 @@ class Predictor:
         self.config = plans.configuration(config_name)
         self.label_map = label_map
         self.rule = rule
+        self.previous = previous  # a cascade stage's previous stage (3d_lowres), run first
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Predictor:
+        from pipeline.inference.cascade import previous_stage_run_dirs
+        from pipeline.training.cascade import num_input_channels
         from pipeline.training.loop import load_trained_network
 
         if not spec.run_dirs:
@@ -137,13 +140,18 @@ class Predictor:
                                    f"{spec.run_dirs[0]}: these folds cannot form an ensemble")
             networks.append(net)
         config_name, channels, label_values, _ = first
-        if channels != len(first_plans.channels):
+        expected = num_input_channels(first_plans, config_name)
+        if channels != expected:
             raise SegPipeError(f"{spec.run_dirs[0]}: the model takes {channels} channel(s) but its plans declare "
-                               f"{len(first_plans.channels)}")
+                               f"{expected}")
         network = networks[0] if len(networks) == 1 else _Ensemble(networks)
         rule = _load_rule(spec.run_dirs) if spec.postprocess else None
+        previous_name = first_plans.configuration(config_name).previous_stage
+        previous = None if previous_name is None else cls.from_spec(dataclasses.replace(
+            spec, run_dirs=tuple(previous_stage_run_dirs(spec.run_dirs, previous_name, spec.checkpoint)),
+            postprocess=False))
         return cls(network, first_plans, config_name, first_plans.label_map(), rule,
-                   dataclasses.replace(spec, device=str(device)))
+                   dataclasses.replace(spec, device=str(device)), previous)
 
     @classmethod
     def load(cls, workdir, config: str = "3d_fullres", fold: str | int | Sequence | None = "0", **options) -> Predictor:
@@ -227,6 +235,10 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
     pre = preprocess_case(case, predictor.plans, predictor.config_name, predictor.label_map)
     meta, image = pre.meta, pre.image
     del pre
+    if predictor.previous is not None:  # a cascade: the previous stage's segmentation as extra channels
+        from pipeline.inference.cascade import cascade_input
+
+        image = cascade_input(predictor.previous, case, meta, image, predictor.config.anisotropy_threshold)
     store_probs = predictor.store_probabilities(image, progress=progress)
     del image
     label_map = predictor.label_map

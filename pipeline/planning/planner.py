@@ -14,8 +14,10 @@ RAS file, ties and the remaining axes taken from the end of RAS (S, A, R). On RA
 
 Configurations:
 * `3d_fullres`, `2d`: nnU-Net's defaults (preset "nnunet").
-* `3d_lowres`: only where nnU-Net creates it (fullres patch < 25 % of the median image); nnU-Net
-  then also trains a cascade (`3d_cascade_fullres`), which this pipeline notes but does not plan.
+* `3d_lowres`: only where nnU-Net creates it (fullres patch < 25 % of the median image).
+* `3d_cascade_fullres`: wherever `3d_lowres` exists, as nnU-Net: `3d_fullres` (inherited, same
+  data) with `previous_stage` = `3d_lowres`, whose cross-validated segmentations become extra
+  one-hot input channels (`pipeline.training.cascade`).
 * `3d_lean`: a compute-budget preset inheriting `3d_fullres` (same data, same patch) with a
   16..128-feature U-Net and batch 4, for CPUs and short budgets.
 """
@@ -420,8 +422,11 @@ def plan_experiment(fingerprint: Fingerprint, dataset: Dataset, gpu_memory_gb: f
             lowres.explanations["batch_dice"] = "per-sample Dice, as nnU-Net's 3d_lowres"
             _add_common(lowres, normalization, norm_texts)
             configurations["3d_lowres"] = lowres
-            plans_text["cascade"] = ("nnU-Net would also train 3d_cascade_fullres (3d_fullres fed with 3d_lowres "
-                                     "predictions as extra input channels); this pipeline does not plan the cascade")
+            configurations["3d_cascade_fullres"] = _plan_cascade(full, lowres, num_classes)
+            plans_text["3d_cascade_fullres"] = configurations["3d_cascade_fullres"].explanations["previous_stage"]
+        else:
+            plans_text["3d_cascade_fullres"] = ("no 3d_cascade_fullres: it is the second stage of 3d_lowres, which "
+                                                "is not planned (see 3d_lowres)")
         configurations["3d_lean"] = _plan_lean(full, n_voxels_dataset, num_classes, gpu_memory_gb)
     else:
         plans_text["3d_fullres"] = (f"no 3D configuration: the median image has a single slice along the first "
@@ -509,6 +514,31 @@ def _plan_lowres(full: ConfigurationPlan, median_shape: np.ndarray, num_cases: i
     return lowres, f"3d_lowres created (first stage of nnU-Net's cascade): {lowres.explanations['spacing']}"
 
 
+def _plan_cascade(full: ConfigurationPlan, lowres: ConfigurationPlan, num_classes: int) -> ConfigurationPlan:
+    """nnU-Net's 3d_cascade_fullres: 3d_fullres unchanged (same data, patch and network) except for
+    its input, which gains one channel per foreground class holding 3d_lowres's segmentation."""
+    full_voxels = float(np.prod(full.median_shape, dtype=np.float64))
+    low_voxels = float(np.prod(lowres.median_shape, dtype=np.float64))
+    patch = float(np.prod(full.patch_size, dtype=np.float64))
+    why = (f"planned because 3d_lowres exists (nnU-Net plans the cascade exactly then): the 3d_fullres patch "
+           f"{_fmt(full.patch_size)} sees only {patch / full_voxels:.1%} of the median image "
+           f"{_fmt(full.median_shape)}, so it lacks context; 3d_lowres sees the whole image at "
+           f"{_fmt(lowres.spacing)} mm ({full_voxels / low_voxels:.1f}x fewer voxels), and its segmentation, "
+           f"resampled to the 3d_fullres grid, is fed as {num_classes - 1} extra one-hot input channel(s) (one per "
+           "foreground class). Training uses 3d_lowres's cross-validated predictions (each case predicted by the "
+           "fold that did not train on it), so all 5 3d_lowres folds must be trained first; prediction runs "
+           "3d_lowres, then this stage")
+    return ConfigurationPlan(
+        name="3d_cascade_fullres",
+        inherits_from="3d_fullres",
+        previous_stage="3d_lowres",
+        explanations={
+            "previous_stage": why,
+            "data_identifier": "3d_fullres: same spacing, patch and normalisation, so it trains from the same store",
+        },
+    )
+
+
 def _plan_lean(full: ConfigurationPlan, n_voxels_dataset: float, num_classes: int,
                gpu_memory_gb: float) -> ConfigurationPlan:
     """The compute-budget preset: same data and patch as 3d_fullres, a thinner network, batch 4
@@ -560,7 +590,7 @@ def _check_matches(fingerprint: Fingerprint, dataset: Dataset) -> None:
 # ------------------------------------------------------------------ explanation
 
 
-FIELD_ORDER = ("data_identifier", "preset", "spacing", "median_shape", "patch_size", "batch_size", "strides",
+FIELD_ORDER = ("previous_stage", "data_identifier", "preset", "spacing", "median_shape", "patch_size", "batch_size", "strides",
                "kernel_sizes", "features_per_stage", "n_conv_per_stage", "normalization_schemes",
                "use_mask_for_norm", "image_order", "label_order", "order_z", "anisotropy_threshold")
 

@@ -84,6 +84,7 @@ class ConfigurationPlan:
     anisotropy_threshold: float | None = None  # max/min spacing ratio above which z is separate
     preset: str | None = None  # "nnunet" (faithful) or "lean" (compute-budget)
     batch_dice: bool | None = None  # Dice over the whole batch (nnU-Net: 2d and cascaded 3d) or per sample
+    previous_stage: str | None = None  # cascade: the configuration whose cross-validated segmentations are extra inputs
     explanations: dict[str, str] = field(default_factory=dict)  # field -> the rule and numbers behind it
 
     @property
@@ -104,7 +105,7 @@ class Plans:
     labels: dict[str, str]  # original label value (as str, JSON keys) -> name
     transpose_forward: list[int]  # store axis i = RAS axis transpose_forward[i]
     normalization: list[ChannelNormalization]  # one per channel
-    configurations: dict[str, ConfigurationPlan]  # '2d', '3d_fullres', '3d_lowres', '3d_lean'
+    configurations: dict[str, ConfigurationPlan]  # '2d', '3d_fullres', '3d_lowres', '3d_cascade_fullres', '3d_lean'
     gpu_memory_gb: float = 8.0  # memory budget the patch and batch were sized for
     fingerprint_hash: str = ""  # the fingerprint the plan was made from
     explanations: dict[str, str] = field(default_factory=dict)  # dataset-level choices
@@ -319,6 +320,7 @@ _CONFIGURATION_FIELDS: dict[str, tuple[str, Any]] = {
     "anisotropy_threshold": ("a number >= 1", lambda v: _is_number(v) and v >= 1),
     "preset": ("a string", lambda v: isinstance(v, str)),
     "batch_dice": ("true or false", lambda v: isinstance(v, bool)),
+    "previous_stage": ("the name of another configuration", lambda v: isinstance(v, str)),
     "explanations": ("an object of strings", lambda v: isinstance(v, dict)),
 }
 
@@ -348,6 +350,9 @@ def check_plans_json(d: dict) -> list[str]:
         parent = conf.get("inherits_from")
         if isinstance(parent, str) and parent not in d["configurations"]:
             problems.append(f"{where}.inherits_from names {parent!r}, which is not a configuration")
+        previous = conf.get("previous_stage")
+        if isinstance(previous, str) and (previous not in d["configurations"] or previous == name):
+            problems.append(f"{where}.previous_stage names {previous!r}, which is not another configuration")
     return problems
 
 
@@ -372,6 +377,11 @@ def _check_resolved(plans: Plans, name: str) -> list[str]:
     missing = [f for f in REQUIRED_TO_TRAIN if getattr(conf, f) is None]
     if missing:
         return [f"{where} has no {', '.join(missing)} (its own or inherited)"]
+    if conf.previous_stage is not None:
+        previous = plans.configuration(conf.previous_stage)
+        if previous.previous_stage is not None or len(previous.spacing or []) != 3 or len(conf.spacing) != 3:
+            return [f"{where}.previous_stage {conf.previous_stage!r} must be a 3D configuration that is not itself "
+                    "a cascade stage"]
     dims = len(conf.spacing)
     expected = 2 if name.startswith("2d") else 3 if name.startswith("3d") else dims
     problems = []

@@ -68,6 +68,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     JSON `train_loop_config` for the workers. Creates `W/splits.json` the first time (once, here,
     so workers never race to write it)."""
     from pipeline.preprocessing.store import open_store
+    from pipeline.training.cascade import num_input_channels, previous_stage_inputs
     from pipeline.training.model import build_network
     from pipeline.training.splits import load_or_create_splits
 
@@ -85,8 +86,10 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
     if damaged:
         raise StoreDamageError("\n".join([*list(damaged.values())[:5], *(
             [f"... and {len(damaged) - 5} more damaged case(s)"] if len(damaged) > 5 else [])]))
+    # a cascade stage: the previous stage's segmentation of every case, checked here (exit 2 naming the command)
+    previous = previous_stage_inputs(wd, plans, settings.config, [*split.train, *split.val])
     with torch.device("meta"):  # a plan the network cannot be built from fails here, not in every worker
-        build_network(conf, len(plans.channels), plans.label_map().num_outputs)
+        build_network(conf, num_input_channels(plans, settings.config), plans.label_map().num_outputs)
     check_workers(plans, settings.config, settings.num_workers or 1)
     loop_config = {
         "settings": settings.to_json(),
@@ -96,6 +99,7 @@ def prepare_run(settings: TrainSettings) -> tuple[TrainSettings, Plans, dict]:
         "store": str(wd.store),
         "run_dir": str(wd.run_dir(settings.config, split.name)),
         "plans_hash": plans.hash(settings.config),
+        "previous_stage": previous,
     }
     return settings, plans, loop_config
 
@@ -247,8 +251,11 @@ class _LogTail:
 
 def shared_paths(loop_config: dict, storage: Path) -> list[SharedPath]:
     """What every training node must see: the store (read), the fold folder and Ray's storage (write)."""
-    return [SharedPath("store", loop_config["store"], "store"), SharedPath("run folder", loop_config["run_dir"], "write"),
-            SharedPath("Ray storage folder", str(storage), "write")]
+    paths = [SharedPath("store", loop_config["store"], "store"), SharedPath("run folder", loop_config["run_dir"], "write"),
+             SharedPath("Ray storage folder", str(storage), "write")]
+    if loop_config.get("previous_stage"):
+        paths.append(SharedPath("previous-stage segmentations", loop_config["previous_stage"]["previous_stage"]))
+    return paths
 
 
 def train_worker(config: dict) -> None:

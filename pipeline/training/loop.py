@@ -385,7 +385,9 @@ class _WorkerRun:
         torch.manual_seed(self.settings.seed)
         self.coll = _Collective(self.world, self.device)
 
-        self.num_channels = len(self.plans.channels)
+        from pipeline.training.cascade import num_input_channels
+
+        self.num_channels = num_input_channels(self.plans, self.settings.config)  # + previous-stage channels
         self.label_values = list(self.plans.label_values)
         self.label_map = self.plans.label_map()
         self.num_classes = self.label_map.num_outputs  # network outputs: regions, or classes without ignore
@@ -404,7 +406,7 @@ class _WorkerRun:
         aug = AugmentationConfig.for_patch(patch, self.recipe.augmentation).to_json()
         common = dict(store_path=config["store"], data_identifier=self.conf.data_identifier, patch_size=patch,
                       seed=self.settings.seed, plans_hash=self.plans_hash,
-                      annotated_centres=self.label_map.has_ignore)
+                      annotated_centres=self.label_map.has_ignore, **config.get("previous_stage", {}))
         self.train_spec = PatchSpec(case_ids=tuple(config["train_cases"]), rank=self.rank, augmentation=aug,
                                     slots=foreground_slots(global_batch, rank=self.rank, world_size=self.world), **common)
         self.val_spec = PatchSpec(case_ids=tuple(config["val_cases"]), rank=self.rank, augmentation=None,

@@ -77,6 +77,8 @@ class PatchSpec:
     # sparse labels (an ignore label): patches not forced onto foreground are centred on an annotated
     # voxel (stored class-0 rows included) instead of anywhere, so they are not mostly "ignore"
     annotated_centres: bool = False
+    previous_stage: str | None = None  # cascade: the previous stage's segmentations, read as extra channels
+    num_classes: int = 0  # with previous_stage: one extra channel per foreground class
 
     def __post_init__(self):
         if not self.case_ids:
@@ -168,6 +170,7 @@ class BatchSampler:
         self._reading = "image"  # the array being read, for the error message
         self._channels: int | None = None
         self._augmenter = None
+        self._previous = None  # the cascade's previous-stage segmentations, opened on first use
         if spec.augmentation is not None or self.crop != tuple(spec.patch_size):
             from pipeline.training.augmentation import AugmentationConfig, Augmenter
 
@@ -183,6 +186,14 @@ class BatchSampler:
                                                                       plans_hash=self.spec.plans_hash)
         return self._group
 
+    @property
+    def previous(self):
+        if self._previous is None:
+            from pipeline.training.cascade import NextStageSegmentations
+
+            self._previous = NextStageSegmentations.open(self.spec.previous_stage)
+        return self._previous
+
     def check(self) -> None:
         """Refuse damaged cases of the spec before any is read (`ConfigStore.check_cases`)."""
         from pipeline.preprocessing.store import StoreDamageError
@@ -195,9 +206,9 @@ class BatchSampler:
         self._checked = True
 
     def _sample_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
-                    image_out: np.ndarray, label_out: np.ndarray) -> None:
+                    image_out: np.ndarray, label_out: np.ndarray, previous_out: np.ndarray | None = None) -> None:
         try:
-            self._read_one(case_id, force_fg, rng, image_out, label_out)
+            self._read_one(case_id, force_fg, rng, image_out, label_out, previous_out)
         except (ValueError, RuntimeError, OSError) as exc:
             # zarr's crc32c codec raises ValueError on a flipped bit or a truncated chunk; zstd a
             # RuntimeError on junk. Name the case and the array, so a corrupt store stops training with
@@ -209,7 +220,7 @@ class BatchSampler:
                 f"corrupt or unreadable chunk: {type(exc).__name__}: {exc}")) from exc
 
     def _read_one(self, case_id: str, force_fg: bool, rng: np.random.Generator,
-                  image_out: np.ndarray, label_out: np.ndarray) -> None:
+                  image_out: np.ndarray, label_out: np.ndarray, previous_out: np.ndarray | None = None) -> None:
         self._reading = "image"
         image = self.group.image(case_id)
         self._reading = "label"
@@ -229,6 +240,10 @@ class BatchSampler:
         read_patch(image, lower, crop, image_at)
         self._reading = "label"
         read_patch(label, lower, crop, label_at)
+        if previous_out is not None:  # the cascade's extra input, at the same coordinates
+            self._reading = "previous-stage segmentation"
+            read_patch(self.previous.array(case_id), lower, crop, previous_out)
+            self.previous.check_patch(case_id, previous_out)
 
     def batch(self, key: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `key`: image float32 (B, C, *patch), label int64 (B, *patch)."""
@@ -240,12 +255,23 @@ class BatchSampler:
         b = self.spec.batch_size
         image = np.zeros((b, self._channels, *self.crop), dtype=np.float32)
         label = np.zeros((b, *self.crop), dtype=np.int64)
+        previous = np.zeros((b, *self.crop), dtype=np.int64) if self.spec.previous_stage else None
         cases = rng.integers(len(self.spec.case_ids), size=b)
         for j, (case, force_fg) in enumerate(zip(cases, self.spec.slots)):
-            self._sample_one(self.spec.case_ids[case], force_fg, rng, image[j], label[j])
+            self._sample_one(self.spec.case_ids[case], force_fg, rng, image[j], label[j],
+                             None if previous is None else previous[j])
         image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
+        if previous is not None:
+            from pipeline.training.cascade import combine_labels
+
+            label_t = combine_labels(label_t, torch.from_numpy(previous), self.spec.num_classes)
         if self._augmenter is not None:
             image_t, label_t = self._augmenter(image_t, label_t, rng)
+        if previous is not None:
+            from pipeline.training.cascade import previous_stage_input
+
+            image_t, label_t = previous_stage_input(image_t, label_t, self.spec.num_classes, rng,
+                                                    augment=self.spec.augmentation is not None)
         return image_t, label_t
 
 
