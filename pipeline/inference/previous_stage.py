@@ -137,7 +137,7 @@ def make_previous_stage_predictions(workdir, config: str, fold: str | None = Non
                 seg = segment(predictor, image)
                 del image
                 seg = to_next_stage_frame(seg, low.meta(case), full.meta(case), threshold)
-                store.write(case, seg, chunks=conf.patch_size, fold=f, model=stamp)
+                store.write(case, seg, chunks=conf.patch_size, fold=f, model=stamp, tta=tta)
                 report.predicted.append(case)
                 bar.update()
     report.seconds = time.perf_counter() - start
