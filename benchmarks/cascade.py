@@ -13,7 +13,7 @@ Every training runs the same fixed number of epochs and iterations, so the ratio
 cascade's extra stage costs at equal training length (not what either reaches in quality: that
 needs nnU-Net's 1000 epochs). Prediction runs without mirroring, in-process.
 
-    .venv/bin/python benchmarks/cascade.py [--cases 6] [--shape 96,96,40] [--gpu-memory-gb 0.25]
+    .venv/bin/python benchmarks/cascade.py [--cases 6] [--shape 96,96,40] [--gpu-memory-gb 0.1]
         [--epochs 1] [--iterations 4] [--quick]
 
 Results: benchmarks/results/cascade.{json,md,png} (`--quick`: benchmarks/results/quick/).
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--shape", default="96,96,40", help="phantom shape (RAS voxels at 1x1x2.5 mm)")
-    ap.add_argument("--gpu-memory-gb", type=float, default=0.25, help="memory budget of the plans (small: 3d_lowres)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=0.1, help="memory budget of the plans (small: 3d_lowres)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="results under benchmarks/results/quick/")

@@ -178,6 +178,7 @@ def test_every_field_matches_the_recorded_nnunet_plans(name, hippo_plans, totals
             theirs["resampling_fn_data_kwargs"]["order"], theirs["resampling_fn_seg_kwargs"]["order"],
             theirs["resampling_fn_data_kwargs"]["order_z"])
     assert ("3d_lowres" in plans.configurations) == ref["has_3d_lowres"]
+    assert ("3d_cascade_fullres" in plans.configurations) == ref["has_3d_lowres"]
 
 
 # ------------------------------------------------------------------ synthetic fingerprints
@@ -242,7 +243,9 @@ def test_large_ct_gets_a_lowres_configuration_like_nnunet():
     assert low.data_identifier == "3d_lowres"
     two = plans.configuration("2d")
     assert two.patch_size == [512, 512] and two.batch_size == 12
-    assert "cascade" in plans.explanations
+    cascade = plans.configurations["3d_cascade_fullres"]  # nnU-Net plans the cascade wherever 3d_lowres exists
+    assert (cascade.inherits_from, cascade.previous_stage) == ("3d_fullres", "3d_lowres")
+    assert "3d_lowres exists" in plans.explanations["3d_cascade_fullres"]
 
 
 # ------------------------------------------------------------------ budget, lean preset, explanations
