@@ -128,5 +128,6 @@ def previous_stage_folds(wd: Workdir, case_ids, fold: str) -> list[str]:
     from pipeline.inference.previous_stage import folds_for_cases
     from pipeline.training.splits import load_or_create_splits
 
-    split = load_or_create_splits(wd, case_ids).split(fold)
-    return list(folds_for_cases(load_or_create_splits(wd, case_ids), [*split.train, *split.val]))
+    splits = load_or_create_splits(wd, case_ids)
+    split = splits.split(fold)
+    return list(folds_for_cases(splits, [*split.train, *split.val]))

@@ -144,6 +144,24 @@ def test_the_label_and_the_previous_segmentation_move_together_through_spatial_a
     assert torch.equal(moved, previous)  # ... and both identically
 
 
+def test_a_lost_chunk_of_a_stored_segmentation_is_damage_not_background(tmp_path):
+    from pipeline.preprocessing.store import StoreDamageError
+    from pipeline.training.sampling import read_patch
+
+    store = NextStageSegmentations.open(tmp_path / "segs.zarr", create_with={"num_classes": 3})
+    seg = np.zeros((8, 8, 8), np.uint8)
+    seg[2:6, 2:6, 2:6] = 2
+    store.write("case_a", seg, chunks=(4, 4, 4), fold="1", model="abc")
+    assert NextStageSegmentations.open(tmp_path / "segs.zarr").completed()["case_a"]["fold"] == "1"
+    with pytest.raises(BadInputError, match="case_b"):
+        store.array("case_b")  # never made: named, with the command that makes it
+    next(p for p in (tmp_path / "segs.zarr" / "cases" / "case_a").rglob("*") if p.is_file() and p.parent.name == "0").unlink()
+    out = np.zeros((8, 8, 8), np.int64)
+    read_patch(NextStageSegmentations.open(tmp_path / "segs.zarr").array("case_a"), (0, 0, 0), (8, 8, 8), out)
+    with pytest.raises(StoreDamageError, match="case_a"):
+        store.check_patch("case_a", out)
+
+
 # ---------------------------------------------------------------- both stages, end to end
 
 

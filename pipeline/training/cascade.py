@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.planning.plans import Plans
-from pipeline.preprocessing.store import label_compressors
+from pipeline.preprocessing.store import StoreDamageError, label_compressors
 from pipeline.storage import STORAGE_OPTIONS, as_path, is_url, url_of
 from pipeline.workdir import MODEL_FINAL, Workdir
 
@@ -150,7 +150,7 @@ class NextStageSegmentations:
     def check_patch(self, case_id: str, values: np.ndarray) -> None:
         """A read patch holding the fill value came from a missing chunk: damage, never background."""
         if values.size and int(values.max()) >= int(self.group.attrs["num_classes"]):
-            raise SegPipeError(f"case {case_id}: its previous-stage segmentation in {self.path} is damaged (a chunk "
+            raise StoreDamageError(f"case {case_id}: its previous-stage segmentation in {self.path} is damaged (a chunk "
                                f"is missing or holds class indices >= {self.group.attrs['num_classes']}); delete "
                                f"{self.path}/cases/{case_id} and re-run the cascade's `segpipe train` to predict it again")
 
