@@ -130,6 +130,7 @@ STEPS = [
                     if c.nnunet_python and c.nnunet_ref else []), 0, 1800),
     Step("quality_vs_nnunet", "quality_vs_nnunet.py", None, _quality, 0, 6 * 3600, needs_workdir=True),
     Step("nnunet_interop", "nnunet_interop.py", None, lambda c: [], 0, 2 * 3600),
+    Step("cascade", "cascade.py", None, lambda c: [], 0, 3 * 3600),
 ]
 
 
@@ -452,6 +453,13 @@ def headline_rows() -> list[tuple]:
         add(f"nnU-Net model imported: min voxel agreement with nnUNetv2_predict ({a.get('cases')} cases; our export "
             "run by nnUNetv2_predict), target >= 0.999",
             f"{_num(a.get('min'), 4)} ({_num(e.get('min'), 4)})", "–", "–", "CPU", "nnunet_interop.md", ni)
+    cas = _read("cascade")
+    if cas and cas.get("summary"):
+        f, c = cas["summary"]["3d_fullres"], cas["summary"]["3d_cascade_fullres"]
+        add("3D cascade vs 3d_fullres on phantoms, equal training length: all steps wall s / prediction s per case / "
+            "peak RSS MiB (3d_fullres → cascade)",
+            f"{f['total_s']:.0f} → {c['total_s']:.0f} / {f['predict_s_per_case']:.1f} → {c['predict_s_per_case']:.1f} / "
+            f"{f['peak_rss_mib']:.0f} → {c['peak_rss_mib']:.0f}", "–", "–", "CPU", "cascade.md", cas)
     th = _read("train_hippocampus")
     if th and th.get("foreground_mean_dice") is not None:
         pseudo = th.get("pseudo_foreground_dice")
