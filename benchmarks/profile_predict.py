@@ -188,9 +188,8 @@ def ct_input(dest: Path, spacing: float) -> dict:
     """The TotalSegmentator CT case resampled (linear) from 3 mm to `spacing` mm: CT_0000.nii.gz."""
     import nibabel as nib
     import numpy as np
-    from scipy.ndimage import zoom
-
     from harness import SHARED
+    from scipy.ndimage import zoom
 
     src = SHARED / "TotalSegmentator_CT" / "imagesTr" / "totalseg_ct_sm.nii.gz"
     img = nib.load(str(src))

@@ -189,6 +189,7 @@ def cmd_predict(args) -> int:
         save_probabilities=args.save_probabilities, num_workers=args.num_workers, ray_address=args.ray_address,
         progress=not args.json, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         resources_timeout_s=args.resources_timeout_s or 600.0, checkpoint=args.checkpoint, step=args.step_size,
+        device=args.device,
     )
     _emit(args, report.to_json(), str(report))
     return 0
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".pkl layout, for nnUNetv2_ensemble)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the network runs: cuda (window logits accumulated on the GPU, mixed precision), "
+                        "cpu, or auto (CUDA when torch sees a GPU)")
     _add_resources(p)
 
     p = add("evaluate", "Dice, IoU, HD95 per class and case; summary.json, CSV, markdown, PNG")

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.console import progress_bar
 from pipeline.data.files import image_files, split_channel
 from pipeline.errors import BadInputError, Problem
+from pipeline.inference.case_pipeline import StageSeconds, predict_cases
 from pipeline.inference.predictor import (
     ModelSpec,
     Predictor,
@@ -23,7 +24,6 @@ from pipeline.inference.predictor import (
     find_model,
     npz_path,
     parse_folds,
-    predict_one,
     prediction_name,
 )
 from pipeline.storage import absolute, as_path, is_url
@@ -116,8 +116,10 @@ class PredictReport:
     predicted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already written before this run (resume)
     failed: list[dict] = field(default_factory=list)  # {"case", "message"}
-    seconds_per_case: dict[str, float] = field(default_factory=dict)
+    seconds_per_case: dict[str, float] = field(default_factory=dict)  # reading started -> written (cases overlap)
     seconds: float = 0.0
+    device: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # case_pipeline.StageSeconds, summed over workers
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,12 +142,15 @@ def _is_done(output_dir: Path, case, save_probabilities: bool) -> bool:
 def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", fold: str | int | Sequence | None = None,
                    tta: bool = True, save_probabilities: bool = False, num_workers: int | None = None,
                    ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
-                   step: float = 0.5, batch_size: int = 2, device: str | None = None,
+                   step: float = 0.5, batch_size: int | None = None, device: str | None = None,
                    postprocess: bool = True, use_gpu: bool | None = None, cpus_per_worker: int | None = None,
                    resources_timeout_s: float = 600.0) -> PredictReport:
     """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.<the input's ending>, skipping cases already written.
 
-    Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
+    The cases run as a pipeline (`case_pipeline`): reading the next cases and exporting the previous
+    ones overlap with the network, whose batches take windows of consecutive cases. `device`: "cpu",
+    "cuda" (window logits accumulated on the GPU, mixed precision) or None / "auto" (CUDA when there
+    is one). Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
     nnUNetv2_predict does (`predictor.available_folds`). The post-processing rule beside the model
     (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
     the cases are spread over Ray workers, each loading the model once (`pipeline.inference.ray_backend`);
@@ -174,31 +179,36 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
 
         previous_stage_run_dirs(run_dirs, previous, checkpoint)
     cases = group_input_files(input_dir, len(plans.channels), plans.channels)
-    if use_gpu is False and device is None:
+    if use_gpu is False and device in (None, "auto"):
         device = "cpu"
+    elif use_gpu is False and str(device).startswith("cuda"):
+        raise BadInputError(f"--device {device} contradicts --cpu: choose one")
+    use_ray = bool(ray_address) or (num_workers or 1) > 1
+    if not use_ray:  # checked here, before any work; Ray actors resolve "auto" on their own node
+        from pipeline.inference.predictor import resolve_device
+
+        device = resolve_device(device)
     spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
                      batch_size=batch_size, device=device, postprocess=postprocess)
-    use_ray = bool(ray_address) or (num_workers or 1) > 1
-    report = PredictReport(str(output_dir), config, folds, tta, workers=1)
+    report = PredictReport(str(output_dir), config, folds, tta, workers=1, device=str(device or "auto"))
     report.skipped = [c.case_id for c in cases if _is_done(output_dir, c, save_probabilities)]
     todo = [c for c in cases if c.case_id not in set(report.skipped)]
     output_dir.mkdir(parents=True, exist_ok=True)
+    stages = StageSeconds()
     if todo and use_ray:
         from pipeline.inference.ray_backend import predict_cases_ray
 
         results, report.workers = predict_cases_ray(spec, todo, output_dir, save_probabilities, num_workers,
                                                     ray_address, progress, use_gpu, cpus_per_worker,
-                                                    resources_timeout_s)
+                                                    resources_timeout_s, stages=stages)
     elif todo:
         predictor = Predictor.from_spec(spec)
-        results = []
         with progress_bar(len(todo), progress and len(todo) > 1, desc="predict", unit="case") as bar:
-            for case in todo:
-                results.append(predict_one(predictor, case, output_dir, save_probabilities,
-                                           progress=progress and len(todo) == 1))
-                bar.update()
+            results = predict_cases(predictor, todo, output_dir, save_probabilities, on_result=lambda r: bar.update(),
+                                    progress_windows=progress and len(todo) == 1, stages=stages)
     else:
         results = []
+    report.stage_seconds = stages.to_json()
     order = {c.case_id: i for i, c in enumerate(todo)}
     for r in sorted(results, key=lambda r: order[r.case_id]):
         if r.ok:

@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import BadInputError, SegPipeError
-from pipeline.inference.sliding_window import network_logits, sliding_window_predict
+from pipeline.inference.sliding_window import network_logits, sliding_window_predict, sliding_window_stream
 from pipeline.storage import as_path, replacing
 from pipeline.workdir import MODEL_BEST, Workdir, model_file
 
@@ -39,9 +39,10 @@ class ModelSpec:
     checkpoint: str = "final"  # model_<checkpoint>.pt
     tta: bool = True
     step: float = 0.5
-    batch_size: int = 2
-    device: str | None = None  # None: CUDA when available, else CPU
-    accumulate: str = "auto"
+    batch_size: int | None = None  # network inputs (windows x mirrorings) per forward; None: sized to the patch
+    device: str | None = None  # "cpu", "cuda", "cuda:1", or None / "auto": CUDA when available, else CPU
+    accumulate: str = "auto"  # memory | device | zarr | auto (sliding_window.sliding_window_stream)
+    amp: bool | None = None  # mixed-precision forward passes; None: on CUDA only
     postprocess: bool = True  # apply the postprocessing.json beside the model, when there is one
 
 
@@ -110,7 +111,7 @@ class Predictor:
     def __init__(self, network: torch.nn.Module, plans, config_name: str, label_map, rule=None,
                  spec: ModelSpec | None = None, previous: Predictor | None = None):
         self.spec = spec or ModelSpec(run_dirs=())
-        self.device = torch.device(self.spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(resolve_device(self.spec.device))
         self.network = network.to(self.device).eval()
         self.plans = plans
         self.config_name = config_name
@@ -127,7 +128,7 @@ class Predictor:
 
         if not spec.run_dirs:
             raise SegPipeError("a model needs at least one run folder")
-        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(spec.device)
         networks, first = [], None
         for run_dir in spec.run_dirs:
             net, plans, payload = load_trained_network(run_dir, spec.checkpoint, device)
@@ -169,8 +170,33 @@ class Predictor:
         s = self.spec
         return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_outputs,
                                       step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
-                                      accumulate=s.accumulate, progress=progress,
+                                      accumulate=s.accumulate, progress=progress, amp=s.amp,
                                       nonlinearity=self.label_map.nonlinearity)
+
+    def stream_probabilities(self, images: Iterable[tuple[object, np.ndarray]], progress: bool = False):
+        """(key, probabilities) per (key, preprocessed image), in order; the windows of consecutive
+        images share forward batches (`sliding_window_stream`)."""
+        s = self.spec
+        return sliding_window_stream(self.network, images, self.config.patch_size, self.label_map.num_outputs,
+                                     step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
+                                     accumulate=s.accumulate, progress=progress, amp=s.amp,
+                                     nonlinearity=self.label_map.nonlinearity)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' / None: CUDA when torch sees a GPU, else CPU; 'cuda' without a GPU is an error saying so."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                            "use --device cpu or auto")
+    try:
+        return str(torch.device(device))
+    except RuntimeError as exc:
+        raise BadInputError(f"--device {device!r} is not a device ({', '.join(DEVICES)}, cuda:N)") from exc
 
 
 def _load_rule(run_dirs: Sequence[str]):
@@ -201,29 +227,23 @@ def input_dataset(plans, root: Path, cases: Sequence = ()):
                    labels={int(k): v for k, v in plans.labels.items()}, cases=tuple(cases))
 
 
-def predict_case(model, case, output_path: str | os.PathLike | None = None, save_probabilities: bool = False,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """One case from raw input to a label map in its own geometry.
+@dataclass
+class PreparedCase:
+    """One case read and preprocessed, waiting for the network: what `finish_case` needs to undo the
+    preprocessing and write the result in the input's own geometry."""
 
-    `model` is a run folder (W/runs/<config>/fold_<k>), a ModelSpec or a loaded Predictor; `case`
-    a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
-    (label, probabilities): the label holds the dataset's own values in the voxel order of the input
-    file - the array the written file holds; probabilities (K, *RAS shape) float32 on the original
-    grid, or None unless asked for. With `output_path` (CASE plus the input's ending, `prediction_name`)
-    the label is written there in the input's grid and header (atomically), and with
-    `save_probabilities` also CASE.npz.
-    """
+    case_id: str
+    image: np.ndarray  # (C, *store frame, padded) float32
+    meta: object  # preprocessing.CaseMeta
+    geometry: object  # data.nifti.Geometry of the input
+    reference: Path | None  # the first input file (its header is reused on writing)
+
+
+def prepare_case(predictor: Predictor, case) -> PreparedCase:
+    """Read a `CaseFiles` (or take a loaded `CaseData`) and preprocess it with the model's plans."""
     from pipeline.data.dataset import CaseData, read_case
-    from pipeline.data.nifti import from_ras
-    from pipeline.inference.export import (
-        restore_label,
-        restore_probabilities,
-        write_prediction,
-    )
-    from pipeline.inference.postprocessing import apply_postprocessing
     from pipeline.preprocessing.preprocess import preprocess_case
 
-    predictor = _as_predictor(model)
     reference = None
     if not isinstance(case, CaseData):
         reference = case.images[0]
@@ -233,15 +253,23 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
                             case.case_id)
     case = dataclasses.replace(case, label=None)
     pre = preprocess_case(case, predictor.plans, predictor.config_name, predictor.label_map)
-    meta, image = pre.meta, pre.image
-    del pre
+    image = pre.image
     if predictor.previous is not None:  # a cascade: the previous stage's segmentation as extra channels
         from pipeline.inference.cascade import cascade_input
 
-        image = cascade_input(predictor.previous, case, meta, image, predictor.config.anisotropy_threshold)
-    store_probs = predictor.store_probabilities(image, progress=progress)
-    del image
-    label_map = predictor.label_map
+        image = cascade_input(predictor.previous, case, pre.meta, image, predictor.config.anisotropy_threshold)
+    return PreparedCase(case.case_id, image, pre.meta, case.geometry, reference)
+
+
+def finish_case(predictor: Predictor, prepared: PreparedCase, store_probs, output_path: str | os.PathLike | None = None,
+                save_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Store-frame probabilities -> (label in the input file's voxel order, probabilities on the RAS
+    grid or None); written to `output_path` (and CASE.npz) atomically when given."""
+    from pipeline.data.nifti import from_ras
+    from pipeline.inference.export import restore_label, restore_probabilities, write_prediction
+    from pipeline.inference.postprocessing import apply_postprocessing
+
+    meta, label_map = prepared.meta, predictor.label_map
     probabilities = None
     if save_probabilities or isinstance(store_probs, np.ndarray):
         probabilities = restore_probabilities(np.asarray(store_probs[...]), meta,
@@ -257,8 +285,28 @@ def predict_case(model, case, output_path: str | os.PathLike | None = None, save
         output_path = as_path(output_path)
         if save_probabilities:
             save_probabilities_npz(probabilities, label_map, npz_path(output_path))
-        write_prediction(label, case.geometry, output_path, reference)
-    return from_ras(label, case.geometry), probabilities if save_probabilities else None
+        write_prediction(label, prepared.geometry, output_path, prepared.reference)
+    return from_ras(label, prepared.geometry), probabilities if save_probabilities else None
+
+
+def predict_case(model, case, output_path: str | os.PathLike | None = None, save_probabilities: bool = False,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One case from raw input to a label map in its own geometry: `prepare_case`, the sliding
+    window, `finish_case` (a folder of cases runs the three as a pipeline: `inference.predict`).
+
+    `model` is a run folder (W/runs/<config>/fold_<k>), a ModelSpec or a loaded Predictor; `case`
+    a `CaseFiles` (files in the layout of the training data) or a loaded `CaseData`. Returns
+    (label, probabilities): the label holds the dataset's own values in the voxel order of the input
+    file - the array the written file holds; probabilities (K, *RAS shape) float32 on the original
+    grid, or None unless asked for. With `output_path` (CASE plus the input's ending, `prediction_name`)
+    the label is written there in the input's grid and header (atomically), and with
+    `save_probabilities` also CASE.npz.
+    """
+    predictor = _as_predictor(model)
+    prepared = prepare_case(predictor, case)
+    store_probs = predictor.store_probabilities(prepared.image, progress=progress)
+    prepared.image = None
+    return finish_case(predictor, prepared, store_probs, output_path, save_probabilities)
 
 
 def _as_predictor(model) -> Predictor:

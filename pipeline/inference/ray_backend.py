@@ -1,8 +1,10 @@
 """Cases spread over Ray workers: an ActorPool of predictors, each loading the model once.
 
-Thin wiring over `inference.predict_one`: each actor builds a `Predictor` from the picklable
-`ModelSpec`, reads its cases' files and writes their outputs itself, so only (absolute) file paths
-and small results travel. Actors may run on other machines: every node must see the model folders,
+Thin wiring over `inference.case_pipeline.predict_cases`: the actors start once per folder; each
+builds a `Predictor` from the picklable `ModelSpec` once and is streamed chunks of cases, which it
+runs through its own pipeline (reading, network and export overlapped, windows of consecutive cases
+batched), reading the files and writing the outputs itself, so only (absolute) file paths and
+small results travel. Actors may run on other machines: every node must see the model folders,
 the input files and the output folder at the same paths (checked on each node before the actors
 start, `parallel.check_ray_nodes_see`). An already-initialised Ray (a session, a test fixture) is
 reused as it is; otherwise Ray is started on 127.0.0.1 without a dashboard (or joined at
@@ -13,15 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.console import progress_bar
+from pipeline.inference.case_pipeline import StageSeconds, predict_cases
 from pipeline.inference.predictor import (
     CaseResult,
     ModelSpec,
     Predictor,
-    predict_one,
 )
 from pipeline.parallel import (
     SharedPath,
@@ -49,17 +52,27 @@ class _PredictorActor:
     def where(self) -> dict:
         return whereami()
 
-    def predict(self, case, output_dir: str, save_probabilities: bool) -> CaseResult:
+    def predict(self, cases: list, output_dir: str, save_probabilities: bool) -> tuple[list[CaseResult], dict]:
+        """A chunk of cases through this actor's pipeline: (one result per case, seconds per stage)."""
+        stages = StageSeconds()
         try:
-            return predict_one(self.predictor, case, output_dir, save_probabilities)
-        except Exception as exc:  # noqa: BLE001 - one line naming the case; the other cases go on
-            return CaseResult(case.case_id, False, 0.0, f"{type(exc).__name__}: {exc}")
+            results = predict_cases(self.predictor, cases, output_dir, save_probabilities, isolate=True, stages=stages)
+        except Exception as exc:  # noqa: BLE001 - one line naming each case; the other chunks go on
+            results = [CaseResult(c.case_id, False, 0.0, f"{type(exc).__name__}: {exc}") for c in cases]
+        return results, stages.to_json()
+
+
+def chunk_cases(cases: Sequence, workers: int, most: int = 8) -> list[list]:
+    """Cases in chunks for the actors: about three per worker (so a slow chunk does not hold the
+    end back), at most `most` cases each (a chunk's results come back together)."""
+    size = max(1, min(most, math.ceil(len(cases) / (3 * workers))))
+    return [list(cases[i:i + size]) for i in range(0, len(cases), size)]
 
 
 def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, save_probabilities: bool,
                       num_workers: int | None, ray_address: str | None, progress: bool, use_gpu: bool | None = None,
-                      cpus_per_worker: int | None = None,
-                      resources_timeout_s: float = 600.0) -> tuple[list[CaseResult], int]:
+                      cpus_per_worker: int | None = None, resources_timeout_s: float = 600.0,
+                      stages: StageSeconds | None = None) -> tuple[list[CaseResult], int]:
     """Predict `cases` (CaseFiles) on an ActorPool; returns the per-case results and the worker count.
 
     Each actor asks for `cpus_per_worker` CPUs (and a GPU with `use_gpu`; None: GPUs if the cluster
@@ -77,7 +90,7 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
         resources = ray.cluster_resources()
         cpus_now, gpus_now = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
         if use_gpu is None:
-            use_gpu = bool(gpus_now) and not (spec.device or "").startswith("cpu")
+            use_gpu = (spec.device or "").startswith("cuda") or (bool(gpus_now) and not (spec.device or "").startswith("cpu"))
         if num_workers:
             workers = num_workers
         elif local_ray or cpus_now:
@@ -104,10 +117,13 @@ def predict_cases_ray(spec: ModelSpec, cases: Sequence, output_dir: str | Path, 
             pool = ActorPool(actors)
             results = []
             with progress_bar(len(cases), progress, desc=f"predict ({workers} Ray workers)", unit="case") as bar:
-                for result in pool.map_unordered(
-                        lambda actor, case: actor.predict.remote(case, str(output_dir), save_probabilities), cases):
-                    results.append(result)
-                    bar.update()
+                for chunk_results, chunk_stages in pool.map_unordered(
+                        lambda actor, chunk: actor.predict.remote(chunk, str(output_dir), save_probabilities),
+                        chunk_cases(cases, workers)):
+                    results.extend(chunk_results)
+                    if stages is not None:
+                        stages.add(StageSeconds(**chunk_stages))
+                    bar.update(len(chunk_results))
         finally:
             for actor in actors:
                 ray.kill(actor)

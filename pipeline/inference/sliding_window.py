@@ -5,11 +5,14 @@ The network only ever sees patches of the training size. Windows overlap by half
 Gaussian importance map, because a U-Net is least reliable at a patch border where it lacks
 context. Mirroring test-time augmentation averages the softmax over every combination of flipped
 axes. The weighted sums live in memory, or, for a volume whose accumulators would not fit in RAM,
-in a temporary Zarr array chunked by patch, so one huge case never takes the machine down.
+in a temporary Zarr array chunked by patch, so one huge case never takes the machine down, or, on
+a GPU, on the device. Windows (and their mirrored copies) of consecutive images share forward
+batches (`sliding_window_stream`), so a folder of small cases keeps the network's batches full.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -17,7 +20,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -147,7 +150,6 @@ NONLINEARITIES = {"softmax": softmax_, "sigmoid": sigmoid_}
 class _MemoryAccumulator:
     """Gaussian-weighted logits of the windows; `result` turns their weighted mean into probabilities."""
 
-
     def __init__(self, num_classes: int, spatial: Sequence[int], nonlinearity: str = "softmax"):
         self.activate = NONLINEARITIES[nonlinearity]
         self.sums = np.zeros((num_classes, *spatial), dtype=np.float32)
@@ -175,10 +177,10 @@ class _ZarrAccumulator:
 
     def __init__(self, num_classes: int, spatial: Sequence[int], patch_size: Sequence[int], directory: str,
                  nonlinearity: str = "softmax"):
+        self.activate = NONLINEARITIES[nonlinearity]
         import zarr
         from zarr.storage import LocalStore
 
-        self.activate = NONLINEARITIES[nonlinearity]
         chunks = (1,) * (len(spatial) - len(patch_size)) + tuple(patch_size)
         self.shape = tuple(spatial)
         self.depth = chunks[0]
@@ -233,46 +235,97 @@ def network_logits(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _predict_batch(network, batch: torch.Tensor, mirror: list[tuple[int, ...]], amp: bool) -> torch.Tensor:
-    """Logits of the network, averaged over the mirrored copies of the batch (float32).
-
-    Logits, not probabilities, are averaged - over mirrors here, over overlapping windows by the
-    accumulators, which apply the softmax once at the end - as nnU-Net v2 does, so that our
-    predictions from nnU-Net's weights equal its own (benchmarks/predict.py compares them).
-    """
-    total = None
-    for axes in mirror:
-        x = torch.flip(batch, axes) if axes else batch
-        with torch.autocast(batch.device.type, enabled=amp):
-            logits = network_logits(network, x).float()
-        if axes:
-            logits = torch.flip(logits, axes)
-        total = logits if total is None else total.add_(logits)
-    return total.div_(len(mirror))
+# Voxels of network input per forward pass: enough windows (and mirrored copies) per batch that a
+# CPU's matrix kernels run full (a batch of 8 hippocampus windows costs about a third per window of
+# a batch of 1 on 2 cores), few enough that activations stay small beside the accumulators. At
+# most 8 (a window's 3d mirrorings): the last batch of a stream is filled up with zeros.
+BATCH_VOXELS = {"cpu": 2**20, "cuda": 2**21}
+MAX_BATCH = 8
 
 
-def sliding_window_predict(
+def auto_batch_size(patch_size: Sequence[int], device: str | torch.device) -> int:
+    """Network inputs (windows x mirrored copies) per forward pass for this patch on this device."""
+    budget = BATCH_VOXELS.get(torch.device(device).type, BATCH_VOXELS["cpu"])
+    return max(1, min(MAX_BATCH, budget // int(np.prod(patch_size))))
+
+
+class _DeviceAccumulator:
+    """The weighted sums as tensors on the network's device (nnU-Net's and MONAI's GPU path): windows
+    never travel back to the host; only the finished probabilities do, once."""
+
+    takes_tensors = True
+
+    def __init__(self, num_classes: int, spatial: Sequence[int], device: torch.device, nonlinearity: str = "softmax"):
+        self.sigmoid = nonlinearity == "sigmoid"
+        self.sums = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=device)
+        self.weights = torch.zeros(tuple(spatial), dtype=torch.float32, device=device)
+
+    def add(self, index: tuple, weighted: torch.Tensor, weight: torch.Tensor) -> None:
+        self.sums[(slice(None), *index)] += weighted
+        self.weights[index] += weight
+
+    def result(self) -> np.ndarray:
+        self.sums /= self.weights[None]
+        del self.weights
+        out = np.empty(tuple(self.sums.shape), dtype=np.float32)
+        for row in range(self.sums.shape[1]):  # row by row: temporaries on the device stay one row in size
+            row_probs = torch.sigmoid(self.sums[:, row]) if self.sigmoid else torch.softmax(self.sums[:, row], dim=0)
+            out[:, row] = row_probs.cpu().numpy()
+        del self.sums
+        return out
+
+
+def device_accumulator_fits(num_classes: int, spatial: Sequence[int], device: torch.device) -> bool:
+    """Whether the accumulators fit in half the device memory free now (CUDA only)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return accumulator_bytes(num_classes, spatial) < free // 2
+
+
+@dataclasses.dataclass
+class _OpenImage:
+    """One image of a stream while its windows go through the network."""
+
+    key: object
+    data: np.ndarray  # (C, *spatial) float32, padded to at least the patch
+    crop: tuple[slice, ...]
+    padded: bool
+    windows: list[tuple]
+    acc: object
+    tmp: str | None
+    todo: int  # windows not yet accumulated
+    bar: object
+
+
+def sliding_window_stream(
     network: torch.nn.Module,
-    image: torch.Tensor | np.ndarray,
+    images: Iterable[tuple[object, torch.Tensor | np.ndarray]],
     patch_size: Sequence[int],
     num_classes: int,
     step: float = 0.5,
     tta_mirror: bool = True,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     accumulate: str = "auto",
     zarr_threshold_bytes: int | None = None,
     zarr_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    amp: bool | None = None,
     nonlinearity: str = "softmax",
-):
-    """Class probabilities (K, *spatial) float32 for an image (C, *spatial) in the store frame.
+) -> Iterator[tuple[object, np.ndarray]]:
+    """(key, probabilities) for each (key, image) of `images`, in order: `sliding_window_predict`
+    over a stream of images, whose windows and mirrored copies are packed into shared forward
+    batches of `batch_size` network inputs (None: `auto_batch_size`), across image boundaries, so
+    small cases (one window each) still fill a batch. An image is pulled from `images` only when
+    the batch needs its windows, and its probabilities are yielded as soon as its last window is
+    in: a producer (reading and preprocessing) and a consumer (export) can run beside it.
 
-    `patch_size` has as many entries as the image has spatial axes (3d), or one fewer (2d: slices
-    along the first axis). `accumulate` is "memory", "zarr" or "auto" (Zarr when the accumulators
-    would exceed `zarr_threshold_bytes`, by default a quarter of the RAM available now). The memory
-    path returns a NumPy array; the Zarr path a normalised `zarr.Array` living in a temporary
-    folder (under `zarr_dir` when given) that is deleted when the array is garbage collected.
+    Each window's logits are averaged over its mirrorings, weighted by the Gaussian and added
+    to its image's accumulator, exactly as `sliding_window_predict` does for one image.
+    `accumulate`: "memory" (NumPy), "device" (tensors on the network's device), "zarr" (disk), or
+    "auto" (zarr past `zarr_threshold_bytes`, by default a quarter of the RAM available now; else
+    device on CUDA when it fits, else memory). `amp`: autocast the forward passes (None: on CUDA).
     `nonlinearity` turns the averaged logits into probabilities: "softmax" (classes) or "sigmoid"
     (regions, `LabelMap.nonlinearity`).
     """
@@ -283,60 +336,157 @@ def sliding_window_predict(
         param = next(iter(network.parameters()), None)
         device = param.device if param is not None else "cpu"
     device = torch.device(device)
-    data = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    data = data.astype(np.float32, copy=False)
-    if data.ndim - 1 not in (len(patch_size), len(patch_size) + 1):
-        raise ValueError(f"image of shape {data.shape} does not match patch {patch_size}")
-    original_spatial = data.shape[1:]
-    data, crop = pad_to_patch(data, patch_size)
-    spatial = data.shape[1:]
-    windows = window_slices(spatial, patch_size, step)
-
-    if accumulate == "auto":
-        threshold = zarr_threshold_bytes if zarr_threshold_bytes is not None else int(available_memory() * ZARR_RAM_FRACTION)
-        accumulate = "zarr" if accumulator_bytes(num_classes, spatial) > threshold else "memory"
-    tmp = None
-    if accumulate == "memory":
-        acc = _MemoryAccumulator(num_classes, spatial, nonlinearity)
-    elif accumulate == "zarr":
-        tmp = tempfile.mkdtemp(prefix="segpipe_sw_", dir=zarr_dir)
-        acc = _ZarrAccumulator(num_classes, spatial, patch_size, tmp, nonlinearity)
-    else:
-        raise ValueError(f"accumulate must be 'memory', 'zarr' or 'auto', got {accumulate!r}")
-
+    if accumulate not in ("auto", "memory", "device", "zarr"):
+        raise ValueError(f"accumulate must be 'memory', 'device', 'zarr' or 'auto', got {accumulate!r}")
+    mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
+    per_forward = batch_size or auto_batch_size(patch_size, device)
+    amp = device.type == "cuda" if amp is None else amp
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = torch.tensor(gaussian, device=device)
-    mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
-    amp = device.type == "cuda"
+    opened: list[_OpenImage] = []  # images with windows in flight, in stream order
+
+    def open_image(key, image) -> _OpenImage:
+        data = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        data = data.astype(np.float32, copy=False)
+        if data.ndim - 1 not in (len(patch_size), len(patch_size) + 1):
+            raise ValueError(f"image of shape {data.shape} does not match patch {patch_size}")
+        original = data.shape[1:]
+        data, crop = pad_to_patch(data, patch_size)
+        spatial = data.shape[1:]
+        windows = window_slices(spatial, patch_size, step)
+        mode = accumulate
+        if mode == "auto":
+            threshold = zarr_threshold_bytes if zarr_threshold_bytes is not None else \
+                int(available_memory() * ZARR_RAM_FRACTION)
+            mode = "zarr" if accumulator_bytes(num_classes, spatial) > threshold else \
+                "device" if device_accumulator_fits(num_classes, spatial, device) else "memory"
+        tmp = None
+        if mode == "memory":
+            acc = _MemoryAccumulator(num_classes, spatial, nonlinearity)
+        elif mode == "device":
+            acc = _DeviceAccumulator(num_classes, spatial, device, nonlinearity)
+        else:
+            tmp = tempfile.mkdtemp(prefix="segpipe_sw_", dir=zarr_dir)
+            acc = _ZarrAccumulator(num_classes, spatial, patch_size, tmp, nonlinearity)
+        bar = progress_bar(len(windows), progress, desc="windows", unit="win", leave=False)
+        return _OpenImage(key, data, crop, data.shape[1:] != original, windows, acc, tmp, len(windows), bar)
+
+    def jobs() -> Iterator[tuple[_OpenImage, int, tuple[int, ...]]]:
+        for key, image in images:
+            item = open_image(key, image)
+            opened.append(item)
+            for w in range(len(item.windows)):
+                for axes in mirror:
+                    yield item, w, axes
+
+    pending: dict[tuple[int, int], list] = {}  # (id(image), window) -> [logit sum, mirrorings added]
+
+    def run(batch: list) -> None:
+        inputs = [item.data[(slice(None), *item.windows[w])] for item, w, _ in batch]
+        # always a full batch (zeros fill the last one): a window's logits then depend on nothing but
+        # the window - not on its neighbours in the batch - so a case comes out the same alone, in a
+        # folder or on a Ray actor (oneDNN's kernels differ, in the last bits, between batch sizes)
+        inputs += [np.zeros_like(inputs[0])] * (per_forward - len(inputs))
+        x = torch.from_numpy(np.stack(inputs)).to(device)
+        for i, (_, _, axes) in enumerate(batch):
+            if axes:
+                x[i] = torch.flip(x[i], [a - 1 for a in axes])
+        with torch.autocast(device.type, enabled=amp):
+            logits = network_logits(network, x).float()
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"network predicts {logits.shape[1]} classes, expected {num_classes}")
+        for i, (item, w, axes) in enumerate(batch):
+            out = torch.flip(logits[i], [a - 1 for a in axes]) if axes else logits[i]
+            slot = pending.setdefault((id(item), w), [None, 0])
+            slot[0] = out if slot[0] is None else slot[0].add_(out)
+            slot[1] += 1
+            if slot[1] == len(mirror):  # every mirroring in: mean logits, weighted, into the accumulator
+                del pending[(id(item), w)]
+                weighted = slot[0].div_(len(mirror)) * gaussian_dev
+                if getattr(item.acc, "takes_tensors", False):
+                    item.acc.add(item.windows[w], weighted, gaussian_dev)
+                else:
+                    item.acc.add(item.windows[w], weighted.cpu().numpy(), gaussian)
+                item.todo -= 1
+                item.bar.update(1)
+
+    def finished() -> Iterator[tuple[object, np.ndarray]]:
+        while opened and opened[0].todo == 0:
+            item = opened.pop(0)
+            getattr(item.bar, "close", lambda: None)()
+            yield item.key, _finish(item, zarr_dir)
+
     was_training = network.training
     network.eval()
     try:
-        with torch.inference_mode(), progress_bar(len(windows), progress, desc="windows", unit="win", leave=False) as bar:
-            for start in range(0, len(windows), batch_size):
-                chunk = windows[start:start + batch_size]
-                batch = np.stack([data[(slice(None), *w)] for w in chunk])
-                logits = _predict_batch(network, torch.from_numpy(batch).to(device), mirror, amp)
-                if logits.shape[1] != num_classes:
-                    raise ValueError(f"network predicts {logits.shape[1]} classes, expected {num_classes}")
-                weighted = (logits * gaussian_dev).cpu().numpy()
-                for w, pred in zip(chunk, weighted):
-                    acc.add(w, pred, gaussian)
-                bar.update(len(chunk))
-        result = acc.result()
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with torch.inference_mode():
+            batch = []
+            for job in jobs():
+                batch.append(job)
+                if len(batch) == per_forward:
+                    run(batch)
+                    batch = []
+                    yield from finished()
+            if batch:
+                run(batch)
+            yield from finished()
     finally:
         network.train(was_training)
+        for item in opened:  # stopped early (an error, or the consumer stopped): no temporary left behind
+            getattr(item.bar, "close", lambda: None)()
+            if item.tmp is not None:
+                shutil.rmtree(item.tmp, ignore_errors=True)
 
-    padded = data.shape[1:] != original_spatial
-    if tmp is None:
-        return np.ascontiguousarray(result[(slice(None), *crop)]) if padded else result
-    if not padded:
-        weakref.finalize(result, shutil.rmtree, tmp, True)
+
+def _finish(item: _OpenImage, zarr_dir):
+    """The image's probabilities, cropped back where it was padded (a Zarr array for the zarr path)."""
+    try:
+        result = item.acc.result()
+    except BaseException:
+        if item.tmp is not None:
+            shutil.rmtree(item.tmp, ignore_errors=True)
+        raise
+    if item.tmp is None:
+        return np.ascontiguousarray(result[(slice(None), *item.crop)]) if item.padded else result
+    if not item.padded:
+        weakref.finalize(result, shutil.rmtree, item.tmp, True)
         return result
-    return _crop_zarr(result, crop, tmp, zarr_dir)
+    return _crop_zarr(result, item.crop, item.tmp, zarr_dir)
+
+
+def sliding_window_predict(
+    network: torch.nn.Module,
+    image: torch.Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    num_classes: int,
+    step: float = 0.5,
+    tta_mirror: bool = True,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    accumulate: str = "auto",
+    zarr_threshold_bytes: int | None = None,
+    zarr_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    nonlinearity: str = "softmax",
+    amp: bool | None = None,
+):
+    """Class probabilities (K, *spatial) float32 for an image (C, *spatial) in the store frame.
+
+    `patch_size` has as many entries as the image has spatial axes (3d), or one fewer (2d: slices
+    along the first axis). `batch_size` counts network inputs per forward pass (windows times
+    mirrored copies; None: `auto_batch_size`). `accumulate` is "memory", "device", "zarr" or
+    "auto" (see `sliding_window_stream`). The memory and device paths return a NumPy array; the
+    Zarr path a normalised `zarr.Array` living in a temporary folder (under `zarr_dir` when given)
+    that is deleted when the array is garbage collected. `nonlinearity`: "softmax" (classes) or
+    "sigmoid" (regions, `LabelMap.nonlinearity`).
+    """
+    for _, probs in sliding_window_stream(network, [(None, image)], patch_size, num_classes, step=step,
+                                          tta_mirror=tta_mirror, batch_size=batch_size, device=device,
+                                          accumulate=accumulate, zarr_threshold_bytes=zarr_threshold_bytes,
+                                          zarr_dir=zarr_dir, progress=progress, amp=amp,
+                                          nonlinearity=nonlinearity):
+        return probs
+    raise AssertionError("the stream of one image yielded nothing")  # pragma: no cover
 
 
 def _crop_zarr(padded, crop: tuple[slice, ...], tmp: str, zarr_dir):

@@ -1,0 +1,165 @@
+"""Prediction as a pipeline: windows of consecutive cases share forward batches without changing any
+case's result, reading and export overlap with the network, one bad case fails alone, and the
+device path (logits accumulated on the device, mixed precision) is chosen by `--device`."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main as cli_main
+from pipeline.inference.case_pipeline import StageSeconds, predict_cases
+from pipeline.inference.predict import group_input_files, predict_folder
+from pipeline.inference.predictor import ModelSpec, Predictor, resolve_device
+from pipeline.inference.ray_backend import chunk_cases
+from pipeline.inference.sliding_window import (
+    auto_batch_size,
+    sliding_window_predict,
+    sliding_window_stream,
+)
+
+CONFIG = "3d_lean"
+
+
+def _conv_net(seed: int = 0, classes: int = 3):
+    """Two random 3d convolutions: near-tied classes, so the last bits of any sum show in the argmax."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv3d(8, classes, 3, padding=1))
+
+
+def _images(n, shape=(20, 24, 18), seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(n)]
+
+
+def test_a_case_comes_out_the_same_alone_and_batched_with_other_cases():
+    # every forward pass gets a full batch (zeros fill the last), so a window's logits never
+    # depend on its neighbours: alone, in a folder and on a Ray actor a case is bit for bit equal
+    net, patch = _conv_net(), (16, 16, 16)
+    images = _images(3) + _images(1, shape=(12, 30, 16), seed=1)  # the last is smaller than the patch: padded
+    for tta in (False, True):
+        alone = [sliding_window_predict(net, im, patch, 3, tta_mirror=tta, batch_size=8) for im in images]
+        streamed = list(sliding_window_stream(net, [(i, im) for i, im in enumerate(images)], patch, 3,
+                                              tta_mirror=tta, batch_size=8))
+        assert [k for k, _ in streamed] == [0, 1, 2, 3]  # in order
+        for (_, got), want in zip(streamed, alone):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_stream_pulls_an_image_only_when_the_batch_needs_it_and_yields_each_when_done():
+    net, patch = _conv_net(), (16, 16, 16)
+    pulled, order = [], []
+
+    def images():
+        for i, im in enumerate(_images(3, shape=(16, 16, 16))):  # one window each
+            pulled.append(i)
+            yield i, im
+
+    for key, _ in sliding_window_stream(net, images(), patch, 3, tta_mirror=True, batch_size=8):
+        order.append((key, list(pulled)))
+    # a window's 8 mirrorings fill a batch: each case is done before the next is read
+    assert order == [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])]
+
+
+def test_device_accumulation_equals_memory_accumulation_on_cpu(tmp_path):
+    net, patch = _conv_net(), (16, 16, 16)
+    image = _images(1, shape=(30, 26, 20))[0]
+    memory = sliding_window_predict(net, image, patch, 3, tta_mirror=True, accumulate="memory", device="cpu")
+    device = sliding_window_predict(net, image, patch, 3, tta_mirror=True, accumulate="device", device="cpu")
+    np.testing.assert_allclose(device, memory, rtol=1e-5, atol=1e-6)
+    assert isinstance(device, np.ndarray) and device.shape == (3, 30, 26, 20)
+    with pytest.raises(ValueError, match="accumulate must be"):
+        sliding_window_predict(net, image, patch, 3, accumulate="gpu")
+
+
+def test_mixed_precision_path_runs_on_cpu_and_agrees():
+    # autocast is what a GPU runs; on a CPU it is bfloat16: close to float32, not equal
+    net, patch = _conv_net(), (16, 16, 16)
+    image = _images(1, shape=(24, 24, 24))[0]
+    fp32 = sliding_window_predict(net, image, patch, 3, tta_mirror=False, amp=False)
+    mixed = sliding_window_predict(net, image, patch, 3, tta_mirror=False, amp=True)
+    assert np.abs(mixed - fp32).max() < 0.05 and np.mean(mixed.argmax(0) == fp32.argmax(0)) > 0.95
+
+
+def test_batch_size_follows_the_patch_and_device():
+    assert auto_batch_size((40, 56, 40), "cpu") == 8  # hippocampus: a window's 8 mirrorings per pass
+    assert auto_batch_size((32, 112, 128), "cpu") == 2
+    assert auto_batch_size((128, 128, 128), "cpu") == 1
+    assert auto_batch_size((128, 128, 128), "cuda") == 1
+
+
+def test_device_flag():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        from pipeline.errors import BadInputError
+
+        with pytest.raises(BadInputError, match="sees no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_chunks_stream_about_three_per_worker():
+    cases = list(range(60))
+    chunks = chunk_cases(cases, 2)
+    assert [c for chunk in chunks for c in chunk] == cases and max(map(len, chunks)) == 8
+    assert len(chunk_cases(cases[:5], 2)) == 5  # few cases: one each, so both workers start at once
+
+
+@pytest.fixture(scope="module")
+def hippo_model(tmp_path_factory, hippocampus):
+    from test_inference import make_model
+
+    return make_model(tmp_path_factory.mktemp("hippo_model"), hippocampus, num_cases=2)
+
+
+def _link(folder, paths):
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        os.symlink(p, folder / p.name)
+    return folder
+
+
+def test_folder_pipeline_equals_case_by_case_and_a_bad_case_fails_alone(hippo_model, hippocampus, tmp_path):
+    wd, _ = hippo_model
+    images = sorted((hippocampus / "imagesTr").iterdir())[:3]
+    inputs = _link(tmp_path / "in", images)
+    # a truncated file in the middle of the folder: bad input for that case only
+    (inputs / "broken.nii.gz").write_bytes(images[0].read_bytes()[:2000])
+    predictor = Predictor.load(wd, CONFIG, "0", tta=False, device="cpu")
+    cases = group_input_files(inputs, 1)
+    done, stages = [], StageSeconds()
+    results = predict_cases(predictor, cases, tmp_path / "out", on_result=lambda r: done.append(r.case_id),
+                            stages=stages)
+    assert [r.case_id for r in results] == [c.case_id for c in cases] and sorted(done) == sorted(c.case_id for c in cases)
+    failed = [r for r in results if not r.ok]
+    assert [r.case_id for r in failed] == ["broken"] and failed[0].message
+    assert stages.cases == 4 and stages.network > 0 and stages.read_preprocess > 0 and stages.export_write > 0
+    for p in images:  # each case alone, through predict_case's one-case path: the same labels
+        from pipeline.inference.predictor import predict_case
+
+        label, _ = predict_case(predictor, cases[[c.case_id for c in cases].index(p.name[:-7])])
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / p.name).dataobj), label)
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(p.name for p in images)  # nothing half-written
+
+
+def test_predict_command_takes_device_and_reports_stages(hippo_model, hippocampus, tmp_path, capsys):
+    import json
+
+    wd, _ = hippo_model
+    inputs = _link(tmp_path / "in", sorted((hippocampus / "imagesTr").iterdir())[:2])
+    args = ["predict", "--workdir", str(wd.root), str(inputs), str(tmp_path / "out"), "--config", CONFIG, "--no-tta"]
+    assert cli_main([*args, "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and len(report["predicted"]) == 2
+    assert report["stage_seconds"]["cases"] == 2 and report["stage_seconds"]["network"] > 0
+    if not torch.cuda.is_available():
+        assert cli_main([*args, "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, tta=False, progress=False,
+                          device="cpu").skipped == sorted(p.name[:-7] for p in inputs.iterdir())
+    assert ModelSpec(()).device is None  # auto, resolved where the model loads
