@@ -105,29 +105,31 @@ print(json.dumps({"model_folder": trainer.output_folder_base, "trainer": type(tr
 # ---------------------------------------------------------------- the worker (our side, one child process)
 
 
-def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: bool, threads: int) -> dict:
+def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: bool, threads: int,
+           config: str = CONFIG) -> dict:
     """`predict_folder` as a user calls it; prints what it reports (per-case seconds) as one JSON line."""
     import torch
 
     torch.set_num_threads(threads)
     from pipeline.inference.predict import predict_folder
 
-    workers = int(variant.removeprefix("ray"))
+    workers = int(variant.removeprefix("ray").removeprefix("lean") or 1)
     start = time.perf_counter()
     if variant == "ray1":  # one actor: start Ray the way predict_folder would, then let it join that Ray
-        from pipeline.inference.ray_backend import ray_runtime
+        from pipeline.parallel import ray_session
 
-        with ray_runtime(1, None):
-            report = predict_folder(workdir, input_dir, output_dir, config=CONFIG, fold="0", tta=tta,
-                                    num_workers=1, ray_address="this process's Ray", progress=False)
+        with ray_session(None, num_cpus=threads):
+            report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
+                                    num_workers=1, progress=False)
     else:
-        report = predict_folder(workdir, input_dir, output_dir, config=CONFIG, fold="0", tta=tta,
+        report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
                                 num_workers=workers, progress=False)
     seconds = time.perf_counter() - start
     per_case = list(report.seconds_per_case.values())
     return {"variant": variant, "tta": tta, "workers": report.workers, "cases": len(report.predicted),
             "predict_folder_s": round(seconds, 3), "case_s_mean": round(statistics.fmean(per_case), 3) if per_case else None,
-            "case_s": per_case, "driver_torch_threads": torch.get_num_threads()}
+            "case_s": per_case, "driver_torch_threads": torch.get_num_threads(),
+            "stage_seconds": getattr(report, "stage_seconds", None)}
 
 
 # ---------------------------------------------------------------- setup
@@ -208,7 +210,7 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple
     from pipeline.training.loop import save_model_file
     from pipeline.training.model import build_network
 
-    wd, plans = make_model(workdir, dataset, [CONFIG])
+    wd, plans = make_model(workdir, dataset, [CONFIG, "3d_lean"])
     info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run"}
     if nnunet_weights is not None and nnunet_weights.is_file():
         net = build_network(plans.configuration(CONFIG), len(plans.channels), len(plans.label_values))
@@ -353,6 +355,9 @@ def plan_rows(args, cases: int) -> list[dict]:
                              "label": f"nnU-Net -npp {procs} -nps {procs}",
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}" + (" (sequential)" if procs == 0 else ""),
                              "tta": tta, "cases": cases, "procs": procs})
+    if args.lean_cases:
+        rows.append({"set": "lean", "tool": OURS, "variant": "lean", "label": "ours 3d_lean",
+                     "mode": "predict_folder 3d_lean, in-process", "tta": True, "cases": args.lean_cases, "workers": 1})
     if args.size:
         for tta in args.size_tta:
             rows.append({"set": "large", "tool": OURS, "variant": "1", "label": f"ours {args.size}^3",
@@ -367,7 +372,8 @@ def plan_rows(args, cases: int) -> list[dict]:
 def command_for(row: dict, args, wd_root: Path, inputs: Path, out_dir: Path) -> tuple[list[str], dict]:
     if row["tool"] == OURS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row["variant"], str(wd_root), str(inputs),
-               str(out_dir), "--tta", "on" if row["tta"] else "off", "--threads", str(args.threads)]
+               str(out_dir), "--tta", "on" if row["tta"] else "off", "--threads", str(args.threads),
+               "--config", "3d_lean" if row["variant"] == "lean" else CONFIG]
         return cmd, python_env(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
     tool = str(Path(args.nnunet_python).parent / "nnUNetv2_predict")
     procs = str(row["procs"])
@@ -520,7 +526,8 @@ def _fmt_time(s: dict) -> str:
 
 
 def plot(result: dict, new_figure):
-    panels = [[s for s in result["summary"] if s["set"] == name and s.get("s_per_case")] for name in ("hippocampus", "large")]
+    panels = [[s for s in result["summary"] if s["set"] in names and s.get("s_per_case")]
+              for names in (("hippocampus", "lean"), ("large",))]
     panels = [p for p in panels if p]
     if not panels:
         return None
@@ -565,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "WORKDIR", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--cases", type=int, default=4, help="hippocampus cases (0: skip the hippocampus rows)")
+    ap.add_argument("--cases", type=int, default=60, help="hippocampus cases (0: skip the hippocampus rows)")
+    ap.add_argument("--lean-cases", type=int, default=60,
+                    help="hippocampus cases predicted with 3d_lean, mirroring on (0: skip): the s/case of the CPU preset")
+    ap.add_argument("--config", default=CONFIG, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=_workers, default=_workers("1,ray1,2"),
                     help="our variants: 1 (in-process), ray1 (one Ray actor), N > 1 (N Ray actors)")
     ap.add_argument("--tta", type=_tta_list, default=_tta_list("off,on"), help="mirroring TTA settings: off,on")
@@ -575,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nnunet-python", default=None, help="interpreter with nnunetv2: adds nnUNetv2_predict rows")
     ap.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF,
                     help=f"nnU-Net raw/ and preprocessed/ holding {NNUNET_DATASET} (default {NNUNET_REF})")
-    ap.add_argument("--nnunet-procs", type=lambda t: [int(x) for x in _list(t)], default=[0, 2],
+    ap.add_argument("--nnunet-procs", type=lambda t: [int(x) for x in _list(t)], default=[3, 0],
                     help="nnUNetv2_predict -npp = -nps values (0: sequential)")
     ap.add_argument("--size", type=int, default=256, help="edge of the large volume (0: skip)")
     ap.add_argument("--size-tta", type=_tta_list, default=_tta_list("off"), help="TTA settings for the large volume")
@@ -590,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # our side, one child process: --worker VARIANT WORKDIR INPUT OUTPUT --tta on|off --threads N
         if len(args.tta) != 1 or rest:
             ap.error("--worker takes exactly one --tta value")
-        print(json.dumps(worker(*args.worker, tta=args.tta[0], threads=args.threads)), flush=True)
+        print(json.dumps(worker(*args.worker, tta=args.tta[0], threads=args.threads, config=args.config)), flush=True)
         return 0
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
@@ -638,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
                          "NOT of the same topology")
         if nnunet_model.get("parameters") and model.get("parameters") and nnunet_model["parameters"] != model["parameters"]:
             notes.append(f"parameter counts differ: ours {model['parameters']}, nnU-Net {nnunet_model['parameters']}")
-        inputs = {"hippocampus": tmp / "in_hippocampus", "large": tmp / "in_large"}
+        inputs = {"hippocampus": tmp / "in_hippocampus", "large": tmp / "in_large", "lean": tmp / "in_lean"}
         case_ids = hippocampus_inputs(dataset, cases, inputs["hippocampus"]) if cases else []
+        if args.lean_cases:
+            hippocampus_inputs(dataset, args.lean_cases, inputs["lean"])
         large = large_volume(dataset, args.size, inputs["large"]) if args.size else {}
         if not cases:
             args.tta = []
@@ -672,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**plan, "repeat": repeat}
                 out_dir = tmp / "out" / f"{row['set']}-{row['tool'][:3]}-{row['variant']}-tta{int(row['tta'])}-{repeat}"
                 cmd, env = command_for(row, args, wd.root, inputs[row["set"]], out_dir)
-                timeout = args.timeout if row["set"] == "hippocampus" else args.size_timeout
+                timeout = args.size_timeout if row["set"] == "large" else args.timeout
                 row["load_before"] = [round(x, 2) for x in os.getloadavg()]
                 measure(row, cmd, env, out_dir, row["cases"], timeout, args.pss_interval)
                 measured.append(row)
