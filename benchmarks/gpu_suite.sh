@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # GPU benchmarks: training-step and inference throughput with CUDA, AMP (float16 autocast + GradScaler)
-# and torch.compile, unattended, in under 8 minutes (every step runs under `timeout`; a step the
-# budget cannot fit is skipped, never left hanging).
+# and torch.compile, the prediction profile and (with NNUNET_PYTHON and NNUNET_REF) prediction vs
+# nnUNetv2_predict on the GPU, unattended, in under 10 minutes (every step runs under `timeout`; a
+# step the budget cannot fit is skipped, never left hanging).
 #
 #   benchmarks/gpu_suite.sh                      # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_suite.sh --device cpu --tiny  # the same Python side on the CPU, tiny settings (a smoke test)
 #
-# Writes benchmarks/results/gpu_train_step.{json,md,png} and gpu_inference.{json,md,png} (the same JSON
-# layout as train_step / inference; with --device cpu: gpu_smoke_*). SEGPIPE_BENCH_RESULTS=DIR redirects.
+# Writes benchmarks/results/gpu_train_step, gpu_inference, gpu_profile_predict and gpu_predict
+# .{json,md,png} (the same JSON layouts as the CPU benchmarks; with --device cpu: gpu_smoke_*).
+# SEGPIPE_BENCH_RESULTS=DIR redirects.
 # Environment: VENV (default .venv; created with torch==2.13.0 and the project if missing: that one-time
 # install is not counted in the 8 minutes), NNUNET_PYTHON (an interpreter with nnunetv2: adds nnU-Net's
-# network + loss to the training-step rows), GPU_SUITE_BUDGET_S (default 450).
+# network + loss to the training-step rows and the prediction comparison, which also needs NNUNET_REF:
+# raw/ and preprocessed/ with Dataset004_Hippocampus), GPU_SUITE_BUDGET_S (default 560).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +31,7 @@ done
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 RESULTS=${SEGPIPE_BENCH_RESULTS:-benchmarks/results}
-BUDGET_S=${GPU_SUITE_BUDGET_S:-450}
+BUDGET_S=${GPU_SUITE_BUDGET_S:-560}
 FAILED=()
 
 die() { echo "gpu_suite: $*" >&2; exit 1; }
@@ -87,25 +90,37 @@ if [[ $DEVICE == cuda* ]]; then
   if (( TINY )); then
     TRAIN=(--variants fp32,amp --min-time 1 --max-steps 3 --budget 120)
     INFER=(--cases 1 --configs 3d_lean --tta off --size 64 --forward-variants fp32,amp --forward-min-time 1)
+    PROFILE=(--sets hippocampus,64 --cases 2)
+    PREDICT=(--cases 4 --lean-cases 4 --tta off --nnunet-procs 3)
   else
     TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 5 --max-steps 200 --budget 250)
     INFER=(--cases 8 --configs 3d_fullres,3d_lean --tta both --size 192 --forward-variants fp32,amp,compile,amp_compile
            --forward-batch 8 --forward-min-time 3 --forward-max-iters 500)
+    PROFILE=(--sets hippocampus,ct,256 --cases 20 --large-config 3d_fullres)
+    PREDICT=(--cases 60 --lean-cases 60 --tta off,on --nnunet-procs 3,0 --size 256 --size-nnunet)
   fi
 else
   PREFIX=gpu_smoke
   TRAIN=(--variants fp32 --threads 2 --batch 1 --min-time 0 --max-steps 1 --budget 120)
   INFER=(--cases 1 --configs 3d_lean --tta off --size 0 --forward-variants fp32 --forward-batch 1 --forward-min-time 0
          --forward-max-iters 1)
+  PROFILE=(--sets hippocampus --cases 1 --whole none)
+  PREDICT=()
 fi
 
-run_step "training step" 280 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
+run_step "training step" 250 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
   --name "${PREFIX}_train_step" "${TRAIN[@]}" "${NNUNET[@]}"
-run_step "inference" 180 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
+run_step "inference" 150 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
+run_step "prediction profile" 80 "$PY" benchmarks/profile_predict.py --device "$DEVICE" --name "${PREFIX}_profile_predict" \
+  "${PROFILE[@]}"
+if [[ ${#PREDICT[@]} -gt 0 && -n ${NNUNET_PYTHON:-} && -n ${NNUNET_REF:-} ]]; then
+  run_step "prediction vs nnU-Net" 120 "$PY" benchmarks/predict.py --device "$DEVICE" --name "${PREFIX}_predict" \
+    --workers 1 --nnunet-python "$NNUNET_PYTHON" --nnunet-ref "$NNUNET_REF" "${PREDICT[@]}"
+fi
 
 echo
 echo "gpu_suite: done in $(( SECONDS - START ))s; results in $RESULTS:"
-for f in "$RESULTS/${PREFIX}_train_step".{json,md,png} "$RESULTS/${PREFIX}_inference".{json,md,png}; do
+for f in "$RESULTS/${PREFIX}"_{train_step,inference,profile_predict,predict}.{json,md,png}; do
   [[ -f $f ]] && echo "  $f"
 done
 if (( ${#FAILED[@]} )); then

@@ -106,7 +106,7 @@ print(json.dumps({"model_folder": trainer.output_folder_base, "trainer": type(tr
 
 
 def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: bool, threads: int,
-           config: str = CONFIG) -> dict:
+           config: str = CONFIG, device: str = "cpu") -> dict:
     """`predict_folder` as a user calls it; prints what it reports (per-case seconds) as one JSON line."""
     import torch
 
@@ -120,10 +120,10 @@ def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: boo
 
         with ray_session(None, num_cpus=threads):
             report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
-                                    num_workers=1, progress=False)
+                                    num_workers=1, progress=False, device=device)
     else:
         report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
-                                num_workers=workers, progress=False)
+                                num_workers=workers, progress=False, device=device)
     seconds = time.perf_counter() - start
     per_case = list(report.seconds_per_case.values())
     return {"variant": variant, "tta": tta, "workers": report.workers, "cases": len(report.predicted),
@@ -373,12 +373,12 @@ def command_for(row: dict, args, wd_root: Path, inputs: Path, out_dir: Path) -> 
     if row["tool"] == OURS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row["variant"], str(wd_root), str(inputs),
                str(out_dir), "--tta", "on" if row["tta"] else "off", "--threads", str(args.threads),
-               "--config", "3d_lean" if row["variant"] == "lean" else CONFIG]
+               "--config", "3d_lean" if row["variant"] == "lean" else CONFIG, "--device", args.device]
         return cmd, python_env(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
     tool = str(Path(args.nnunet_python).parent / "nnUNetv2_predict")
     procs = str(row["procs"])
     cmd = [tool, "-i", str(inputs), "-o", str(out_dir), "-d", NNUNET_DATASET, "-c", CONFIG, "-f", "0",
-           "-device", "cpu", "--disable_progress_bar", "-npp", procs, "-nps", procs]
+           "-device", args.device, "--disable_progress_bar", "-npp", procs, "-nps", procs]
     return cmd + ([] if row["tta"] else ["--disable_tta"]), args.nnunet_env
 
 
@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lean-cases", type=int, default=60,
                     help="hippocampus cases predicted with 3d_lean, mirroring on (0: skip): the s/case of the CPU preset")
     ap.add_argument("--config", default=CONFIG, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both tools run the network")
     ap.add_argument("--workers", type=_workers, default=_workers("1,ray1,2"),
                     help="our variants: 1 (in-process), ray1 (one Ray actor), N > 1 (N Ray actors)")
     ap.add_argument("--tta", type=_tta_list, default=_tta_list("off,on"), help="mirroring TTA settings: off,on")
@@ -600,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # our side, one child process: --worker VARIANT WORKDIR INPUT OUTPUT --tta on|off --threads N
         if len(args.tta) != 1 or rest:
             ap.error("--worker takes exactly one --tta value")
-        print(json.dumps(worker(*args.worker, tta=args.tta[0], threads=args.threads, config=args.config)), flush=True)
+        print(json.dumps(worker(*args.worker, tta=args.tta[0], threads=args.threads, config=args.config,
+                                device=args.device)), flush=True)
         return 0
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
@@ -665,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             """Result files; after every row with complete=False (no plot), so a run stopped early keeps its rows."""
             summary = summarise(measured)
             result = {
-                "benchmark": args.name, "device": "cpu", "complete": complete,
+                "benchmark": args.name, "device": args.device, "complete": complete,
                 "machine": {**machine, "load_after": [round(x, 2) for x in os.getloadavg()]},
                 "meta": {"cases": cases, "case_ids": case_ids, "pss_interval": args.pss_interval, "size": args.size or None,
                          "large": large, "threads": args.threads, "nnunet_torch_threads": os.cpu_count(),

@@ -27,7 +27,8 @@ Sets (`--sets`):
 
 Networks are seeded untrained ones: time does not depend on the weights.
 
-    python benchmarks/profile_predict.py [--sets hippocampus,ct,256] [--cases 10] [--threads 2] [--name profile_predict]
+    python benchmarks/profile_predict.py [--sets hippocampus,ct,256] [--cases 10] [--threads 2] [--device cpu|cuda]
+        [--name profile_predict]
 
 Writes benchmarks/results/<name>.{json,md,png}. `benchmarks/profile_stages.py` runs it with the
 preprocessing profile.
@@ -65,7 +66,7 @@ def process_age_s() -> float:
 
 
 def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool, threads: int, ray_start: bool,
-          whole: bool) -> dict:
+          whole: bool, device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
@@ -89,7 +90,8 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         steps[name] += time.perf_counter() - t
 
     run_dirs = find_model(workdir, config, "0")
-    spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), tta=tta, device="cpu")
+    spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), tta=tta, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if ray_start:  # what the Ray path pays before its first case: a local Ray and one actor with the model
         import ray
 
@@ -121,6 +123,7 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         def forward(self, x):
             t = time.perf_counter()
             out = self.net(x)
+            sync()
             forwards["plain" if self.calls % passes == 0 else "mirrored"] += time.perf_counter() - t
             self.calls += 1
             return out
@@ -140,6 +143,7 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         before = dict(forwards)
         t = time.perf_counter()
         probs = predictor.store_probabilities(pre.image)
+        sync()
         window_s = time.perf_counter() - t
         scratch = np.array(probs, dtype=np.float32, copy=True)
         t = time.perf_counter()
@@ -175,7 +179,7 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         predictor.network = network
         t = time.perf_counter()
         report = predict_folder(workdir, input_dir, str(out) + "_whole", config=config, fold="0", tta=tta,
-                                progress=False, device="cpu")
+                                progress=False, device=device)
         result["predict_folder_s"] = round(time.perf_counter() - t, 3)
         result["predict_folder_cases"] = len(report.predicted)
     return result
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-config", default="3d_lean", help="configuration for the SIZE^3 volume")
     ap.add_argument("--ct-spacing", type=float, default=1.5, help="mm of the resampled CT input")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the network, the accumulators)")
     ap.add_argument("--whole", default="hippocampus,ct",
                     help="sets whose cases are also predicted by the whole predict_folder after the steps")
     ap.add_argument("--timeout", type=float, default=1800.0)
@@ -325,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child, tta=args.tta == "on", threads=args.threads, ray_start=args.ray,
-                               whole=not args.no_whole)), flush=True)
+                               whole=not args.no_whole, device=args.device)), flush=True)
         return 0
 
     from harness import RESULTS, machine_info, python_env, run_command, write_results
 
     machine = machine_info()
     command = "python benchmarks/profile_predict.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"benchmark": args.name, "device": "cpu", "machine": machine, "sets": [],
+    result = {"benchmark": args.name, "device": args.device, "machine": machine, "sets": [],
               "meta": {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command.strip(),
                        "args": vars(args)}}
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(job["workdir"]), job["config"],
                    str(job["inputs"]), str(tmp / f"out_{job['set']}"), "--tta", "on" if job["tta"] else "off",
-                   "--threads", str(args.threads)] + (["--ray"] if job.get("ray") else []) + \
+                   "--threads", str(args.threads), "--device", args.device] + (["--ray"] if job.get("ray") else []) + \
                   ([] if job["set"] in args.whole.split(",") else ["--no-whole"])
             load_before = [round(x, 2) for x in os.getloadavg()]
             run = run_command(cmd, env=python_env(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1"), cwd=REPO,
