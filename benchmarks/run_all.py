@@ -115,9 +115,12 @@ STEPS = [
     Step("inference", "inference.py", lambda c: ["--cases", "2", "--configs", "3d_lean", "--tta", "off", "--size", "96"],
          lambda c: ["--forward-variants", "fp32,compile"], 90, 1800),
     Step("predict", "predict.py",
-         lambda c: ["--cases", "3", "--workers", "1,2", "--tta", "off,on", "--ray-tta", "off", "--nnunet-procs", "0",
-                    "--size", "0"] + _nn_predict(c),
-         lambda c: ["--cases", "10", "--repeats", "2", "--size", "256"] + _nn_predict(c), 300, 4 * 3600),
+         lambda c: ["--cases", "3", "--lean-cases", "3", "--workers", "1,2", "--tta", "off,on", "--ray-tta", "off",
+                    "--nnunet-procs", "0", "--size", "0"] + _nn_predict(c),
+         lambda c: ["--cases", "60", "--lean-cases", "60", "--nnunet-procs", "3,0", "--size", "256"] + _nn_predict(c),
+         300, 4 * 3600),
+    Step("profile_predict", "profile_predict.py", lambda c: ["--sets", "hippocampus", "--cases", "2", "--whole", "none"],
+         lambda c: [], 120, 3600),
     Step("validation_speed", "validation_speed.py", lambda c: ["1"], lambda c: ["5"], 60, 600),
     Step("fingerprint_memory", "fingerprint_memory.py", lambda c: ["20", "60"], lambda c: [], 60, 600),
     Step("scaling", "scaling.py", lambda c: ["--workdir", str(c.workdir), "--cases", "20", "--epochs", "2", "--iterations", "2",
@@ -390,6 +393,9 @@ def headline_rows() -> list[tuple]:
                 _num(c["ours_peak_pss_tree_mib"], 0), _num(c["nnunet_peak_pss_tree_mib"], 0),
                 _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(pred), "predict.md", pred)
     for s in (pred or {}).get("summary", []):
+        if s["set"] == "lean" and s.get("s_per_case"):
+            add(f"Prediction, {s['cases']} hippocampus cases, 3d_lean with mirroring TTA, whole command, s/case",
+                _num(s["s_per_case"], 3), "–", "–", _device(pred), "predict.md", pred)
         if s["set"] == "large" and s["tool"] == "seg-pipeline" and s.get("s_per_case") and not any(
                 c["set"] == "large" and c["tta"] == s["tta"] for c in pred.get("comparisons", [])):
             add(f"Prediction, one {pred['meta'].get('size')}^3 volume, whole command, TTA {'on' if s['tta'] else 'off'}, "
