@@ -9,8 +9,8 @@ under its own timer:
   window bookkeeping (slicing, Gaussian weighting, accumulation) | softmax | resample back |
   argmax | export (label values, post-processing, file orientation) | write (NIfTI encode, gzip, rename)
 
-The forwards are timed by wrapping the network (the first call of each batch is the unmirrored
-one); softmax is timed on an array of the accumulator's shape and subtracted from the sliding
+The forwards are timed by wrapping the network (with mirroring, 1 in 8 inputs of every batch is
+unmirrored, so 1/8 of the forward time counts as windows, 7/8 as mirroring); softmax is timed on an array of the accumulator's shape and subtracted from the sliding
 window's total, which includes it. Then, in the same child, the whole `predict_folder` on the
 same cases (`--whole`): its wall seconds next to the sum of the steps show what running the steps
 as a pipeline (overlapping reading, the network and export) gains.
@@ -114,18 +114,20 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
     passes = 8 if tta else 1
 
     class TimedNetwork(torch.nn.Module):
-        """The network, its forward calls timed: in each batch the first pass is unmirrored."""
+        """The network, its forward calls timed."""
 
         def __init__(self, net):
             super().__init__()
-            self.net, self.calls = net, 0
+            self.net = net
 
         def forward(self, x):
             t = time.perf_counter()
             out = self.net(x)
             sync()
-            forwards["plain" if self.calls % passes == 0 else "mirrored"] += time.perf_counter() - t
-            self.calls += 1
+            # every window has 1 plain and passes - 1 mirrored inputs, however they are batched
+            seconds = time.perf_counter() - t
+            forwards["plain"] += seconds / passes
+            forwards["mirrored"] += seconds * (passes - 1) / passes
             return out
 
     network = predictor.network
