@@ -81,13 +81,16 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
     imports_s = process_age_s()
     torch.set_num_threads(threads)
     steps = dict.fromkeys(STEPS, 0.0)
+    cpu = dict.fromkeys(STEPS, 0.0)  # CPU seconds of this process (all threads): steadier on a loaded machine
     steps["interpreter and imports"] = imports_s
+    cpu["interpreter and imports"] = time.process_time()
 
     @contextlib.contextmanager
     def timed(name: str):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         yield
         steps[name] += time.perf_counter() - t
+        cpu[name] += time.process_time() - c
 
     run_dirs = find_model(workdir, config, "0")
     spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), tta=tta, device=device)
@@ -110,7 +113,7 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             ray.kill(actor)
     with timed("model load"):
         predictor = Predictor.from_spec(spec)
-    forwards = {"plain": 0.0, "mirrored": 0.0}
+    forwards = {"plain": 0.0, "mirrored": 0.0, "plain_cpu": 0.0, "mirrored_cpu": 0.0}
     passes = 8 if tta else 1
 
     class TimedNetwork(torch.nn.Module):
@@ -121,13 +124,15 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             self.net = net
 
         def forward(self, x):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = self.net(x)
             sync()
             # every window has 1 plain and passes - 1 mirrored inputs, however they are batched
-            seconds = time.perf_counter() - t
+            seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
             forwards["plain"] += seconds / passes
             forwards["mirrored"] += seconds * (passes - 1) / passes
+            forwards["plain_cpu"] += cpu_s / passes
+            forwards["mirrored_cpu"] += cpu_s * (passes - 1) / passes
             return out
 
     network = predictor.network
@@ -143,21 +148,26 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             pre = preprocess_case(dataclasses.replace(data, label=None), predictor.plans, predictor.config_name,
                                   predictor.label_map)
         before = dict(forwards)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         probs = predictor.store_probabilities(pre.image)
         sync()
-        window_s = time.perf_counter() - t
+        window_s, window_cpu = time.perf_counter() - t, time.process_time() - c
         scratch = np.array(probs, dtype=np.float32, copy=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for row in range(scratch.shape[1]):  # as the accumulator does it
             softmax_(scratch[:, row])
-        softmax_s = time.perf_counter() - t
+        softmax_s, softmax_cpu = time.perf_counter() - t, time.process_time() - c
         del scratch
         plain, mirrored = forwards["plain"] - before["plain"], forwards["mirrored"] - before["mirrored"]
+        plain_cpu, mirrored_cpu = forwards["plain_cpu"] - before["plain_cpu"], forwards["mirrored_cpu"] - before["mirrored_cpu"]
         steps["windows (network)"] += plain
         steps["mirroring"] += mirrored
         steps["softmax"] += softmax_s
         steps["window bookkeeping"] += max(0.0, window_s - plain - mirrored - softmax_s)
+        cpu["windows (network)"] += plain_cpu
+        cpu["mirroring"] += mirrored_cpu
+        cpu["softmax"] += softmax_cpu
+        cpu["window bookkeeping"] += max(0.0, window_cpu - plain_cpu - mirrored_cpu - softmax_cpu)
         with timed("resample back"):
             probabilities = restore_probabilities(np.asarray(probs), pre.meta)
         with timed("argmax"):
@@ -175,14 +185,17 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
                        "classes": predictor.label_map.num_classes})
         del probs, probabilities, pre, data
     steps["other"] = max(0.0, process_age_s() - sum(steps.values()))
-    result = {"cases": len(cases), "steps": {k: round(v, 4) for k, v in steps.items()}, "shapes": shapes[:3],
+    cpu["other"] = max(0.0, time.process_time() - sum(cpu.values()))
+    result = {"cases": len(cases), "steps": {k: round(v, 4) for k, v in steps.items()},
+              "cpu": {k: round(v, 4) for k, v in cpu.items()}, "shapes": shapes[:3],
               "sequential_total_s": round(process_age_s(), 3), "threads": threads, "tta": tta, "config": config}
     if whole:
         predictor.network = network
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         report = predict_folder(workdir, input_dir, str(out) + "_whole", config=config, fold="0", tta=tta,
                                 progress=False, device=device)
         result["predict_folder_s"] = round(time.perf_counter() - t, 3)
+        result["predict_folder_cpu_s"] = round(time.process_time() - c, 3)
         result["predict_folder_cases"] = len(report.predicted)
     return result
 
@@ -258,22 +271,25 @@ def markdown(result: dict) -> str:
     from harness import machine_line, md_table
 
     sets = [s for s in result["sets"] if "steps" in s]
-    header = ["step"] + [f"{s['label']}: s (share)" for s in sets]
+    header = ["step"] + [f"{s['label']}: wall s (share) / CPU s" for s in sets]
     rows = []
     for step in STEPS:
         cells = []
         for s in sets:
-            v = s["steps"].get(step, 0.0)
+            v, c = s["steps"].get(step, 0.0), s.get("cpu", {}).get(step)
+            cpu = f" / {c:.2f}" if c is not None else ""
             if step == "Ray start":
                 cells.append(f"{v:.2f} (Ray path only)" if v else "–")
             else:
-                cells.append(f"{v:.2f} ({100 * v / s['total_s']:.1f}%)" if v else "–")
+                cells.append(f"{v:.2f} ({100 * v / s['total_s']:.1f}%){cpu}" if v else "–")
         rows.append([step] + cells)
-    rows.append(["**total (sequential, in-process)**"] + [f"**{s['total_s']:.2f}**" for s in sets])
+    rows.append(["**total (sequential, in-process)**"] + [
+        f"**{s['total_s']:.2f}**" + (f" / {sum(s['cpu'].values()):.2f}" if "cpu" in s else "") for s in sets])
     rows.append(["per case"] + [f"{s['total_s'] / s['cases']:.2f}" for s in sets])
     if any("predict_folder_s" in s for s in sets):
         rows.append(["`predict_folder` on the same cases (same process, warm)"] +
                     [f"{s['predict_folder_s']:.2f} ({s['predict_folder_s'] / s['cases']:.2f}/case)"
+                     + (f" / {s['predict_folder_cpu_s']:.2f}" if "predict_folder_cpu_s" in s else "")
                      if "predict_folder_s" in s else "–" for s in sets])
     lines = [f"# Prediction profile ({result['meta']['when']})", "", machine_line(result["machine"]), "",
              md_table(header, rows), ""]
@@ -327,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whole", default="hippocampus,ct",
                     help="sets whose cases are also predicted by the whole predict_folder after the steps")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="another checkout (e.g. before a change): every set is profiled with its `pipeline` too, "
+                         "interleaved with this one's, rows labelled (before) / (after)")
     ap.add_argument("--name", default="profile_predict")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -347,23 +366,26 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         print("preparing models and inputs ...", flush=True)
         jobs = prepare(sets, args.cases, args.large_config, tmp, args.ct_spacing)
-        for job in jobs:
+        codes = [("before", args.compare), ("after", None)] if args.compare else [("", None)]
+        for job, (tag, code) in [(j, c) for j in jobs for c in codes]:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(job["workdir"]), job["config"],
-                   str(job["inputs"]), str(tmp / f"out_{job['set']}"), "--tta", "on" if job["tta"] else "off",
+                   str(job["inputs"]), str(tmp / f"out_{job['set']}{tag}"), "--tta", "on" if job["tta"] else "off",
                    "--threads", str(args.threads), "--device", args.device] + (["--ray"] if job.get("ray") else []) + \
                   ([] if job["set"] in args.whole.split(",") else ["--no-whole"])
             load_before = [round(x, 2) for x in os.getloadavg()]
-            run = run_command(cmd, env=python_env(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1"), cwd=REPO,
-                              timeout=args.timeout)
-            entry = {"set": job["set"], "label": job["label"], "info": job["info"], "load_before": load_before,
+            env = python_env(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+            if code:
+                env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve()), env["PYTHONPATH"]])
+            run = run_command(cmd, env=env, cwd=REPO, timeout=args.timeout)
+            entry = {"set": job["set"], "label": job["label"] + (f" ({tag})" if tag else ""), "code": code or str(REPO), "info": job["info"], "load_before": load_before,
                      "load_after": [round(x, 2) for x in os.getloadavg()], "peak_rss_tree_mib": round(run.peak_rss_tree_mib, 1)}
             if not run.ok or not run.output:
                 entry["error"] = run.error()
-                print(f"{job['label']}: FAILED {entry['error']}\n{run.stderr_tail[-2000:]}", flush=True)
+                print(f"{entry['label']}: FAILED {entry['error']}\n{run.stderr_tail[-2000:]}", flush=True)
             else:
                 entry.update(run.output)
                 entry["total_s"] = sum(v for k, v in run.output["steps"].items() if k != "Ray start")
-                print(f"{job['label']}: {entry['total_s']:.1f} s sequential"
+                print(f"{entry['label']}: {entry['total_s']:.1f} s sequential"
                       + (f", predict_folder {entry['predict_folder_s']:.1f} s" if "predict_folder_s" in entry else ""),
                       flush=True)
             result["sets"].append(entry)
