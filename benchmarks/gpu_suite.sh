@@ -93,11 +93,13 @@ if [[ $DEVICE == cuda* ]]; then
     PROFILE=(--sets hippocampus,64 --cases 2)
     PREDICT=(--cases 4 --lean-cases 4 --tta off --nnunet-procs 3)
   else
-    TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 5 --max-steps 200 --budget 250)
+    TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 4 --max-steps 200 --budget 170)
     INFER=(--cases 8 --configs 3d_fullres,3d_lean --tta both --size 192 --forward-variants fp32,amp,compile,amp_compile
            --forward-batch 8 --forward-min-time 3 --forward-max-iters 500)
     PROFILE=(--sets hippocampus,ct,256 --cases 20 --large-config 3d_fullres)
-    PREDICT=(--cases 60 --lean-cases 60 --tta off,on --nnunet-procs 3,0 --size 256 --size-nnunet)
+    # rows are saved one by one: what the step's limit cuts off is missing, the rest is kept
+    PREDICT=(--cases 60 --lean-cases 60 --tta off,on --nnunet-procs 3,0 --size 256 --size-nnunet --timeout 120
+             --size-timeout 120)
   fi
 else
   PREFIX=gpu_smoke
@@ -108,13 +110,13 @@ else
   PREDICT=()
 fi
 
-run_step "training step" 250 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
+run_step "training step" 180 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
   --name "${PREFIX}_train_step" "${TRAIN[@]}" "${NNUNET[@]}"
-run_step "inference" 150 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
-run_step "prediction profile" 80 "$PY" benchmarks/profile_predict.py --device "$DEVICE" --name "${PREFIX}_profile_predict" \
+run_step "inference" 100 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
+run_step "prediction profile" 60 "$PY" benchmarks/profile_predict.py --device "$DEVICE" --name "${PREFIX}_profile_predict" \
   "${PROFILE[@]}"
 if [[ ${#PREDICT[@]} -gt 0 && -n ${NNUNET_PYTHON:-} && -n ${NNUNET_REF:-} ]]; then
-  run_step "prediction vs nnU-Net" 120 "$PY" benchmarks/predict.py --device "$DEVICE" --name "${PREFIX}_predict" \
+  run_step "prediction vs nnU-Net" 210 "$PY" benchmarks/predict.py --device "$DEVICE" --name "${PREFIX}_predict" \
     --workers 1 --nnunet-python "$NNUNET_PYTHON" --nnunet-ref "$NNUNET_REF" "${PREDICT[@]}"
 fi
 
