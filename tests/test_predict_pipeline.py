@@ -87,9 +87,9 @@ def test_mixed_precision_path_runs_on_cpu_and_agrees():
 
 
 def test_batch_size_follows_the_patch_and_device():
-    assert auto_batch_size((40, 56, 40), "cpu") == 8  # hippocampus: a window's 8 mirrorings per pass
-    assert auto_batch_size((32, 112, 128), "cpu") == 2
-    assert auto_batch_size((128, 128, 128), "cpu") == 1
+    assert auto_batch_size((40, 56, 40), "cpu") == 2  # hippocampus: small batches on a CPU (memory)
+    assert auto_batch_size((40, 56, 40), "cuda") == 8  # a GPU's batches fill it: a window's 8 mirrorings
+    assert auto_batch_size((32, 112, 128), "cpu") == 1
     assert auto_batch_size((128, 128, 128), "cuda") == 1
 
 

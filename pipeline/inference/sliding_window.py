@@ -235,11 +235,12 @@ def network_logits(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tenso
     return out
 
 
-# Voxels of network input per forward pass: enough windows (and mirrored copies) per batch that a
-# CPU's matrix kernels run full (a batch of 8 hippocampus windows costs about a third per window of
-# a batch of 1 on 2 cores), few enough that activations stay small beside the accumulators. At
-# most 8 (a window's 3d mirrorings): the last batch of a stream is filled up with zeros.
-BATCH_VOXELS = {"cpu": 2**20, "cuda": 2**21}
+# Voxels of network input per forward pass. On a CPU a larger batch costs the same CPU seconds per
+# window (measured: benchmarks/results/profile_predict.md, 8 mirrorings per pass vs 1) but holds
+# its activations at once (3d_fullres hippocampus: ~900 MiB at 8 vs ~350 at 2), so a CPU batches
+# little; a GPU needs bigger batches to fill. At most 8 (a window's 3d mirrorings); the last batch
+# of a stream is filled up with zeros.
+BATCH_VOXELS = {"cpu": 2**18, "cuda": 2**21}
 MAX_BATCH = 8
 
 
