@@ -220,7 +220,8 @@ def preprocess_case(case: CaseData, plans: Plans, config_name: str, label_map: L
         image = resample_image(image, new_shape, image_order, axis, order_z)
     if label is not None:
         with clock("resample labels"):
-            label = resample_label(label, new_shape, label_order, axis, order_z)
+            # outside the nonzero region background is its own class while resampling, as in nnU-Net
+            label = resample_label(label, new_shape, label_order, axis, order_z, outside=~mask)
 
     with clock("pad"):
         pad = pad_to(new_shape, list(conf.patch_size))

@@ -334,7 +334,7 @@ def _class_peak(label: np.ndarray, c: int, box: tuple[slice, ...], mid_shape: Se
 
 
 def resample_label(label: np.ndarray, new_shape: Sequence[int], order: int = 1, axis: int | None = None,
-                   order_z: int = 0, keep_classes: bool = True) -> np.ndarray:
+                   order_z: int = 0, keep_classes: bool = True, outside: np.ndarray | None = None) -> np.ndarray:
     """Class indices (*spatial) -> (*new_shape), same dtype, by nnU-Net v2's label resampling rule.
 
     Order 1: highest interpolated indicator wins, exact ties go to the nearest-neighbour label if
@@ -344,7 +344,34 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], order: int = 1, 
     no output voxel gets (a structure thinner than the new voxel) is *rescued* at the output
     voxel where its interpolated indicator peaks, so no declared label is lost by resampling
     (`keep_classes=False`: exactly nnU-Net's result, without the rescue).
+
+    `outside` (bool, the label's shape): the voxels outside the image's nonzero region. nnU-Net
+    marks the background there -1 before resampling, so it is a class of its own, the lowest,
+    competing with background (0) and the structures: where a structure meets both, it can beat
+    each of them although background and outside together would beat it. The result writes that
+    class back as background. Without `outside` background is one class (export, cascade).
     """
+    if outside is not None:
+        outside = np.asarray(outside, dtype=bool)
+        if outside.shape != label.shape:
+            raise ValueError(f"outside mask {outside.shape} does not match the label {label.shape}")
+        if outside.any() and tuple(label.shape) != tuple(int(s) for s in new_shape):
+            if label.size and int(label.min()) < 0:
+                raise ValueError("label indices must be non-negative")
+            # shift by one so the outside class is 0, the lowest as nnU-Net's -1 (ties go to the lowest)
+            wide = np.uint16 if int(label.max()) < np.iinfo(np.uint16).max else np.int64
+            shifted = label.astype(wide) + 1
+            shifted[outside & (label == 0)] = 0
+            out = resample_label(shifted, new_shape, order, axis, order_z, keep_classes=False)
+            out = np.maximum(out, 1) - 1
+            out = out.astype(label.dtype, copy=False)
+            return _rescue(label, out, new_shape, order, axis) if keep_classes else out
+    return _resample_label(label, new_shape, order, axis, order_z, keep_classes)
+
+
+def _resample_label(label: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None,
+                    order_z: int, keep_classes: bool) -> np.ndarray:
+    """`resample_label` with background as one class."""
     new_shape = tuple(int(s) for s in new_shape)
     shape = label.shape
     if tuple(shape) == new_shape:
@@ -365,9 +392,18 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], order: int = 1, 
             out = _linear_z_labels(out, new_shape[axis], axis)
         else:
             out = _nearest_labels(out, new_shape, [axis])
-    if not keep_classes:
-        return out
-    # rescue: a class in the input is never dropped
+    return _rescue(label, out, new_shape, order, axis) if keep_classes else out
+
+
+def _rescue(label: np.ndarray, out: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None) -> np.ndarray:
+    """Write back, in place, every class of `label` (but background) that `out` lost, where its
+    interpolated indicator peaks (`resample_label`)."""
+    new_shape = tuple(int(s) for s in new_shape)
+    shape = label.shape
+    dims = range(label.ndim)
+    separate = axis is not None and shape[axis] != new_shape[axis]
+    axes = [d for d in dims if shape[d] != new_shape[d] and not (separate and d == axis)]
+    mid_shape = tuple(shape[axis] if separate and d == axis else new_shape[d] for d in dims)
     n = int(label.max()) + 1
     missing = np.flatnonzero((np.bincount(label.ravel(), minlength=n) > 0) & (np.bincount(out.ravel(), minlength=n) == 0))
     missing = missing[missing > 0]  # background is not a structure to keep
