@@ -384,3 +384,61 @@ def test_label_resampling_equals_the_per_label_rule_on_random_junctions():
         axis = [None, 0, 2][i % 3]
         ours = resample_label(label, new_shape, 1, axis, 0, keep_classes=False)
         np.testing.assert_array_equal(ours, _per_label_reference(label, new_shape, axis), err_msg=f"{shape}->{new_shape}")
+
+
+# ---------------------------------------------------------------- background outside the nonzero region (issue 14)
+
+
+def _marked_reference(label, outside, new_shape, axis=None):
+    """nnU-Net's preprocessing of the labels: background outside the nonzero region marked -1
+    (crop_to_nonzero), the per-label rule over all classes -1 included, then -1 read as background."""
+    marked = label.astype(np.int16)
+    marked[outside & (label == 0)] = -1
+    return np.maximum(_per_label_reference(marked, new_shape, axis), 0).astype(label.dtype)
+
+
+def test_background_outside_the_nonzero_region_competes_as_a_class_of_its_own():
+    """A sample reading structure 1 (1/2), background (1/4) and outside (1/4): nnU-Net's -1 splits the
+    background score, so 1 wins; counted as one background class the two would tie it at 1/2 and the
+    nearest voxel (background) would win - the cause of the 291 CT voxels that differed from nnU-Net."""
+    label = np.array([[[1, 1], [0, 0]]], np.uint8)
+    outside = np.array([[[False, False], [False, True]]])
+    assert resample_label(label, (1, 3, 3), keep_classes=False)[0, 1, 1] == 0
+    np.testing.assert_array_equal(resample_label(label, (1, 3, 3), keep_classes=False, outside=outside),
+                                  [[[1, 1, 1], [0, 1, 0], [0, 0, 0]]])
+    rng = np.random.default_rng(14)
+    for i in range(8):
+        shape = tuple(int(n) for n in rng.integers(4, 10, 3))
+        label = rng.integers(0, 4, shape).astype(np.uint8)
+        outside = rng.random(shape) < 0.4
+        new_shape = tuple(max(1, round(n * f)) for n, f in zip(shape, rng.choice([0.5, 0.7, 1.5, 2.0], 3)))
+        axis = [None, 2][i % 2]
+        ours = resample_label(label, new_shape, 1, axis, 0, keep_classes=False, outside=outside)
+        np.testing.assert_array_equal(ours, _marked_reference(label, outside, new_shape, axis), err_msg=f"{shape}->{new_shape}")
+
+
+def test_preprocessing_resamples_labels_with_the_outside_of_the_nonzero_region_apart(hippo4):
+    """A case whose image is zero in a corner touching the border (outside the filled nonzero mask,
+    as the air-free edge of a CT field of view) with structures of random labels along that edge:
+    the preprocessed labels equal nnU-Net's rule with that corner marked -1, voxel for voxel."""
+    case = read_case(hippo4, hippo4.cases[0])
+    image, label = case.image.copy(), np.zeros_like(case.label)
+    x, y, z = np.indices(label.shape)
+    corner = x + y < 16
+    image[:, corner] = 0
+    band = (x + y >= 16) & (x + y < 22)
+    label[band] = np.random.default_rng(0).integers(0, 3, int(band.sum()))
+    case = dataclasses.replace(case, image=image, label=label)
+    plans = planned(hippo4, spacing=[0.7, 0.7, 0.7])
+    pre = preprocess_case(case, plans, "3d_fullres", hippo4.label_map)
+    tf = list(plans.transpose_forward)
+    image_t, label_t = np.transpose(image, [0, *[t + 1 for t in tf]]), np.transpose(label, tf)
+    mask = nonzero_mask(image_t)
+    crop = tuple(slice(int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]),
+                       int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1) for d in range(3))
+    new_shape = tuple(pre.meta.shape_after_resample)
+    unpad = tuple(slice(a, a + n) for (a, _), n in zip(pre.meta.pad, new_shape))
+    expected = _marked_reference(label_t[crop], ~mask[crop], new_shape, pre.meta.separate_z_axis)
+    np.testing.assert_array_equal(pre.label[unpad], expected)
+    merged = resample_label(label_t[crop], new_shape, 1, pre.meta.separate_z_axis, keep_classes=False)
+    assert (merged != expected).any(), "the case must have voxels where merging outside into background differs"
