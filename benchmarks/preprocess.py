@@ -286,6 +286,37 @@ def save_nnunet_cases(python: Path, out: Path, folder: Path) -> None:
     subprocess.run([str(python), "-c", NNUNET_DUMP, str(out), str(folder), *cases], check=True)
 
 
+# nnU-Net's own per-case preprocessing (what each nnUNetv2_preprocess worker runs), in its interpreter
+NNUNET_RUN_CASE = """
+import sys, json, numpy as np
+from pathlib import Path
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+pre, raw, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+plans = PlansManager(str(pre / "nnUNetPlans.json"))
+dataset_json = json.loads((pre / "dataset.json").read_text())
+for case in sys.argv[4:]:
+    data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
+        [str(raw / "imagesTr" / f"{case}_0000.nii.gz")], str(raw / "labelsTr" / f"{case}.nii.gz"), plans,
+        plans.get_configuration("3d_fullres"), dataset_json)
+    np.save(out / f"{case}.npy", data.astype(np.float32))
+    np.save(out / f"{case}_seg.npy", seg)
+"""
+
+
+def nnunet_ct_cases(python: Path, ct_ref: Path, raw: Path, folder: Path, case_ids: list[str]) -> Path:
+    """nnU-Net's preprocessed CT cases as .npy in `folder`, kept between runs: the cases not there yet
+    are made by its DefaultPreprocessor.run_case with the plans in `ct_ref` (the volumes are deterministic,
+    so the reference is made once; the agreement check then needs only our side)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in case_ids if not (folder / f"{c}_seg.npy").is_file()]
+    if todo:
+        subprocess.run([str(python), "-c", NNUNET_RUN_CASE, str(ct_ref / "preprocessed" / "Dataset990_CTSpacings"),
+                        str(raw / "Dataset990_CTSpacings"), str(folder), *todo], check=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return folder
+
+
 def agreement(ours: Path, theirs: Path, label_map) -> list[dict]:
     """Per case: same shape, labels equal voxel for voxel (share), image correlation."""
     rows = []
@@ -362,7 +393,10 @@ def markdown(results: dict) -> str:
                       f"labels identical voxel for voxel in {ag['labels_identical']}/{ag['same_shape']} "
                       f"(lowest share {ag['label_agreement_min']}); identical except the voxels of classes nnU-Net "
                       f"drops and we rescue (README, resampling) in {ag['labels_identical_but_rescued']}/"
-                      f"{ag['same_shape']} ({ag['rescued_voxels']} voxels in all); image r >= {ag['image_r_min']}.", ""]
+                      f"{ag['same_shape']} ({ag['rescued_voxels']} voxels in all); image r >= {ag['image_r_min']}."
+                      + (" nnU-Net's cases: its DefaultPreprocessor.run_case (what each nnUNetv2_preprocess worker runs) "
+                         "with its own plans, kept from an earlier run (`--nnunet-ct-cases`)."
+                         if info.get("agreement_reference") else ""), ""]
     if any(r["tool"] != "seg-pipeline" for info in results["sets"].values() for r in info["runs"]):
         lines += ["CLI and nnU-Net rows are whole commands measured from outside (start-up, workers and shutdown "
                   "included); the in-process and dask rows time `run_preprocessing` alone on a running cluster.", "",
@@ -397,6 +431,10 @@ def main(argv=None) -> int:
     parser.add_argument("--nnunet-ct-ref", type=Path, default=None,
                         help="nnU-Net's fingerprint and plans of this script's CT set made earlier (a folder holding "
                              "preprocessed/Dataset990_CTSpacings): skips planning it again (the volumes are deterministic)")
+    parser.add_argument("--nnunet-ct-cases", type=Path, default=None, metavar="DIR",
+                        help="check CT agreement against nnU-Net's preprocessed cases kept in DIR (CASE.npy, CASE_seg.npy; "
+                             "missing ones are made there first, needs --with-nnunet and --nnunet-ct-ref) instead of "
+                             "timing nnUNetv2_preprocess on the CT set")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -454,7 +492,7 @@ def main(argv=None) -> int:
             whole = name in ("Task04_Hippocampus", CT_NAME)
             for round_ in range(args.rounds if whole else 0):
                 for workers in args.workers:
-                    check = round_ == 0 and name == CT_NAME and ct_ref is not None
+                    check = round_ == 0 and name == CT_NAME and (ct_ref is not None or args.nnunet_ct_cases is not None)
                     if not args.no_cli:
                         keep = (lambda store: save_store_cases(store, tmp / "ours_ct")) if check else None
                         add(info, name, run_cli(dataset, plans, workers, tmp, inspect=keep))
@@ -465,13 +503,18 @@ def main(argv=None) -> int:
                                                     tmp / "nnunet_raw_subset")
                         add(info, name, run_nnunet(args.with_nnunet, 4, "Dataset004_Hippocampus", workers, tmp, raw,
                                                    args.nnunet_ref))
-                    if ct_ref is not None and name == CT_NAME:
+                    if ct_ref is not None and name == CT_NAME and args.nnunet_ct_cases is None:
                         python = args.with_nnunet / "bin" / "python"
                         keep = (lambda out: save_nnunet_cases(python, out, tmp / "nnunet_ct")) if check else None
                         add(info, name, run_nnunet(args.with_nnunet, 990, "Dataset990_CTSpacings", workers, tmp,
                                                    tmp / "nnunet_raw_ct", ct_ref, inspect=keep))
                     if check and not args.no_cli:
-                        rows = agreement(tmp / "ours_ct", tmp / "nnunet_ct", dataset.label_map)
+                        theirs = tmp / "nnunet_ct"
+                        if args.nnunet_ct_cases is not None:
+                            theirs = nnunet_ct_cases(args.with_nnunet / "bin" / "python", ct_ref, tmp / "nnunet_raw_ct",
+                                                     args.nnunet_ct_cases, [c.case_id for c in dataset.cases])
+                            info["agreement_reference"] = str(args.nnunet_ct_cases)
+                        rows = agreement(tmp / "ours_ct", theirs, dataset.label_map)
                         matched = [r for r in rows if r["same_shape"]]
                         info["agreement"] = {
                             "cases": len(rows), "same_shape": len(matched),
