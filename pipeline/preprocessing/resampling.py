@@ -359,8 +359,8 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], order: int = 1, 
             if label.size and int(label.min()) < 0:
                 raise ValueError("label indices must be non-negative")
             # shift by one so the outside class is 0, the lowest as nnU-Net's -1 (ties go to the lowest)
-            wide = np.uint16 if int(label.max()) < np.iinfo(np.uint16).max else np.int64
-            shifted = label.astype(wide) + 1
+            shifted = label.astype(np.min_scalar_type(int(label.max()) + 1))  # uint8 while it fits
+            shifted += 1
             shifted[outside & (label == 0)] = 0
             out = resample_label(shifted, new_shape, order, axis, order_z, keep_classes=False)
             out = np.maximum(out, 1) - 1
