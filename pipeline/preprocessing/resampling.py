@@ -10,6 +10,10 @@
   so the tie rule decides whole boundaries. A class present in the input that no output voxel gets
   (a structure thinner than the new voxel) is *rescued* at the output voxel where its interpolated
   indicator peaks, so no declared label is lost by resampling (nnU-Net drops it).
+* Background outside the image's nonzero region (`outside=`) is a class of its own while resampling,
+  the lowest, as nnU-Net's -1 from ``crop_to_nonzero`` (for CT too, which normalises without the mask):
+  where a structure meets background and outside, it can outscore each although they would outscore
+  it together. Merging the two cost 2-56 differing voxels per TotalSegmentator-derived CT case.
 * Image implementation: one axis at a time with scipy's own 1D interpolation weights (`_axis_weights`),
   which reproduces ``affine_transform``/skimage ``resize`` to float32 rounding (checked against
   nnU-Net's ``resample_data_or_seg``: max difference 6e-7) at 12 instead of 64 taps per voxel for
