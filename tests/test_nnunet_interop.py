@@ -355,3 +355,29 @@ def test_predict_refuses_a_step_size_outside_0_1(tmp_path, capsys):
         cli("predict", "--workdir", tmp_path, tmp_path / "in", tmp_path / "out", "--step-size", "1.5")
     assert exc.value.code == 2
     assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ending", [".mha", ".nrrd"])
+def test_probabilities_for_nnunet_are_written_for_every_image_format(ending, tmp_path, inputs):
+    """An input in a SimpleITK format gets nnU-Net's .npz/.pkl as a NIfTI input does: the same voxels in
+    nnU-Net's (classes, z, y, x) order and the grid SimpleITK reads from that file."""
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (the [itk] extra) writes and reads these formats")
+    net, plans = our_network(4)
+    own = own_workdir(tmp_path / "own", {"0": net}, plans)
+    nifti = next(inputs.glob("*_0000.nii.gz"))
+    case = nifti.name.removesuffix("_0000.nii.gz")
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    image = sitk.ReadImage(str(nifti))
+    sitk.WriteImage(image, str(converted / f"{case}_0000{ending}"))
+    for folder, out in ((inputs, tmp_path / "p_nii"), (converted, tmp_path / "p_itk")):
+        assert cli("predict", "--workdir", own.root, folder, out, "--no-tta", "--save-probabilities") == 0
+    assert (tmp_path / "p_itk" / f"{case}{ending}").is_file()
+    with np.load(tmp_path / "p_nii" / "nnunet" / f"{case}.npz") as a, np.load(tmp_path / "p_itk" / "nnunet" / f"{case}.npz") as b:
+        assert a["probabilities"].shape == (3, *sitk.GetArrayViewFromImage(image).shape)
+        np.testing.assert_allclose(b["probabilities"], a["probabilities"], atol=1e-3)
+    properties = pickle.loads((tmp_path / "p_itk" / "nnunet" / f"{case}.pkl").read_bytes())
+    written = sitk.ReadImage(str(converted / f"{case}_0000{ending}"))
+    np.testing.assert_allclose(properties["sitk_stuff"]["spacing"], written.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(properties["sitk_stuff"]["origin"], written.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(properties["sitk_stuff"]["direction"], written.GetDirection(), atol=1e-6)

@@ -356,7 +356,8 @@ def write_probabilities(workdir, config: str, fold: str, input_dir, output_dir) 
     """nnU-Net's probability layout in OUTPUT/nnunet/ for every case with our OUTPUT/CASE.npz (see the module
     docstring); cases already there are skipped. Returns the cases written; BadInputError where the
     model's labels or plans do not map onto nnU-Net's (our own probability files are there either way)."""
-    from pipeline.data.nifti import from_ras, geometry_of, load_header
+    from pipeline.data.images import open_image
+    from pipeline.data.nifti import from_ras
     from pipeline.inference.predict import group_input_files
 
     wd = Workdir.at(workdir)
@@ -372,8 +373,7 @@ def write_probabilities(workdir, config: str, fold: str, input_dir, output_dir) 
         npz, pkl = out / f"{case.case_id}.npz", out / f"{case.case_id}.pkl"
         if not ours.is_file() or (npz.is_file() and pkl.is_file()):
             continue
-        img = load_header(case.images[0], case.case_id)
-        geometry = geometry_of(img)
+        geometry = open_image(case.images[0], case.case_id).geometry  # every format: NIfTI, .mha, .nrrd, DICOM
         with local_file(ours, ".npz") as local, np.load(local) as f:
             probs = f["probabilities"].astype(np.float32)
         in_file_order = from_ras(np.moveaxis(probs, 0, -1), geometry)  # (i, j, k, K)
