@@ -88,26 +88,26 @@ def our_network(seed: int = 0):
     return net, plans
 
 
-def nnunet_checkpoint(net, trainer="nnUNetTrainer", fold=0, **extra) -> dict:
+def nnunet_checkpoint(net, trainer="nnUNetTrainer", fold=0, dataset_json=DATASET_JSON, **extra) -> dict:
     """A checkpoint as nnUNetTrainer.save_checkpoint writes it."""
     return {"network_weights": ours_to_nnunet(net.state_dict()), "optimizer_state": {"state": {}, "param_groups": []},
             "grad_scaler_state": None,
             "logging": {"mean_fg_dice": [np.float32(0.5)], "ema_fg_dice": [np.float32(0.5)], "lrs": [0.01]},
             "_best_ema": np.float32(0.5), "current_epoch": 1,
-            "init_args": {"plans": NNUNET_PLANS, "configuration": CONFIG, "fold": fold, "dataset_json": DATASET_JSON,
+            "init_args": {"plans": NNUNET_PLANS, "configuration": CONFIG, "fold": fold, "dataset_json": dataset_json,
                           "device": torch.device("cpu")},
             "trainer_name": trainer, "inference_allowed_mirroring_axes": (0, 1, 2), **extra}
 
 
-def nnunet_folder(root: Path, nets: dict, plans=NNUNET_PLANS, **ckpt_extra) -> Path:
+def nnunet_folder(root: Path, nets: dict, plans=NNUNET_PLANS, dataset_json=DATASET_JSON, **ckpt_extra) -> Path:
     """nnUNet_results/Dataset900_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres with one fold per net."""
     folder = root / "Dataset900_Phantom" / f"nnUNetTrainer__nnUNetPlans__{CONFIG}"
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
     for fold, net in nets.items():
         (folder / f"fold_{fold}").mkdir()
-        torch.save(nnunet_checkpoint(net, fold=fold, **ckpt_extra), folder / f"fold_{fold}" / "checkpoint_final.pth")
+        torch.save(nnunet_checkpoint(net, fold=fold, dataset_json=dataset_json, **ckpt_extra), folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
 
 
@@ -119,7 +119,8 @@ def own_workdir(root: Path, nets: dict, plans: Plans) -> Workdir:
         plans.save(run_dir / "plans.json")
         for which in ("final", "best"):
             save_model_file(run_dir / f"model_{which}.pt", net, configuration=CONFIG, epoch=1, ema_dice=0.5,
-                            num_input_channels=1, num_classes=3, label_values=[0, 1, 2], plans_hash=plans.hash(CONFIG))
+                            num_input_channels=1, num_classes=plans.label_map().num_outputs,
+                            label_values=list(plans.label_values), plans_hash=plans.hash(CONFIG))
     return wd
 
 
@@ -381,3 +382,38 @@ def test_probabilities_for_nnunet_are_written_for_every_image_format(ending, tmp
     np.testing.assert_allclose(properties["sitk_stuff"]["spacing"], written.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(properties["sitk_stuff"]["origin"], written.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(properties["sitk_stuff"]["direction"], written.GetDirection(), atol=1e-6)
+
+
+REGIONS_JSON = {**DATASET_JSON, "labels": {"background": 0, "organ+lesion": [1, 2], "lesion": [2]},
+                "regions_class_order": [1, 2]}
+IGNORE_JSON = {**DATASET_JSON, "labels": {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}}
+
+
+@pytest.mark.parametrize(("dataset_json", "outputs"), [(REGIONS_JSON, 2), (IGNORE_JSON, 3)], ids=["regions", "ignore"])
+def test_region_based_and_ignore_label_models_import_and_export_one_to_one(dataset_json, outputs, tmp_path, inputs):
+    """A region-based model (one sigmoid output per region, painted in regions_class_order) and an ignore-label
+    model (softmax over the real classes, never predicting `ignore`) import to a model that predicts exactly what
+    ours with the same plans predicts, and export back with nnU-Net's labels."""
+    plans = plans_from_nnunet(NNUNET_PLANS, dataset_json, CONFIG, "test")
+    assert plans.label_map().num_outputs == outputs
+    torch.manual_seed(2)
+    net = build_network(plans.configuration(CONFIG), 1, outputs)
+    with torch.no_grad():
+        for p in net.seg_layers.parameters():
+            p.mul_(20)
+    folder = nnunet_folder(tmp_path / "results", {"0": net}, dataset_json=dataset_json)
+    assert cli("import-nnunet", folder, "--workdir", tmp_path / "imported") == 0
+    own = own_workdir(tmp_path / "own", {"0": net}, plans)
+    stages.predict(tmp_path / "imported", inputs, tmp_path / "pred_imported", tta=False, progress=False)
+    stages.predict(own, inputs, tmp_path / "pred_own", tta=False, progress=False)
+    imported, ours = labels_of(tmp_path / "pred_imported"), labels_of(tmp_path / "pred_own")
+    assert imported.keys() == ours.keys() and len(ours) == 1
+    for name in ours:
+        assert np.array_equal(imported[name], ours[name]), name
+        assert set(np.unique(ours[name]).tolist()) == {0, 1, 2}  # both regions painted / never the ignore label
+
+    assert cli("export-nnunet", "--workdir", tmp_path / "imported", tmp_path / "exported", "--dataset-id", "901") == 0
+    exported = json.loads((tmp_path / "exported/Dataset901_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres/"
+                                       "dataset.json").read_text())
+    assert exported["labels"] == dataset_json["labels"]
+    assert exported.get("regions_class_order") == dataset_json.get("regions_class_order")

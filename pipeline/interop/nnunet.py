@@ -125,7 +125,7 @@ def _postprocessing(folder: Path, plans: Plans, folds: list[str]):
     *_, path = max(found)
     steps: list[LargestComponentStep] = (read_postprocessing_json(path, _read_json(path, "post-processing"))
                                          if path.suffix == ".json" else read_postprocessing_pkl(path))
-    foreground = tuple(int(v) for v in plans.label_values if v != 0)
+    foreground = tuple(int(v) for v in plans.label_map().class_values if v != 0)  # never the ignore label
     keep_foreground, per_class = False, []
     for i, step in enumerate(steps):
         if isinstance(step.labels, tuple):
@@ -193,7 +193,7 @@ def import_results_folder(results: str | os.PathLike, workdir, folds: list[str] 
             if axes is not None and sorted(axes) != list(range(conf.dims)):
                 raise BadInputError(f"{item['path']}: test-time mirroring along axes {axes} only; seg-pipeline mirrors "
                                     f"along all {conf.dims} (predict with --no-tta after importing is not offered)")
-            net = build_network(conf, len(plans.channels), len(plans.label_values), deep_supervision=True)
+            net = build_network(conf, len(plans.channels), plans.label_map().num_outputs, deep_supervision=True)
             load_nnunet_weights(net, item["checkpoint"]["network_weights"], str(item["path"]))
             item["network"] = net
     rule, rule_source = _postprocessing(folder, plans, wanted)
@@ -225,7 +225,7 @@ def import_results_folder(results: str | os.PathLike, workdir, folds: list[str] 
             save_model_file(model_file(run_dir, which), item["network"], configuration=config,
                             epoch=int(ckpt.get("current_epoch") or 0),
                             ema_dice=None if ema is None else float(ema), num_input_channels=len(plans.channels),
-                            num_classes=len(plans.label_values), label_values=list(plans.label_values),
+                            num_classes=plans.label_map().num_outputs, label_values=list(plans.label_values),
                             plans_hash=plans.hash(config))
         pp = run_dir / "postprocessing.json"
         if rule is not None:

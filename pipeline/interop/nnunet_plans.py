@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 
-from pipeline.errors import BadInputError
+from pipeline.data.labels import LabelDeclaration, parse_nnunet_labels
+from pipeline.errors import BadInputError, Problem
 from pipeline.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: its automatic separate-z rule (force_separate_z null)
@@ -120,21 +121,20 @@ def _resampling(conf: dict, where: str) -> tuple[int, int, int]:
     return int(data.get("order", 3)), int(seg.get("order", 1)), int(data.get("order_z", 0))
 
 
-def _labels(dataset_json: dict, where: str) -> dict[str, str]:
+def _labels(dataset_json: dict, where: str) -> LabelDeclaration:
+    """nnU-Net v2's labels by its own rules (`data.labels.parse_nnunet_labels`): classes, regions with
+    `regions_class_order` (sigmoid outputs), the ignore label; values 0..K-1 as nnU-Net v2 requires."""
     labels = dataset_json.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise BadInputError(f"{where}: dataset.json has no labels")
-    if "ignore" in labels:
-        raise BadInputError(f"{where}: models trained with an ignore label are not supported")
-    out = {}
-    for name, value in labels.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise BadInputError(f"{where}: label {name!r} is {value!r}: region-based models are not supported")
-        out[str(value)] = str(name)
-    values = sorted(int(v) for v in out)
+    problems: list[Problem] = []
+    declared = parse_nnunet_labels(labels, dataset_json.get("regions_class_order"), problems)
+    if problems:
+        raise BadInputError(f"{where}: dataset.json labels: {'; '.join(p.message for p in problems)}")
+    values = sorted(declared.names)
     if values != list(range(len(values))):
         raise BadInputError(f"{where}: label values {values} are not 0..{len(values) - 1}, which nnU-Net v2 requires")
-    return out
+    return declared
 
 
 def _channels(dataset_json: dict, where: str) -> list[str]:
@@ -193,7 +193,10 @@ def plans_from_nnunet(plans: dict, dataset_json: dict, configuration: str, where
         image_order=image_order, label_order=label_order, order_z=order_z, anisotropy_threshold=ANISOTROPY_THRESHOLD,
         preset="nnunet", batch_dice=bool(conf.get("batch_dice", False)), explanations={"preset": note})
     ours = Plans(dataset_name=str(dataset_json.get("name") or plans.get("dataset_name") or "dataset"),
-                 channels=channels, labels=labels, transpose_forward=[2 - int(t) for t in transpose],
+                 channels=channels, labels={str(v): name for v, name in sorted(labels.names.items())},
+                 regions=[{"name": r.name, "values": list(r.values)} for r in labels.regions],
+                 regions_class_order=list(labels.regions_class_order), ignore_label=labels.ignore_value,
+                 transpose_forward=[2 - int(t) for t in transpose],
                  normalization=normalization, configurations={configuration: config},
                  explanations={"transpose_forward": "nnU-Net's transpose_forward over the SimpleITK axes (z, y, x), "
                                                     "as RAS axes: 2 - t", "source": note})
@@ -252,6 +255,21 @@ def nnunet_from_plans(plans: Plans, configuration: str, dataset_name: str) -> tu
         "foreground_intensity_properties_per_channel": intensity,
     }
     dataset_json = {"channel_names": {str(i): c for i, c in enumerate(plans.channels)},
-                    "labels": {("background" if int(v) == 0 else name): int(v) for v, name in plans.labels.items()},
-                    "numTraining": 0, "file_ending": ".nii.gz", "name": plans.dataset_name}
+                    "labels": nnunet_labels(plans), "numTraining": 0, "file_ending": ".nii.gz",
+                    "name": plans.dataset_name}
+    if plans.regions:
+        dataset_json["regions_class_order"] = list(plans.regions_class_order)
     return nnunet_plans, dataset_json
+
+
+def nnunet_labels(plans: Plans) -> dict:
+    """dataset.json's `labels` for our plans: {name: value} classes, or background, {name: [values]} per region
+    (in order) and `ignore`."""
+    if not plans.regions:
+        return {("background" if int(v) == 0 else ("ignore" if int(v) == plans.ignore_label else name)): int(v)
+                for v, name in plans.labels.items()}
+    labels: dict = {"background": 0}
+    labels.update({r["name"]: [int(v) for v in r["values"]] for r in plans.regions})
+    if plans.ignore_label is not None:
+        labels["ignore"] = int(plans.ignore_label)
+    return labels
