@@ -4,23 +4,25 @@ In one run, on the same machine and cases:
 1. nnU-Net trains a small real model: Task04_Hippocampus, the first `--train-cases` cases (sorted) in
    nnU-Net's raw layout, `nnUNetv2_plan_and_preprocess -c 3d_fullres`, then each of `--folds` with
    ../shared/tools/nnunet_train_cpu.py and nnU-Net's default `nnUNetTrainer`, shortened to one epoch of
-   `--iterations` iterations (the same trainer class, so its results folder is what users have; a
-   few minutes on a CPU). Steps whose output exists in `--work` are reused (say so in the result).
+   `--iterations` iterations and without its final validation pass (the same trainer class, so its results
+   folder is what users have). Steps whose output exists in `--work` are reused (say so in the result).
 2. `segpipe import-nnunet` converts that folder; `--cases` unseen cases (the next ones after the
    training cases) are predicted by `nnUNetv2_predict -f <folds>` (sequential: -npp 0 -nps 0) and by
-   `segpipe predict` (default: every fold, as nnU-Net), in-process and over 2 Ray workers, both
-   with mirroring TTA. Reported: voxel agreement of the label maps per case (target >= 0.999) and
-   seconds per case of the whole command.
+   `segpipe predict` (default: every fold, as nnU-Net), in-process and over 2 Ray workers, all with
+   mirroring TTA. Reported per case: voxel agreement of the label maps (target >= 0.999), Dice of each
+   tool against the reference labels, seconds per case of the whole command. A diagnostic run of
+   nnU-Net's own predictor with float32 instead of float16 accumulators tells whose numbers differ where.
 3. `segpipe export-nnunet` writes the imported seg-pipeline run folders back as an nnU-Net results
    folder (another dataset id); `nnUNetv2_predict` runs it, agreement with step 2's nnU-Net output.
-4. `segpipe predict --save-probabilities` per fold, then `nnUNetv2_ensemble` on their `nnunet/`
-   folders: nnU-Net's tool reads our probability layout; agreement with our two-fold ensemble.
-5. A few training iterations leave a model that predicts background everywhere, which makes label
-   agreement easy; so the same checkpoint with background's output bias lowered until about half
+   Our own short `segpipe train` (fold 0, `--own-iterations`) of the same cases is exported and run by
+   `nnUNetv2_predict` too, against `segpipe predict` of it.
+4. `nnUNetv2_ensemble` on our `--save-probabilities` folders (two folds of the import, or with one fold the
+   import and our own run): nnU-Net's tool reads our probability layout.
+5. Optionally (on by default) the same checkpoint with background's output bias lowered until about half
    the test voxels are foreground (near-ties everywhere) is imported and predicted by both tools too.
 
-    SEGPIPE_NNUNET_REF=/work/nnunet_ref .venv/bin/python benchmarks/nnunet_interop.py [--cases 4]
-        [--train-cases 40] [--folds 0,1] [--iterations 30] [--work /tmp/segpipe_nnunet_interop]
+    SEGPIPE_NNUNET_REF=/work/nnunet_ref .venv/bin/python benchmarks/nnunet_interop.py [--cases 10]
+        [--train-cases 40] [--folds 0] [--iterations 250] [--own-iterations 60] [--work /tmp/segpipe_nnunet_interop]
 
 Writes benchmarks/results/nnunet_interop.{json,md}.
 """
@@ -51,7 +53,7 @@ from harness import (  # noqa: E402
     write_results,
 )
 
-DATASET_ID, EXPORT_ID = 4, 904
+DATASET_ID, EXPORT_ID, OWN_ID = 4, 904, 905
 DATASET = "Dataset004_Hippocampus"
 CONFIG = "3d_fullres"
 # nnunet_train_cpu.py with nnUNetTrainer shortened: nnU-Net records the init arguments by introspecting
@@ -66,16 +68,52 @@ def init(self, plans: dict, configuration: str, fold: int, dataset_json: dict, d
     original(self, plans, configuration, fold, dataset_json, device)
     self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, iterations, 1
 nnUNetTrainer.__init__ = init
+# the final validation pass predicts the fold's validation cases (minutes on a shared CPU); the checkpoint is what we compare
+nnUNetTrainer.perform_actual_validation = lambda self, *args, **kwargs: None
 sys.argv = [tool] + sys.argv[1:]
 runpy.run_path(tool, run_name="__main__")
 '''
 
 
-BORDER_NOTE = ("where the probabilities differ most is within a few voxels of the image border. Likely cause (not proven): nnU-Net 2.8 accumulates "
-               "the Gaussian-weighted window logits and the weights in float16 (torch.half, predict_from_raw_data.py), "
-               "and the Gaussian is smallest there, so its own values lose precision; seg-pipeline accumulates in "
-               "float32. The preprocessed input is identical (checked by hand on hippocampus_056: largest difference 0.0), "
-               "and without TTA the border differences remain (0.117 at most on hippocampus_088, mean 1.4e-4).")
+# nnUNetv2_predict's sliding window with its accumulators (window logits x Gaussian, and the Gaussian sum) and its
+# Gaussian in float32 instead of float16, everything else as nnU-Net runs it: the diagnostic for where the two
+# tools' probabilities differ (argv: model folder, input folder, output folder, folds)
+FLOAT32_PREDICT = '''
+import os, sys, types
+import torch
+import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+model, source, target, folds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+
+
+class Float32Torch(types.ModuleType):
+    half = torch.float32  # the accumulators are allocated as torch.zeros(..., dtype=torch.half)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+nnunet_predict.torch = Float32Torch("torch")
+gaussian = nnunet_predict.compute_gaussian
+def compute_gaussian(*args, **kwargs):
+    return gaussian(*args, **{**kwargs, "dtype": torch.float32})
+compute_gaussian.cache_clear = gaussian.cache_clear
+nnunet_predict.compute_gaussian = compute_gaussian
+predictor = nnunet_predict.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+predictor.initialize_from_trained_model_folder(model, use_folds=tuple(int(f) for f in folds),
+                                               checkpoint_name="checkpoint_final.pth")
+os.makedirs(target, exist_ok=True)
+predictor.predict_from_files_sequential(source, target, save_probabilities=True, overwrite=True)
+'''
+
+
+BORDER_NOTE = ("why the probabilities differ near the image border: nnU-Net 2.x accumulates the Gaussian-weighted window "
+               "logits and the Gaussian sum in float16 (torch.half in predict_from_raw_data.py, its Gaussian made in float16 "
+               "by compute_gaussian); the Gaussian falls to float16's subnormal range (< 6e-5, absolute resolution 6e-8) "
+               "towards a window's corners, so logit x weight and the weight sum lose most of their digits there, and "
+               "hippocampus images are about one window, whose corners are the image border. seg-pipeline accumulates in "
+               "float32. The float32 diagnostic row shows it: the same nnU-Net predictor with float32 accumulators agrees "
+               "with ours to the resolution of our float16 probability files. Not ours to fix; our float32 is the exact one")
 
 
 def nnunet_env(work: Path, results: Path | None = None) -> dict:
@@ -154,6 +192,80 @@ def probability_difference(ours_dir: Path, nnunet_dir: Path, case_ids: list[str]
     return {"per_case": per_case, "max_abs": max(values) if values else None}
 
 
+def dice_scores(pred_dir: Path, case_ids: list[str], labels=(1, 2)) -> dict:
+    """Mean foreground Dice (Anterior, Posterior) per case against the Decathlon's reference labels
+    (a class absent from both counts 1)."""
+    import nibabel as nib
+    import numpy as np
+
+    per_case = {}
+    for case in case_ids:
+        pred_path = pred_dir / f"{case}.nii.gz"
+        if not pred_path.is_file():
+            per_case[case] = None
+            continue
+        pred = np.asarray(nib.load(pred_path).dataobj)
+        ref = np.asarray(nib.load(SHARED / "Task04_Hippocampus" / "labelsTr" / f"{case}.nii.gz").dataobj)
+        scores = []
+        for c in labels:
+            p, r = pred == c, ref == c
+            total = int(p.sum() + r.sum())
+            scores.append(1.0 if total == 0 else 2.0 * float(np.logical_and(p, r).sum()) / total)
+        per_case[case] = round(sum(scores) / len(scores), 4)
+    values = [v for v in per_case.values() if v is not None]
+    return {"per_case": per_case, "mean": round(sum(values) / len(values), 4) if values else None}
+
+
+def disagreement(ours_dir: Path, nnunet_dir: Path, case_ids: list[str]) -> dict:
+    """Where the two tools' labels differ, per case: how many voxels, how far from the image border (voxels),
+    nnU-Net's own margin there (top-1 minus top-2 probability) and the probability difference there; and
+    where the probabilities differ most. Both read from nnU-Net's layout ((classes, z, y, x), argmax = label)."""
+    import numpy as np
+    from scipy import ndimage
+
+    per_case = {}
+    for case in case_ids:
+        a, b = ours_dir / f"{case}.npz", nnunet_dir / f"{case}.npz"
+        if not (a.is_file() and b.is_file()):
+            continue
+        with np.load(a) as fa, np.load(b) as fb:
+            x, y = fa["probabilities"].astype(np.float32), fb["probabilities"].astype(np.float32)
+        if x.shape != y.shape:
+            continue
+        inside = np.zeros(x.shape[1:], bool)
+        inside[tuple(slice(1, -1) for _ in x.shape[1:])] = True
+        border = ndimage.distance_transform_cdt(inside, metric="chessboard")  # 0 on the outermost voxels
+        diff = np.abs(x - y).max(0)
+        top2 = np.sort(y, axis=0)[-2:]
+        differ = x.argmax(0) != y.argmax(0)
+        row = {"voxels": int(differ.sum()), "max_prob_diff_at_border_distance": int(border.flat[int(diff.argmax())]),
+               "mean_prob_diff_border_0_2": round(float(diff[border <= 2].mean()), 6),
+               "mean_prob_diff_inside": round(float(diff[border > 2].mean()), 6) if (border > 2).any() else None}
+        if differ.any():
+            row.update({"border_distance": sorted(int(d) for d in border[differ])[:20],
+                        "nnunet_margin_max": round(float((top2[1] - top2[0])[differ].max()), 5),
+                        "prob_diff_there_max": round(float(diff[differ].max()), 5)})
+        per_case[case] = row
+    return per_case
+
+
+def mean_argmax(folders: list[Path], target: Path, case_ids: list[str]) -> None:
+    """The label maps of the mean of nnU-Net-layout probabilities (what nnUNetv2_ensemble should write), as NIfTI
+    on the input's grid ((classes, z, y, x) -> (x, y, z))."""
+    import nibabel as nib
+    import numpy as np
+
+    target.mkdir(parents=True, exist_ok=True)
+    for case in case_ids:
+        files = [f / f"{case}.npz" for f in folders]
+        if not all(f.is_file() for f in files):
+            continue
+        mean = sum(np.load(f)["probabilities"].astype(np.float32) for f in files) / len(files)
+        image = nib.load(SHARED / "Task04_Hippocampus" / "imagesTr" / f"{case}.nii.gz")
+        labels = np.ascontiguousarray(mean.argmax(0).T.astype(np.uint8))
+        nib.save(nib.Nifti1Image(labels, image.affine), target / f"{case}.nii.gz")
+
+
 def balanced_shift(nnunet_dir: Path, case_ids: list[str]) -> float:
     """Median over the test voxels of log p(background) - log p(best foreground class), from nnU-Net's probabilities."""
     import numpy as np
@@ -206,6 +318,23 @@ def markdown(result: dict) -> str:
              f"Softmax probabilities in nnU-Net's layout (ours from `--save-probabilities`, `OUTPUT/nnunet/`), largest "
              f"absolute difference over every class and voxel: **{result['probabilities']['max_abs']}** (ours are "
              f"stored as float16). Foreground voxels in nnU-Net's labels: {result['foreground_voxels_nnunet']}.", "",
+             "Diagnostic: nnU-Net's own predictor run again with its sliding-window accumulators and Gaussian in float32 "
+             "instead of float16 (`FLOAT32_PREDICT` in the benchmark; nothing else changed): largest probability difference "
+             f"ours vs that **{result['probabilities_vs_nnunet_float32']['max_abs']}**; nnU-Net float16 vs nnU-Net float32 "
+             f"{result['probabilities_nnunet_float16_vs_float32']['max_abs']}.", "",
+             "## Per case: voxel agreement and foreground Dice against the reference labels", "",
+             md_table(["case", *[f"agree: {k}" for k in a], *[f"Dice: {k}" for k in result["dice"]]],
+                      [[case, *[v["per_case"].get(case) for v in a.values()],
+                        *[v["per_case"].get(case) for v in result["dice"].values()]] for case in result["meta"]["case_ids"]]
+                      + [["mean", *[v["mean"] for v in a.values()], *[v["mean"] for v in result["dice"].values()]]]), "",
+             "Dice: mean of Anterior and Posterior per case (a class absent from both counts 1).", "",
+             "## Where the imported model's labels differ from nnUNetv2_predict's", "",
+             md_table(["case", "voxels differing", "their distance to the border (voxels)", "nnU-Net's margin there (max)",
+                       "prob. difference there (max)", "largest prob. difference at border distance",
+                       "mean prob. difference, border 0-2", "mean prob. difference, inside"],
+                      [[case, d["voxels"], d.get("border_distance"), d.get("nnunet_margin_max"), d.get("prob_diff_there_max"),
+                        d["max_prob_diff_at_border_distance"], d["mean_prob_diff_border_0_2"], d["mean_prob_diff_inside"]]
+                       for case, d in result["disagreement"]["imported"].items()]), "",
              "## Steps (whole commands; s/case = wall / cases)", "",
              md_table(["step", "ok", "wall s", "s/case", "CPU s", "peak RSS tree MiB"],
                       [[r["step"], "yes" if r["ok"] else f"NO: {r.get('error', '')}", r["wall_s"], r.get("s_per_case", "–"),
@@ -221,15 +350,17 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=int, default=4, help="unseen cases predicted by both tools")
+    ap.add_argument("--cases", type=int, default=10, help="unseen cases predicted by both tools")
     ap.add_argument("--train-cases", type=int, default=40)
-    ap.add_argument("--folds", default="0,1")
-    ap.add_argument("--iterations", type=int, default=30, help="training iterations per fold (one epoch)")
+    ap.add_argument("--folds", default="0")
+    ap.add_argument("--iterations", type=int, default=250, help="training iterations per fold (one epoch)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/segpipe_nnunet_interop"),
                     help="nnU-Net's raw/preprocessed/results and the outputs; existing training is reused")
     ap.add_argument("--nnunet-ref", type=Path, default=NNUNET_REF)
     ap.add_argument("--no-balanced", dest="balanced", action="store_false",
                     help="skip the balanced-classes variant of nnU-Net's model (see the notes in the results)")
+    ap.add_argument("--own-iterations", type=int, default=60,
+                    help="iterations of our own `segpipe train` (fold 0, one epoch) whose export nnUNetv2_predict runs")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--name", default="nnunet_interop")
     ap.add_argument("--out", default=str(RESULTS))
@@ -280,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     step(steps, f"nnUNetv2_predict -f {' '.join(folds)} --save_probabilities", [nn_bin / "nnUNetv2_predict", "-i", inputs,
          "-o", out / "nnunet", "-d", DATASET_ID, "-c", CONFIG, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0",
          "--save_probabilities"], env, args.timeout, n)
+    (work / "float32_predict.py").write_text(FLOAT32_PREDICT)
+    step(steps, "nnU-Net's predictor, float32 accumulation (diagnostic)", [nn_bin / "python", work / "float32_predict.py",
+         model, inputs, out / "nnunet_float32", ",".join(folds)], env, args.timeout, n)
     step(steps, "segpipe predict --save-probabilities (in-process)", [*segpipe, "predict", "--workdir", wd, inputs,
          out / "ours", "--save-probabilities"], ours_env, args.timeout, n)
     step(steps, "segpipe predict --num-workers 2 (Ray)", [*segpipe, "predict", "--workdir", wd, inputs, out / "ours_ray",
@@ -295,7 +429,32 @@ def main(argv: list[str] | None = None) -> int:
         for fold in folds:
             step(steps, f"segpipe predict --fold {fold} --save-probabilities", [*segpipe, "predict", "--workdir", wd,
                  inputs, out / f"ours_fold{fold}", "--fold", fold, "--save-probabilities"], ours_env, args.timeout, n)
-    ensemble_inputs = [out / f"ours_fold{f}" / "nnunet" for f in folds] if len(folds) > 1 else [out / "ours" / "nnunet"]
+
+    # our own training (the same cases, our planner and trainer) exported and run by nnUNetv2_predict
+    own_raw, own_wd = work / "own_raw" / DATASET, work / "own_workdir"
+    if not (own_raw / "dataset.json").is_file():  # real files: a dataset's links may not point outside it
+        shutil.copytree(work / "raw" / DATASET, own_raw, symlinks=False)
+    if not (own_wd / "runs" / CONFIG / "fold_0" / "model_final.pt").is_file():
+        step(steps, "segpipe plan + preprocess (own run)", ["bash", "-c", f"{sys.executable} -m pipeline.cli plan {own_raw} "
+             f"--workdir {own_wd} && {sys.executable} -m pipeline.cli preprocess {own_raw} --workdir {own_wd} --config "
+             f"{CONFIG} --workers 1"], ours_env, args.timeout)
+        step(steps, f"segpipe train fold 0 ({args.own_iterations} iterations)", [*segpipe, "train", "--workdir", own_wd,
+             "--config", CONFIG, "--fold", "0", "--epochs", "1", "--iterations-per-epoch", args.own_iterations,
+             "--val-iterations", "1", "--num-workers", "1", "--cpu"], ours_env, args.timeout)
+    own_exported = work / "exported_own"
+    shutil.rmtree(own_exported, ignore_errors=True)
+    step(steps, "segpipe export-nnunet (own run)", [*segpipe, "export-nnunet", "--workdir", own_wd, "--config", CONFIG,
+                                                    own_exported, "--dataset-id", OWN_ID], ours_env, args.timeout)
+    step(steps, "segpipe predict (own run) --save-probabilities", [*segpipe, "predict", "--workdir", own_wd, "--config",
+         CONFIG, "--fold", "0", inputs, out / "own", "--save-probabilities"], ours_env, args.timeout, n)
+    step(steps, "nnUNetv2_predict on our own exported run", [nn_bin / "nnUNetv2_predict", "-i", inputs, "-o",
+         out / "nnunet_own", "-d", OWN_ID, "-c", CONFIG, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"],
+         nnunet_env(work, own_exported), args.timeout, n)
+
+    # nnUNetv2_ensemble reads our probability layout: two folds of the imported model, or (one fold) the
+    # imported model and our own run
+    ensemble_inputs = ([out / f"ours_fold{f}" / "nnunet" for f in folds] if len(folds) > 1
+                       else [out / "ours" / "nnunet", out / "own" / "nnunet"])
     step(steps, "nnUNetv2_ensemble on our probabilities", [nn_bin / "nnUNetv2_ensemble", "-i", *ensemble_inputs,
          "-o", out / "ensemble", "-np", "1"], env, args.timeout)
 
@@ -319,9 +478,26 @@ def main(argv: list[str] | None = None) -> int:
         "ours (in-process) vs nnUNetv2_predict": agreement(out / "ours", out / "nnunet", test_ids),
         "ours (Ray, 2 workers) vs nnUNetv2_predict": agreement(out / "ours_ray", out / "nnunet", test_ids),
         "nnUNetv2_predict on our export vs on nnU-Net's own folder": agreement(out / "nnunet_exported", out / "nnunet", test_ids),
-        "nnUNetv2_ensemble of our per-fold probabilities vs our fold ensemble": agreement(out / "ensemble", out / "ours", test_ids),
+        "nnUNetv2_predict on our own exported run vs segpipe predict of it": agreement(out / "nnunet_own", out / "own",
+                                                                                       test_ids),
     }
+    if len(folds) > 1:
+        result_agreement["nnUNetv2_ensemble of our per-fold probabilities vs our fold ensemble"] = agreement(
+            out / "ensemble", out / "ours", test_ids)
+    else:
+        mean_argmax(ensemble_inputs, out / "ensemble_numpy", test_ids)
+        result_agreement["nnUNetv2_ensemble of our probabilities (imported + own run) vs their mean's argmax"] = \
+            agreement(out / "ensemble", out / "ensemble_numpy", test_ids)
+    result_agreement["ours (in-process) vs nnU-Net's predictor with float32 accumulation"] = agreement(
+        out / "ours", out / "nnunet_float32", test_ids)
+    dice = {name: dice_scores(out / folder, test_ids) for name, folder in (
+        ("nnUNetv2_predict (nnU-Net's model)", "nnunet"), ("segpipe predict, imported (in-process)", "ours"),
+        ("segpipe predict, imported (Ray)", "ours_ray"), ("nnUNetv2_predict on the export of the import", "nnunet_exported"),
+        ("segpipe predict, own run", "own"), ("nnUNetv2_predict on the export of our own run", "nnunet_own"))}
+    detail = {"imported": disagreement(out / "ours" / "nnunet", out / "nnunet", test_ids)}
     probabilities = probability_difference(out / "ours" / "nnunet", out / "nnunet", test_ids)
+    probabilities_float32 = probability_difference(out / "ours" / "nnunet", out / "nnunet_float32", test_ids)
+    probabilities_nnunet_self = probability_difference(out / "nnunet_float32", out / "nnunet", test_ids)
     foreground = foreground_voxels(out / "nnunet", test_ids)
     if foreground == 0:
         notes.append("nnU-Net's model predicts background everywhere on these cases (a few training iterations), so "
@@ -339,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
               "meta": {"cases": n, "case_ids": test_ids, "train_cases": len(train_ids), "folds": folds,
                        "iterations": args.iterations, "reused_training": reused, "work": str(work),
                        "total_s": round(time.perf_counter() - start, 1)},
-              "agreement": result_agreement, "probabilities": probabilities, "foreground_voxels_nnunet": foreground,
+              "agreement": result_agreement, "dice": dice, "disagreement": detail, "probabilities": probabilities,
+              "probabilities_vs_nnunet_float32": probabilities_float32,
+              "probabilities_nnunet_float16_vs_float32": probabilities_nnunet_self, "foreground_voxels_nnunet": foreground,
               "steps": steps, "notes": notes}
     paths = write_results(args.name, result, markdown(result), None, args.out)
     print(paths["md"].read_text())
