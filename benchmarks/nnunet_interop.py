@@ -107,13 +107,14 @@ predictor.predict_from_files_sequential(source, target, save_probabilities=True,
 '''
 
 
-BORDER_NOTE = ("why the probabilities differ near the image border: nnU-Net 2.x accumulates the Gaussian-weighted window "
-               "logits and the Gaussian sum in float16 (torch.half in predict_from_raw_data.py, its Gaussian made in float16 "
-               "by compute_gaussian); the Gaussian falls to float16's subnormal range (< 6e-5, absolute resolution 6e-8) "
-               "towards a window's corners, so logit x weight and the weight sum lose most of their digits there, and "
-               "hippocampus images are about one window, whose corners are the image border. seg-pipeline accumulates in "
-               "float32. The float32 diagnostic row shows it: the same nnU-Net predictor with float32 accumulators agrees "
-               "with ours to the resolution of our float16 probability files. Not ours to fix; our float32 is the exact one")
+BORDER_NOTE = ("why labels or probabilities differ at all: nnU-Net 2.x accumulates the Gaussian-weighted window logits "
+               "and the Gaussian sum in float16 (torch.half in predict_from_raw_data.py, its Gaussian made in float16 by "
+               "compute_gaussian), seg-pipeline in float32. float16 keeps ~3 decimal digits, so a voxel whose two best "
+               "classes are within ~1e-3 of each other may flip; where the Gaussian falls into float16's subnormal range "
+               "(< 6e-5, towards a window's corners, i.e. the border of a one-window hippocampus image) the error grows, "
+               "which is what a model with weak, uncertain border logits shows most (the earlier 30-iteration model: 0.064). "
+               "The float32 diagnostic row tests it: nnU-Net's own predictor with float32 accumulators and nothing else "
+               "changed. Not ours to fix: our float32 accumulation is the exact one")
 
 
 def nnunet_env(work: Path, results: Path | None = None) -> dict:
