@@ -136,12 +136,11 @@ def softmax_(logits: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_(logits: np.ndarray) -> np.ndarray:
-    """Sigmoid of every value, in place (region-based models: independent outputs)."""
-    np.negative(logits, out=logits)
-    np.exp(logits, out=logits)
-    logits += 1.0
-    np.reciprocal(logits, out=logits)
-    return logits
+    """Sigmoid of every value, in place (region-based models: independent outputs). SciPy's expit
+    saturates to 0 and 1 where exp(-x) would overflow (and warn) for large negative logits."""
+    from scipy.special import expit
+
+    return expit(logits, out=logits)
 
 
 NONLINEARITIES = {"softmax": softmax_, "sigmoid": sigmoid_}
