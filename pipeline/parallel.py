@@ -75,7 +75,7 @@ def dask_client(workers: int | None = None, address: str | None = None,
                 start_method: str | None = None) -> Iterator["distributed.Client"]:
     """A Client on `address`, or on a fresh LocalCluster (processes, one thread each, 127.0.0.1).
 
-    Local workers are forked from this process where the OS can (`local_start_method`): they
+    Local workers are forked from this process where that is safe (`local_start_method`): they
     inherit its imports instead of spawning fresh interpreters that import distributed, numpy,
     scipy and zarr again - seconds of start-up per worker on a loaded 2-core machine, more than
     the work on a small dataset - and they close at once."""
@@ -113,13 +113,22 @@ def dask_client(workers: int | None = None, address: str | None = None,
 
 
 def local_start_method() -> str:
-    """How local Dask workers start: 'fork' where the platform has it (Linux; macOS's fork is unsafe
-    with its system libraries, Windows has none), else Dask's 'spawn'. SEGPIPE_DASK_START_METHOD
-    overrides (e.g. 'spawn' in a process whose own threads must not be forked)."""
+    """How local Dask workers start: 'fork' where it is safe and the platform has it, else 'spawn'.
+
+    Forking is faster to start (the driver's imports are shared) but only safe in a process that
+    has not yet loaded gRPC (Ray's client) or torch: a forked copy of their live threads and
+    channels can hang the child or, through shared sockets, the parent. So a notebook that trained
+    before it preprocesses spawns. macOS's fork is unsafe with its system libraries; Windows has
+    none. SEGPIPE_DASK_START_METHOD overrides ('spawn', 'forkserver', 'fork')."""
     chosen = os.environ.get("SEGPIPE_DASK_START_METHOD")
     if chosen:
         return chosen
-    return "fork" if sys.platform.startswith("linux") else "spawn"
+    if not sys.platform.startswith("linux") or any(m in sys.modules for m in FORK_UNSAFE_MODULES):
+        return "spawn"
+    return "fork"
+
+
+FORK_UNSAFE_MODULES = ("grpc", "ray", "torch")
 
 
 def dask_setup(worker) -> None:

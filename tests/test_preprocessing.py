@@ -442,3 +442,19 @@ def test_preprocessing_resamples_labels_with_the_outside_of_the_nonzero_region_a
     np.testing.assert_array_equal(pre.label[unpad], expected)
     merged = resample_label(label_t[crop], new_shape, 1, pre.meta.separate_z_axis, keep_classes=False)
     assert (merged != expected).any(), "the case must have voxels where merging outside into background differs"
+
+
+def test_local_dask_workers_are_forked_only_from_a_driver_without_grpc_or_torch():
+    """Forking a process whose gRPC channels (Ray) or torch threads are live can hang child or parent."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.parallel import local_start_method as m; a = m(); "
+            "import torch; print(a, m())")
+    env = {k: v for k, v in os.environ.items() if k != "SEGPIPE_DASK_START_METHOD"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out == (["fork", "spawn"] if sys.platform.startswith("linux") else ["spawn", "spawn"])
+    env["SEGPIPE_DASK_START_METHOD"] = "forkserver"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out == ["forkserver", "forkserver"]
