@@ -16,6 +16,8 @@ import torch
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (the [itk] extra, in the test extra) reads these formats")
 
+from test_inference import save_untrained_model  # noqa: E402
+
 from pipeline.cli import main  # noqa: E402  (imported before capsys: cli binds sys.stderr at import)
 from pipeline.data.images import ItkFile, keeping_locale, open_image, read_volume, write_volume  # noqa: E402
 from pipeline.data.synthetic import make_case  # noqa: E402
@@ -179,23 +181,6 @@ def make_dataset(root, ending: str, num_cases: int = 4):
             "numTraining": num_cases, "file_ending": ending}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
-
-
-def save_untrained_model(wd, plans, config=CONFIG):
-    """A run folder as training leaves it, holding an untrained (narrow) network: prediction only
-    needs the model file, and the tests check where the labels land, not how good they are."""
-    from pipeline.training.loop import save_model_file
-    from pipeline.training.model import build_network
-
-    conf = plans.configurations[config]
-    conf.features_per_stage = [max(4, f // 4) for f in plans.configuration(config).features_per_stage]
-    run_dir = wd.run_dir(config, "0")
-    plans.save(run_dir / "plans.json")
-    torch.manual_seed(0)
-    net = build_network(plans.configuration(config), len(plans.channels), len(plans.label_values))
-    save_model_file(run_dir / "model_final.pt", net, configuration=config, epoch=0, ema_dice=None,
-                    num_input_channels=len(plans.channels), num_classes=len(plans.label_values),
-                    label_values=list(plans.label_values), plans_hash=plans.hash(config))
 
 
 class SignNet(torch.nn.Module):
