@@ -126,7 +126,10 @@ class PredictReport:
 
     def __str__(self) -> str:
         per = [self.seconds_per_case[c] for c in self.predicted]
-        mean = f", {np.mean(per):.1f}s per case" if per else ""
+        # cases overlap (reading, the network and writing run side by side), so the throughput and one
+        # case's time from read to write are different numbers: say both
+        mean = (f" ({self.seconds / len(per):.2f}s per case; each case {np.mean(per):.1f}s from reading to written)"
+                if per else "")
         lines = [f"predicted {len(self.predicted)} case(s) with {self.config} fold {','.join(self.folds)}"
                  f"{' (mirroring TTA)' if self.tta else ''} -> {self.output_dir} in {self.seconds:.1f}s{mean}; "
                  f"{len(self.skipped)} already there, {len(self.failed)} failed"]
