@@ -147,6 +147,27 @@ def dask_setup(worker) -> None:
     logging.getLogger("distributed.worker").addFilter(_drop_heartbeat_race)
 
 
+def results_of(completed: "distributed.as_completed") -> Iterator[tuple["distributed.Future", object]]:
+    """Each future of `completed` (which may grow while iterated) as it finishes, with its result, or the
+    exception its task raised (a worker lost for good: KilledWorker), fetched here, when asked for.
+
+    Not `as_completed(..., with_results=True)`: that fetches every result as soon as it is ready, in a
+    task on the client's event loop that nobody awaits. Ctrl-C in the caller leaves the loop, the
+    client closes its connections, and a fetch still in flight then fails with CommClosedError, which
+    Tornado logs as an unhandled-callback traceback on the user's terminal (tests/test_faults.py saw
+    it after one Ctrl-C in ten). Fetched on the caller's thread, a result Ctrl-C interrupts is
+    cancelled by distributed's `sync`, quietly; none is left in flight.
+    """
+    from asyncio import CancelledError
+
+    for future in completed:
+        try:
+            value = future.result()
+        except (Exception, CancelledError) as exc:  # noqa: BLE001 - the caller decides what a failed task means
+            value = exc
+        yield future, value
+
+
 def _drop_heartbeat_race(record: logging.LogRecord) -> bool:
     """Drop the traceback a worker logs when a heartbeat meets the scheduler closing at shutdown.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -319,6 +320,83 @@ def test_a_dask_worker_stays_quiet_when_shutdown_races_its_heartbeat(dask_client
     finally:
         logger.removeFilter(_drop_heartbeat_race)
     assert [r.getMessage() for r in caplog.records] == ["Compute Failed: a real task error"]
+
+
+class SlowToSend:
+    """A task result whose pickling, i.e. sending it from its worker, takes `seconds`: a fetch that stays in flight."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        import time
+
+        time.sleep(self.seconds)
+        return float, (self.seconds,)
+
+
+class Kept(list):
+    """A logging handler that keeps the records (distributed's and Tornado's loggers do not propagate to caplog)."""
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = self.append
+        self.loggers = [logging.getLogger(name) for name in names]
+
+    def __enter__(self):
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+
+
+def test_ctrl_c_in_a_results_loop_leaves_no_fetch_for_the_closing_client_to_cut_off(dask_client):
+    """tests/test_faults.py's Ctrl-C once printed a CommClosedError traceback (logger tornado.application)
+    and the scheduler's "Couldn't gather keys": as_completed(with_results=True) was still fetching a
+    finished task's result, in a task on the client's loop, when the client closed its connections.
+    `results_of` fetches only what the caller asks for, and a task's error is a value, not a raise."""
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, as_completed, wait
+
+    from pipeline.parallel import results_of
+
+    with Kept("tornado.application", "distributed") as logged:
+        with pytest.raises(KeyboardInterrupt):
+            with Client(dask_client.scheduler.address, set_as_default=False) as client:
+                first = client.submit(float, 1.0, pure=False)
+                slow = client.submit(SlowToSend, 1.0, pure=False)
+                wait([first, slow])
+                completed = as_completed([first], loop=client.loop)
+                for future, value in results_of(completed):
+                    assert (future, value) == (first, 1.0)
+                    completed.add(slow)  # finished: with_results=True would start fetching it at once
+                    raise KeyboardInterrupt  # Ctrl-C while the caller handles a result
+        time.sleep(1.0)  # the client has closed; a fetch it cut off has failed by now, the worker is free
+
+        # Ctrl-C while the caller waits for a result being fetched: distributed's sync cancels the fetch
+        with pytest.raises(KeyboardInterrupt):
+            with Client(dask_client.scheduler.address, set_as_default=False) as client:
+                slow = client.submit(SlowToSend, 2.0, pure=False)
+                wait([slow])
+                ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+                ctrl_c.start()
+                for _ in results_of(as_completed([slow], loop=client.loop)):
+                    pass
+        ctrl_c.join()
+        time.sleep(2.0)
+    assert [r.getMessage() for r in logged if r.levelno >= logging.ERROR] == []
+
+    with Client(dask_client.scheduler.address, set_as_default=False) as client:  # a task's error is a value
+        completed = as_completed([client.submit(int, "x"), client.submit(int, "1")], loop=client.loop)
+        outcomes = sorted((repr(value) for _, value in results_of(completed)))
+    assert outcomes == ["1", "ValueError(\"invalid literal for int() with base 10: 'x'\")"]
 
 
 # ---------------------------------------------------------------- nnU-Net's label resampling rule (issue 3)

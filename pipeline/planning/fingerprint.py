@@ -301,18 +301,20 @@ def compute_fingerprint(dataset: Dataset, client=None, progress: bool = True) ->
         else:
             from distributed import as_completed
 
+            from pipeline.parallel import results_of
+
             run = uuid.uuid4().hex[:8]
             futures = client.map(fingerprint_case, [slim] * n, cases, range(n), [k] * n,
                                  key=[f"fingerprint-{c.case_id}-{run}" for c in cases])
             case_of = {f.key: c.case_id for f, c in zip(futures, cases)}
             completed = as_completed(futures)
             del futures  # as_completed holds them until yielded; we drop each after use
-            for future in completed:
-                try:
-                    consume(future.result())
-                except Exception as exc:  # the worker died (e.g. killed for memory) or was lost
-                    problems.append(Problem(case_of[future.key], f"task failed ({type(exc).__name__}: {exc}); "
+            for future, value in results_of(completed):
+                if isinstance(value, BaseException):  # the worker died (e.g. killed for memory) or was lost
+                    problems.append(Problem(case_of[future.key], f"task failed ({type(value).__name__}: {value}); "
                                                                  "the case may be too large for a worker"))
+                else:
+                    consume(value)
                 future.release()
                 bar.update()
     finally:

@@ -497,13 +497,15 @@ def _run_batches(client, dataset: Dataset, batches: list[list[str]], plans: Plan
     limit) is retried one case per task, so a single bad case fails alone and names itself."""
     from distributed import as_completed
 
+    from pipeline.parallel import results_of
+
     stamp = time.time_ns()
     pending = {client.submit(preprocess_batch, _cases_of(dataset, batch), batch, plans, config, store_path,
                              key=f"preprocess-{config}-{batch[0]}-{len(batch)}-{stamp}", pure=False): batch
                for batch in batches}
     results: list[dict] = []
-    done = as_completed(list(pending), with_results=True, raise_errors=False)
-    for future, value in done:
+    done = as_completed(list(pending))
+    for future, value in results_of(done):  # not with_results=True: see results_of
         batch = pending.pop(future)
         future.release()
         if not isinstance(value, BaseException):
