@@ -399,6 +399,44 @@ def test_ctrl_c_in_a_results_loop_leaves_no_fetch_for_the_closing_client_to_cut_
     assert outcomes == ["1", "ValueError(\"invalid literal for int() with base 10: 'x'\")"]
 
 
+def _lose_batches_holding(case_id: str | None) -> None:
+    """Run on each Dask worker: a task whose batch holds `case_id` fails as when its worker was lost for good
+    (KilledWorker: every worker that ran it died, e.g. over its memory limit); None restores the real task."""
+    from types import SimpleNamespace
+
+    from distributed.scheduler import KilledWorker
+
+    real = getattr(preprocess_module, "real_preprocess_batch", preprocess_module.preprocess_batch)
+    preprocess_module.real_preprocess_batch = real
+
+    def lost(dataset, case_ids, *args):
+        if case_id in case_ids:
+            raise KilledWorker(f"preprocess-{case_id}", SimpleNamespace(address="tcp://127.0.0.1:1"), 3)
+        return real(dataset, case_ids, *args)
+
+    preprocess_module.preprocess_batch = real if case_id is None else lost
+
+
+def test_a_batch_whose_worker_was_lost_is_retried_case_by_case_so_only_its_bad_case_fails(
+        synthetic_dataset, dask_client, tmp_path, monkeypatch):
+    """Dask reports such a task as an exception; as_completed(with_results=True, raise_errors=False) handed
+    it over as a (type, exception, traceback) tuple, which the retry never recognised."""
+    monkeypatch.setattr(preprocess_module, "TASKS_PER_WORKER", 1)  # 4 cases, 2 workers: two batches of two
+    ds = load_dataset(synthetic_dataset)
+    ds = subset(ds, [c.case_id for c in ds.cases[:4]])
+    ids = sorted(c.case_id for c in ds.cases)
+    bad = ids[1]
+    dask_client.run(_lose_batches_holding, bad)
+    try:
+        report = run_preprocessing(ds, planned(ds), "3d_fullres", tmp_path / "store.zarr", client=dask_client,
+                                   progress=False)
+    finally:
+        dask_client.run(_lose_batches_holding, None)
+    assert sorted(report.done) == [i for i in ids if i != bad]
+    assert [p.case for p in report.failed] == [bad] and "KilledWorker" in report.failed[0].message
+    assert open_store(tmp_path / "store.zarr", "r").config("3d_fullres").case_ids() == sorted(report.done)
+
+
 # ---------------------------------------------------------------- nnU-Net's label resampling rule (issue 3)
 
 
