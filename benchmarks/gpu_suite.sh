@@ -11,9 +11,12 @@
 # .{json,md,png} (the same JSON layouts as the CPU benchmarks; with --device cpu: gpu_smoke_*).
 # SEGPIPE_BENCH_RESULTS=DIR redirects.
 # Environment: VENV (default .venv; created with torch==2.13.0 and the project if missing: that one-time
-# install is not counted in the 8 minutes), NNUNET_PYTHON (an interpreter with nnunetv2: adds nnU-Net's
+# install is not counted in the 8 minutes), or PYTHON (an interpreter that already has torch and the
+# project's dependencies, e.g. a GPU image's python3 with wheels on PYTHONPATH: used as it is, no venv, the
+# repository put first on PYTHONPATH), NNUNET_PYTHON (an interpreter with nnunetv2: adds nnU-Net's
 # network + loss to the training-step rows and the prediction comparison, which also needs NNUNET_REF:
-# raw/ and preprocessed/ with Dataset004_Hippocampus), GPU_SUITE_BUDGET_S (default 560).
+# raw/ and preprocessed/ with Dataset004_Hippocampus), GPU_SUITE_BUDGET_S (default 560),
+# SEGPIPE_SHARED_DATA (the data folder, default ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,13 +26,19 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE=${2:?--device needs a value}; shift 2 ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_suite: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 
-VENV=${VENV:-.venv}
-PY="$VENV/bin/python"
+if [[ -n ${PYTHON:-} ]]; then  # an interpreter as it is: no venv is created or required
+  PY=$(command -v "$PYTHON") || { echo "gpu_suite: PYTHON=$PYTHON is not an interpreter on PATH" >&2; exit 2; }
+  VENV="PYTHON=$PY"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  VENV=${VENV:-.venv}
+  PY="$VENV/bin/python"
+fi
 RESULTS=${SEGPIPE_BENCH_RESULTS:-benchmarks/results}
 BUDGET_S=${GPU_SUITE_BUDGET_S:-560}
 FAILED=()
@@ -43,7 +52,7 @@ if [[ $DEVICE == cuda* ]]; then
   echo "gpu_suite: $(timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 4 | paste -sd ';')"
 fi
 
-if [[ ! -x $PY ]]; then
+if [[ -z ${PYTHON:-} && ! -x $PY ]]; then
   echo "gpu_suite: $VENV missing: creating it (torch==2.13.0, then the project; one-time, not in the budget)"
   rm -rf "$VENV.partial"
   python3 -m venv "$VENV.partial"
@@ -51,7 +60,12 @@ if [[ ! -x $PY ]]; then
   "$VENV.partial/bin/python" -m pip install -q -e .
   mv "$VENV.partial" "$VENV"  # only a complete venv takes the name
 fi
-"$PY" -c "import pipeline, torch" 2>/dev/null || die "$VENV cannot import the project and torch: run 'make install' (or delete $VENV)"
+# what the steps import (zarr, nibabel, upath through the pipeline): a missing package fails here, not minutes in
+if ! why=$("$PY" -c "import torch, pipeline.inference.predict, pipeline.training.model, pipeline.training.losses" 2>&1); then
+  hint="run 'make install' (or delete $VENV)"
+  [[ -n ${PYTHON:-} ]] && hint="install the project's dependencies for it or put them on PYTHONPATH"
+  die "$VENV cannot import the project and torch ($(tail -n 1 <<<"$why")): $hint"
+fi
 if [[ $DEVICE == cuda* ]]; then
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || die "torch $("$PY" -c 'import torch; print(torch.__version__)') in $VENV cannot use the GPU: install a CUDA build \
@@ -85,6 +99,7 @@ export PYTHONUNBUFFERED=1 SEGPIPE_BENCH_RESULTS="$RESULTS"
 NNUNET=()
 [[ -n ${NNUNET_PYTHON:-} ]] && NNUNET=(--nnunet-python "$NNUNET_PYTHON")
 
+# shellcheck disable=SC2054  # the comma-separated values are single arguments (--variants fp32,amp)
 if [[ $DEVICE == cuda* ]]; then
   PREFIX=gpu
   if (( TINY )); then
@@ -93,7 +108,7 @@ if [[ $DEVICE == cuda* ]]; then
     PROFILE=(--sets hippocampus,64 --cases 2)
     PREDICT=(--cases 4 --lean-cases 4 --tta off --nnunet-procs 3)
   else
-    TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 4 --max-steps 200 --budget 170)
+    TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 4 --max-steps 200 --budget 200)
     INFER=(--cases 8 --configs 3d_fullres,3d_lean --tta both --size 192 --forward-variants fp32,amp,compile,amp_compile
            --forward-batch 8 --forward-min-time 3 --forward-max-iters 500)
     PROFILE=(--sets hippocampus,ct,256 --cases 20 --large-config 3d_fullres)
@@ -110,14 +125,16 @@ else
   PREDICT=()
 fi
 
-run_step "training step" 180 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
+run_step "training step" 230 "$PY" benchmarks/train_step.py --device "$DEVICE" --aug-seconds 0 \
   --name "${PREFIX}_train_step" "${TRAIN[@]}" "${NNUNET[@]}"
-run_step "inference" 100 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
-run_step "prediction profile" 60 "$PY" benchmarks/profile_predict.py --device "$DEVICE" --name "${PREFIX}_profile_predict" \
+run_step "inference" 150 "$PY" benchmarks/inference.py --device "$DEVICE" --name "${PREFIX}_inference" "${INFER[@]}"
+run_step "prediction profile" 110 "$PY" benchmarks/profile_predict.py --device "$DEVICE" --name "${PREFIX}_profile_predict" \
   "${PROFILE[@]}"
 if [[ ${#PREDICT[@]} -gt 0 && -n ${NNUNET_PYTHON:-} && -n ${NNUNET_REF:-} ]]; then
   run_step "prediction vs nnU-Net" 210 "$PY" benchmarks/predict.py --device "$DEVICE" --name "${PREFIX}_predict" \
     --workers 1 --nnunet-python "$NNUNET_PYTHON" --nnunet-ref "$NNUNET_REF" "${PREDICT[@]}"
+elif [[ ${#PREDICT[@]} -gt 0 ]]; then
+  echo "gpu_suite: prediction vs nnU-Net not run: it needs NNUNET_PYTHON and NNUNET_REF"
 fi
 
 echo

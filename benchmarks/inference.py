@@ -134,8 +134,10 @@ def bench_large(size: int, tmp: Path, device: str | None = None) -> list[dict]:
     return rows
 
 
-def bench_forward(variants: list[str], device: str, batch: int, min_time: float, max_iters: int) -> list[dict]:
-    """Windows/s of the network alone (nnU-Net's 3d_fullres hippocampus plan, our PlainConvUNet), per variant."""
+def bench_forward(variants: list[str], device: str, batch: int, min_time: float, max_iters: int,
+                  on_row=None) -> list[dict]:
+    """Windows/s of the network alone (nnU-Net's 3d_fullres hippocampus plan, our PlainConvUNet), per variant.
+    `on_row(rows)` is called after each variant (the caller saves what is measured so far)."""
     from train_step import NUM_CLASSES, _native_bf16, load_plan
 
     from pipeline.planning.plans import ConfigurationPlan
@@ -187,6 +189,8 @@ def bench_forward(variants: list[str], device: str, batch: int, min_time: float,
             row["gpu_peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         rows.append(row)
         print(f"forward {variant:12s} {row['windows_per_s']:.2f} windows/s (first call {first:.1f} s)")
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -271,12 +275,19 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown forward variant(s) {unknown}")
     machine = machine_info()
+    hippo, large, forward = [], [], []
+    # saved after every part: a run cut off by a time limit (benchmarks/gpu_suite.sh) keeps what it measured
     with tempfile.TemporaryDirectory(prefix="segpipe_bench_inference_") as d:
         ttas = {"both": (False, True), "on": (True,), "off": (False,)}[args.tta]
-        hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d), args.device, ttas) if args.cases else []
-        large = bench_large(args.size, Path(d), args.device) if args.size else []
-    forward = bench_forward(variants, args.device or "cpu", args.forward_batch, args.forward_min_time,
-                            args.forward_max_iters) if variants else []
+        if args.cases:
+            hippo = bench_hippocampus(args.cases, args.configs.split(","), Path(d), args.device, ttas)
+            save(hippo, large, forward, args, machine)
+        if args.size:
+            large = bench_large(args.size, Path(d), args.device)
+            save(hippo, large, forward, args, machine)
+    if variants:
+        forward = bench_forward(variants, args.device or "cpu", args.forward_batch, args.forward_min_time,
+                                args.forward_max_iters, on_row=lambda rows: save(hippo, large, rows, args, machine))
     save(hippo, large, forward, args, machine)
 
 

@@ -617,6 +617,21 @@ def main() -> None:
     start = time.perf_counter()
     end = start + args.budget
     runs, comparisons = [], []
+    machine.update(torch=torch.__version__, native_bf16=_native_bf16())
+
+    def save(augmentation: list[dict]) -> dict:
+        """Write what is measured so far: a run cut off by a time limit (gpu_suite.sh) keeps its finished rows."""
+        result = {
+            "benchmark": args.name or ("gpu_train_step" if cuda else "train_step"), "device": args.device,
+            "plan": plan, "plan_source": source, "num_classes": NUM_CLASSES,
+            "machine": dict(machine, load_after=load_average()), "comparisons": comparisons, "runs": runs,
+            "augmentation": augmentation,
+            "reference": {"nnunet_s_per_iteration_batch7": NNUNET_NOTE_S_PER_IT, "source": "task notes (not re-measured)"},
+            "total_s": round(time.perf_counter() - start, 1),
+        }
+        result["paths"] = write_results(result["benchmark"], result, markdown(result), lambda nf: plot(result, nf), args.out)
+        return result
+
     for i, (variant, batch, threads, contenders) in enumerate(plans):
         # a fair share of what is left for each comparison still to come, and some for the variants run alone
         left = end - time.perf_counter()
@@ -633,6 +648,7 @@ def main() -> None:
                 print(f"ours {variant} vs {_label(v['impl'], v['variant'])}, batch {batch}, {threads} thread(s): "
                       f"samples/s {_x(v['ratio_samples_per_s'])}; per CPU-s {_x(v['ratio_samples_per_cpu_s'])}",
                       flush=True)
+        save([])
     for variant in solo:
         left = end - time.perf_counter()
         if left < 5:
@@ -643,20 +659,11 @@ def main() -> None:
                   time.perf_counter() + min(left, cap))
         runs.append(r)
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("_spread")}), flush=True)
+        save([])
     augmentation = time_augmentation(plan, plan["batch_size"], args.aug_seconds) if args.aug_seconds > 0 else []
     for a in augmentation:
         print(json.dumps(a))
-    machine.update(torch=torch.__version__, native_bf16=_native_bf16())
-    result = {
-        "benchmark": args.name or ("gpu_train_step" if cuda else "train_step"), "device": args.device,
-        "plan": plan, "plan_source": source, "num_classes": NUM_CLASSES,
-        "machine": machine, "comparisons": comparisons, "runs": runs, "augmentation": augmentation,
-        "reference": {"nnunet_s_per_iteration_batch7": NNUNET_NOTE_S_PER_IT, "source": "task notes (not re-measured)"},
-        "total_s": round(time.perf_counter() - start, 1),
-    }
-    result["machine"]["load_after"] = load_average()
-    paths = write_results(result["benchmark"], result, markdown(result), lambda nf: plot(result, nf), args.out)
-    print(paths["md"].read_text())
+    print(save(augmentation)["paths"]["md"].read_text())
 
 
 if __name__ == "__main__":
