@@ -354,14 +354,27 @@ def headline_rows() -> list[tuple]:
                 "not run", "–", _device(step), "train_step.md", step)
     gstep = _read("gpu_train_step")
     if gstep:
-        ok = [r for r in gstep.get("runs", []) if "samples_per_s" in r]
+        # a non-finite loss (null in the JSON) means GradScaler skipped the optimizer steps: not a training step's time
+        ok = [r for r in gstep.get("runs", []) if "samples_per_s" in r
+              and all(r.get(k) is not None and math.isfinite(r[k]) for k in ("loss_first", "loss_last"))]
         ours = [r for r in ok if r["impl"] == "seg-pipeline"]
+        theirs = {(r["variant"], r["batch"]): r for r in ok if r["impl"] == "nnunet"}
+        gpu = next((r["gpu"] for r in ok if r.get("gpu")), "GPU")
+        for o in ours:  # same variant, same batch, measured interleaved with nnU-Net's
+            n = theirs.get((o["variant"], o["batch"]))
+            if n:
+                ratio = next((v["ratio_samples_per_s"] for c in gstep.get("comparisons", []) for v in c["versus"]
+                              if (c["variant"], c["batch"], v["impl"], v["variant"]) == (o["variant"], o["batch"], "nnunet",
+                                                                                          o["variant"])), None)
+                add(f"Training step on {gpu} ({o['variant']}, batch {o['batch']}, interleaved with nnU-Net), samples/s",
+                    _num(o["samples_per_s"], 1), _num(n["samples_per_s"], 1),
+                    f"{ratio['median']:.2f}x (median of {ratio['n']} interleaved rounds)" if ratio and ratio.get("median")
+                    else _ratio(o["samples_per_s"], n["samples_per_s"]), _device(gstep), "gpu_train_step.md", gstep)
         if ours:
             best = max(ours, key=lambda r: r["samples_per_s"])
-            nn = max((r for r in ok if r["impl"] == "nnunet"), key=lambda r: r["samples_per_s"], default=None)
-            add(f"Training step on {best.get('gpu', 'GPU')} (best variant: {best['variant']}, batch {best['batch']}), samples/s",
-                _num(best["samples_per_s"], 1), _num(nn["samples_per_s"], 1) if nn else "not run",
-                _ratio(best["samples_per_s"], nn["samples_per_s"]) if nn else "–", _device(gstep), "gpu_train_step.md", gstep)
+            if (best["variant"], best["batch"]) not in theirs:
+                add(f"Training step on {gpu} (best variant: {best['variant']}, batch {best['batch']}), samples/s",
+                    _num(best["samples_per_s"], 1), "–", "–", _device(gstep), "gpu_train_step.md", gstep)
     loader = _read("loader")
     for r in (loader or {}).get("rows", []):
         add(f"Patch loader vs train step, {r['config']} ({r['augmentation']} augmentation), loader/step ratio (target >= 5x)",
@@ -402,9 +415,16 @@ def headline_rows() -> list[tuple]:
                 f"seconds (peak PSS MiB)", f"{_num(s['s_per_case'], 1)} ({_num(s.get('peak_pss_tree_mib'), 0)})",
                 "not run", "–", _device(pred), "predict.md", pred)
     ginf = _read("gpu_inference")
+    seen_configs = set()
     for r in (ginf or {}).get("hippocampus", []):
-        add(f"Inference on GPU, hippocampus ({r['config']}, TTA {'on' if r['tta'] else 'off'}), s/case",
-            _num(r["seconds_per_case_mean"], 3), "–", "–", _device(ginf), "gpu_inference.md", ginf)
+        # throughput (the folder's wall seconds / cases): windows of consecutive cases share forward passes,
+        # so a case's own latency says little; without warm-up, a configuration's first row holds one-time costs
+        first = r["config"] not in seen_configs
+        seen_configs.add(r["config"])
+        note = ", incl. one-time CUDA start-up" if first and not r.get("warmed_up") else ""
+        add(f"Inference on GPU, {r['cases']} hippocampus cases in one `predict_folder` ({r['config']}, "
+            f"TTA {'on' if r['tta'] else 'off'}{note}), wall s/case",
+            _num(r["wall_seconds_total"] / r["cases"], 3), "–", "–", _device(ginf), "gpu_inference.md", ginf)
     ok_fwd = [r for r in (ginf or {}).get("forward", []) if "windows_per_s" in r]
     if ok_fwd:
         best = max(ok_fwd, key=lambda r: r["windows_per_s"])

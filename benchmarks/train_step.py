@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import queue
 import statistics
 import subprocess
@@ -185,9 +186,11 @@ def serve(impl: str, variant: str, batch: int, threads: int, device: str = "cpu"
     def step() -> dict:
         t, c = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
+        # the loss inside autocast, as both trainers compute it (ours: pipeline.training.loop; nnU-Net's
+        # train_step): outside it, nnU-Net's Dice sums float16 probabilities and overflows to NaN
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
-        loss = loss_fn(out, target)  # losses compute in float32
+            loss = loss_fn(out, target)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -337,7 +340,22 @@ class Worker:
             "wall_s": round(time.perf_counter() - self.started, 1),
         })
         row.update({k: self.done[k] for k in ("gpu", "gpu_peak_mem_mib") if k in self.done})
+        if loss_problem(row):
+            row["loss_problem"] = loss_problem(row)
         return row
+
+
+def loss_problem(row: dict) -> str | None:
+    """Why a row's timing is not a training step's, or None: a non-finite loss makes GradScaler skip the
+    optimizer step (and says the numbers overflowed), so such a row is not comparable with a finite one."""
+    if "s_per_step" not in row:  # no timed steps: nothing to qualify
+        return None
+    # a timed row always has both losses; the result JSON stores a non-finite one as null
+    losses = [row.get(k) for k in ("loss_first", "loss_last")]
+    if all(v is not None and math.isfinite(v) for v in losses):
+        return None
+    shown = ", ".join("NaN/inf" if v is None or not math.isfinite(v) else str(v) for v in losses)
+    return f"loss not finite (first, last: {shown}): optimizer steps skipped, not a full training step, not comparable"
 
 
 def _error_row(impl: str, variant: str, batch: int, threads: int, device: str, error: str) -> dict:
@@ -494,11 +512,15 @@ def markdown(result: dict) -> str:
                   "while its peer waits for a core). Same batch, same thread count, same topology on both sides.", "",
                   "| ours | versus | batch | threads | rounds | ratio, samples/s | ratio, samples per CPU-s | load before -> after |",
                   "|---|---|---|---|---|---|---|---|"]
+        bad = {(r.get("impl"), r.get("variant"), r.get("batch"), r.get("threads")) for r in result["runs"] if loss_problem(r)}
         for c in result["comparisons"]:
             load = "/".join(f"{x:.1f}" for x in c["load_before"][:1]) + " -> " + "/".join(f"{x:.1f}" for x in c["load_after"][:1])
             for v in c["versus"]:
+                flag = ("  **not comparable: a side's loss is not finite (see Runs)**"
+                        if bad & {("seg-pipeline", c["variant"], c["batch"], c["threads"]),
+                                  (v["impl"], v["variant"], c["batch"], c["threads"])} else "")
                 lines.append(f"| {_label('seg-pipeline', c['variant'])} | {_label(v['impl'], v['variant'])} | {c['batch']} "
-                             f"| {c['threads']} | {v['rounds']} | {_x(v['ratio_samples_per_s'])} "
+                             f"| {c['threads']} | {v['rounds']} | {_x(v['ratio_samples_per_s'])}{flag} "
                              f"| {_x(v['ratio_samples_per_cpu_s'])} | {load} |")
         lines.append("")
     lines += ["## Runs", "",
@@ -517,7 +539,8 @@ def markdown(result: dict) -> str:
                          f"{fmt_spread(r['samples_per_s_spread'], 3)} | {fmt_spread(r['samples_per_cpu_s_spread'], 3)} | "
                          f"{r['s_per_step'] / r['batch'] * 7:.2f} | {r['first_step_s']} | {r.get('peak_rss_mib', '–')} | "
                          f"{r.get('gpu_peak_mem_mib', '–')} | {r['steps_timed']} steps timed"
-                         f"{', interleaved' if r.get('interleaved') else ''} |")
+                         f"{', interleaved' if r.get('interleaved') else ''}"
+                         f"{'; **' + loss_problem(r) + '**' if loss_problem(r) else ''} |")
     if device == "cpu":
         lines += ["", f"nnU-Net's own figure for this plan on this CPU: {NNUNET_NOTE_S_PER_IT} s/iteration at batch 7 "
                   "(from the task notes). Ours `fp32` is what training runs (channels-last activations on CPU, "
@@ -537,8 +560,9 @@ def plot(result: dict, new_figure):
         return None
     ncols = 2 if comps else 1
     fig, axes = new_figure(max(6.0, 1.1 * len(ok) + 2) + (5 if comps else 0), 3.8, 1, ncols)
-    labels = [f"{_label(r['impl'], r['variant'])} b{r['batch']} t{r['threads']}" for r in ok]
-    colors = ["tab:orange" if r["impl"] == "nnunet" else "tab:blue" for r in ok]
+    labels = [f"{_label(r['impl'], r['variant'])} b{r['batch']} t{r['threads']}" + (" (loss NaN)" if loss_problem(r) else "")
+              for r in ok]
+    colors = ["tab:gray" if loss_problem(r) else "tab:orange" if r["impl"] == "nnunet" else "tab:blue" for r in ok]
     bar_panel(axes[0][0], labels, [r["samples_per_s"] for r in ok], ylabel="samples/s", colors=colors,
               low=[r["samples_per_s_spread"]["min"] for r in ok], high=[r["samples_per_s_spread"]["max"] for r in ok],
               title=f"training step throughput ({result.get('device', 'cpu')}), median (min-max)")
