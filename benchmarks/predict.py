@@ -74,6 +74,7 @@ from harness import (  # noqa: E402
 )
 
 NNUNET_DATASET = "Dataset004_Hippocampus"
+CT_DATASET_ID, CT_DATASET = "901", "Dataset901_TotalSegCT"  # made by this benchmark in --nnunet-ref (raw/ + preprocessed/)
 CONFIG = "3d_fullres"
 OURS, NNUNET = "seg-pipeline", "nnU-Net v2"
 
@@ -170,18 +171,81 @@ def large_volume(dataset, size: int, dest: Path) -> dict:
             "source": dataset.cases[0].case_id, "file_mib": round(path.stat().st_size / 2**20, 1)}
 
 
+def ct_inputs(dataset, cases: int, dest: Path) -> list[str]:
+    """The TotalSegmentator CT image as CASE_0000.nii.gz (the naming both tools read); with cases > 1, copies of it
+    under CASE_1, CASE_2, ... (the dataset holds one case: a folder of identical cases times per-case throughput)."""
+    case = dataset.cases[0]
+    ids = [case.case_id] + [f"{case.case_id}_{i}" for i in range(1, cases)]
+    for case_id in ids:
+        link_or_copy(case.images[0], dest / f"{case_id}_0000.nii.gz")
+    return ids
+
+
+def nnunet_ct_raw(dataset, values: tuple[int, ...], raw: Path) -> dict:
+    """nnU-Net v2's raw layout of the CT dataset, labels renumbered 0..K-1 in the order of their values.
+
+    nnU-Net needs consecutive label values (verify_dataset_integrity refuses others; its loss and argmax use the
+    value as the class index, and it writes the argmax index as the label). Our LabelMap keeps the values and
+    maps them to the same indices (index i is values[i], sorted), so nnU-Net's class i, our store index i and
+    output channel i are one class: nnU-Net's outputs are compared after `values[index]`. Written once: a
+    dataset.json already describing these values is kept (nnU-Net's plans and preprocessed data beside it too).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from pipeline.data.labels import LabelMap
+
+    names = dataset.labels  # value -> name
+    meta = {"channel_names": {"0": "CT"},
+            "labels": {("background" if v == 0 else names.get(v, f"class_{v}")): i for i, v in enumerate(values)},
+            "numTraining": len(dataset.cases), "file_ending": ".nii.gz", "name": "TotalSegCT",
+            "original_label_values": list(values)}
+    if (raw / "dataset.json").is_file() and json.loads((raw / "dataset.json").read_text()) == meta:
+        return meta
+    label_map = LabelMap(tuple(values))
+    for case in dataset.cases:
+        link_or_copy(case.images[0], raw / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        img = nib.load(str(case.label))
+        index = label_map.to_index(np.asanyarray(img.dataobj))
+        header = img.header.copy()
+        header.set_data_dtype(np.uint8)
+        header["scl_slope"], header["scl_inter"] = 1, 0
+        (raw / "labelsTr").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(index.astype(np.uint8), img.affine, header), str(raw / "labelsTr" / f"{case.case_id}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
 def nnunet_env(ref: Path, results: Path) -> dict:
     return dict(os.environ, nnUNet_raw=str(ref / "raw"), nnUNet_preprocessed=str(ref / "preprocessed"),
                 nnUNet_results=str(results), nnUNet_compile="false", PYTHONUNBUFFERED="1")
 
 
-def make_nnunet_model(python: str, ref: Path, results: Path, weights_out: Path) -> dict:
+def make_nnunet_model(python: str, ref: Path, results: Path, weights_out: Path, dataset: str = NNUNET_DATASET) -> dict:
     """nnU-Net's checkpoint_final.pth of an initialised (untrained) 3d_fullres network; see NNUNET_MODEL_SCRIPT."""
-    cmd = [python, "-c", NNUNET_MODEL_SCRIPT, NNUNET_DATASET, CONFIG, str(weights_out)]
+    cmd = [python, "-c", NNUNET_MODEL_SCRIPT, dataset, CONFIG, str(weights_out)]
     run = run_command(cmd, env=nnunet_env(ref, results), cwd=results, timeout=600)
     if not run.ok or not run.output:
         return {"error": f"building nnU-Net's model failed: {run.error()}"}
     return {**run.output, "build_s": round(run.wall_s, 1)}
+
+
+def nnunet_ct_plans(python: str, ref: Path, dataset, values: tuple[int, ...]) -> dict:
+    """nnU-Net's raw CT dataset and `nnUNetv2_plan_and_preprocess -c 3d_fullres` of it in `ref`, once: a ref that
+    already holds its nnUNetPlans.json (for the same labels) is reused."""
+    raw, pre = ref / "raw" / CT_DATASET, ref / "preprocessed" / CT_DATASET
+    before = (raw / "dataset.json").read_text() if (raw / "dataset.json").is_file() else None
+    meta = nnunet_ct_raw(dataset, values, raw)
+    if before != (raw / "dataset.json").read_text():
+        shutil.rmtree(pre, ignore_errors=True)  # new labels: plans and preprocessed data made from the old ones go
+    if (pre / "nnUNetPlans.json").is_file() and (pre / "dataset.json").is_file():
+        return {"labels": len(meta["labels"]), "planned": "reused"}
+    tool = Path(python).parent / "nnUNetv2_plan_and_preprocess"
+    run = run_command([str(tool), "-d", CT_DATASET_ID, "-c", CONFIG, "-np", "1"],
+                      env=nnunet_env(ref, ref / "results"), cwd=ref, timeout=1800)
+    if not run.ok or not (pre / "nnUNetPlans.json").is_file():
+        return {"error": f"nnUNetv2_plan_and_preprocess -d {CT_DATASET_ID} failed: {run.error()}"}
+    return {"labels": len(meta["labels"]), "planned": f"nnUNetv2_plan_and_preprocess, {run.wall_s:.0f} s"}
 
 
 def topology_check(plans, nnunet_plans: Path) -> dict:
@@ -198,10 +262,17 @@ def topology_check(plans, nnunet_plans: Path) -> dict:
                   "features_per_stage": arch["features_per_stage"], "n_conv_per_stage": arch["n_conv_per_stage"],
                   "spacing": conf["spacing"]}
         out.update(nnunet=theirs, differences=[k for k in facts if list(facts[k]) != list(theirs[k])])
+        if plans.normalization[0].scheme == "ct":  # CT clipping and z-scoring: foreground statistics of a sample
+            ct = plans.normalization[0]
+            fg = json.loads(nnunet_plans.read_text())["foreground_intensity_properties_per_channel"]["0"]
+            out["ct_normalization"] = {"ours": {"lower": ct.lower, "upper": ct.upper, "mean": ct.mean, "std": ct.std},
+                                       "nnunet": {"lower": fg["percentile_00_5"], "upper": fg["percentile_99_5"],
+                                                  "mean": fg["mean"], "std": fg["std"]}}
     return out
 
 
-def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple[object, dict]:
+def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None,
+                   configs: tuple[str, ...] = (CONFIG, "3d_lean")) -> tuple[object, dict]:
     """Plans from the whole dataset's fingerprint; the 3d_fullres model file with nnU-Net's weights when given."""
     import torch
     from inference import make_model  # benchmarks/inference.py: plans + a seeded untrained model file
@@ -210,7 +281,7 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None) -> tuple
     from pipeline.training.loop import save_model_file
     from pipeline.training.model import build_network
 
-    wd, plans = make_model(workdir, dataset, [CONFIG, "3d_lean"])
+    wd, plans = make_model(workdir, dataset, list(configs))
     info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run"}
     if nnunet_weights is not None and nnunet_weights.is_file():
         net = build_network(plans.configuration(CONFIG), len(plans.channels), len(plans.label_values))
@@ -304,8 +375,9 @@ def measure(row: dict, cmd: list[str], env: dict, out_dir: Path, cases: int, tim
     return row
 
 
-def label_agreement(dir_a: Path, dir_b: Path) -> dict | None:
-    """Fraction of voxels with the same label in two folders of predictions (same case files)."""
+def label_agreement(dir_a: Path, dir_b: Path, b_values: tuple[int, ...] | None = None) -> dict | None:
+    """Fraction of voxels with the same label in two folders of predictions (same case files). `b_values`: the label
+    value of each class index that folder b holds (nnU-Net's renumbered CT labels), compared as values."""
     import nibabel as nib
     import numpy as np
 
@@ -318,6 +390,8 @@ def label_agreement(dir_a: Path, dir_b: Path) -> dict | None:
     shapes_differ = []
     for name in common:
         x, y = np.asarray(nib.load(str(a[name])).dataobj), np.asarray(nib.load(str(b[name])).dataobj)
+        if b_values is not None:
+            y = np.asarray(b_values)[y.astype(np.int64)]
         if x.shape != y.shape:
             shapes_differ.append(name)
             continue
@@ -366,6 +440,14 @@ def plan_rows(args, cases: int) -> list[dict]:
                 procs = min(args.nnunet_procs)
                 rows.append({"set": "large", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net {args.size}^3",
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}", "tta": tta, "cases": 1, "procs": procs})
+    if args.ct_cases:
+        for tta in args.ct_tta:
+            rows.append({"set": "ct", "tool": OURS, "variant": "1", "label": "ours CT", "mode": "predict_folder, in-process",
+                         "tta": tta, "cases": args.ct_cases, "workers": 1})
+            for procs in args.nnunet_procs if args.ct_nnunet else ():
+                rows.append({"set": "ct", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net CT -npp {procs} -nps {procs}",
+                             "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}" + (" (sequential)" if procs == 0 else ""),
+                             "tta": tta, "cases": args.ct_cases, "procs": procs})
     return rows
 
 
@@ -377,7 +459,8 @@ def command_for(row: dict, args, wd_root: Path, inputs: Path, out_dir: Path) -> 
         return cmd, python_env(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
     tool = str(Path(args.nnunet_python).parent / "nnUNetv2_predict")
     procs = str(row["procs"])
-    cmd = [tool, "-i", str(inputs), "-o", str(out_dir), "-d", NNUNET_DATASET, "-c", CONFIG, "-f", "0",
+    cmd = [tool, "-i", str(inputs), "-o", str(out_dir), "-d", CT_DATASET if row["set"] == "ct" else NNUNET_DATASET,
+           "-c", CONFIG, "-f", "0",
            "-device", args.device, "--disable_progress_bar", "-npp", procs, "-nps", procs]
     return cmd + ([] if row["tta"] else ["--disable_tta"]), args.nnunet_env
 
@@ -459,9 +542,20 @@ def markdown(result: dict) -> str:
              f"Threads: {m['threads']} torch thread(s) in our predicting process (in-process), cores // workers per Ray actor; "
              f"nnU-Net sets {m['nnunet_torch_threads']} (its CPU default, multiprocessing.cpu_count()). "
              "Every row is one child process measured from outside by benchmarks/harness.py.", ""]
+    ct, topo_ct = m.get("ct", {}), result.get("topology_ct") or {}
+    if ct.get("case_ids"):
+        t = topo_ct.get("ours", {})
+        lines += [f"CT model: 3d_fullres of the plan for TotalSegmentator_CT (patch {'x'.join(map(str, t.get('patch_size', [])))}, "
+                  f"spacing {t.get('spacing')} mm, strides {t.get('strides')}, features {t.get('features_per_stage')}, "
+                  f"{len(ct.get('label_values', []))} classes); our plan vs nnU-Net's {ct.get('nnunet_dataset')} nnUNetPlans.json: "
+                  + ("identical" if topo_ct.get("differences") == [] else
+                     f"differs in {topo_ct['differences']}" if topo_ct.get("differences") else "not checked")
+                  + f". Weights: {ct.get('ours', {}).get('weights')}. Labels: {ct.get('label_mapping')}.", ""]
     for set_name, title in (("hippocampus", f"Task04_Hippocampus, {m['cases']} cases: {', '.join(m['case_ids'])}"),
                             ("large", f"{m.get('size')}^3 volume at 1 mm ({m.get('large', {}).get('source', '')} "
-                                      f"mirror-tiled), one case, same model")):
+                                      f"mirror-tiled), one case, same model"),
+                            ("ct", f"TotalSegmentator CT, {len(m.get('ct', {}).get('case_ids', []))} case(s): 122x101x30 at "
+                                   "3 mm, int16 HU, 41 non-contiguous labels + background, its own plan and model")):
         rows = [s for s in result["summary"] if s["set"] == set_name]
         if not rows:
             continue
@@ -527,7 +621,7 @@ def _fmt_time(s: dict) -> str:
 
 def plot(result: dict, new_figure):
     panels = [[s for s in result["summary"] if s["set"] in names and s.get("s_per_case")]
-              for names in (("hippocampus", "lean"), ("large",))]
+              for names in (("hippocampus", "lean"), ("large",), ("ct",))]
     panels = [p for p in panels if p]
     if not panels:
         return None
@@ -536,7 +630,7 @@ def plot(result: dict, new_figure):
     for i, rows in enumerate(panels):
         labels = [f"{s['label']}, TTA {'on' if s['tta'] else 'off'}" for s in rows]
         colors = ["tab:orange" if s["tool"] == NNUNET else "tab:blue" for s in rows]
-        title = rows[0]["set"] if rows[0]["set"] == "hippocampus" else f"{result['meta'].get('size')}^3"
+        title = {"large": f"{result['meta'].get('size')}^3", "ct": "TotalSegmentator CT"}.get(rows[0]["set"], rows[0]["set"])
         bar_panel(axes[0][i], labels, [s["s_per_case"] for s in rows], ylabel="s/case (whole command)", colors=colors,
                   low=[s.get("s_per_case_min") for s in rows] if result["meta"]["repeats"] > 1 else None,
                   high=[s.get("s_per_case_max") for s in rows] if result["meta"]["repeats"] > 1 else None,
@@ -591,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=256, help="edge of the large volume (0: skip)")
     ap.add_argument("--size-tta", type=_tta_list, default=_tta_list("off"), help="TTA settings for the large volume")
     ap.add_argument("--size-nnunet", action="store_true", help="also run nnUNetv2_predict on the large volume")
+    ap.add_argument("--ct-cases", type=int, default=1,
+                    help="TotalSegmentator CT inputs at nnU-Net's plan for that dataset (0: skip; the dataset holds one "
+                         "case, more are copies of it)")
+    ap.add_argument("--ct-tta", type=_tta_list, default=_tta_list("off,on"), help="TTA settings for the CT case")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every row, interleaved round-robin")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per hippocampus run")
     ap.add_argument("--size-timeout", type=float, default=5400.0, help="seconds per large-volume run")
@@ -623,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"nnU-Net rows skipped: {pre} lacks {missing}" if missing else
                          f"nnU-Net rows skipped: no nnUNetv2_predict beside {args.nnunet_python}")
             args.nnunet_python = None
+    ct_root = SHARED / "TotalSegmentator_CT"
+    if args.ct_cases and not (ct_root / "dataset.json").is_file():
+        notes.append(f"CT rows skipped: {ct_root} not found")
+        args.ct_cases = 0
+    args.ct_nnunet = False
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="segpipe_bench_predict_") as d:
         tmp = Path(d)
@@ -650,11 +753,44 @@ def main(argv: list[str] | None = None) -> int:
                          "NOT of the same topology")
         if nnunet_model.get("parameters") and model.get("parameters") and nnunet_model["parameters"] != model["parameters"]:
             notes.append(f"parameter counts differ: ours {model['parameters']}, nnU-Net {nnunet_model['parameters']}")
-        inputs = {"hippocampus": tmp / "in_hippocampus", "large": tmp / "in_large", "lean": tmp / "in_lean"}
+        ct_model: dict = {}
+        topo_ct: dict = {}
+        ct_values: tuple[int, ...] = ()
+        wd_ct = None
+        if args.ct_cases:
+            ct_dataset = load_dataset(ct_root)
+            ct_values = ct_dataset.label_map.values
+            ct_weights = None
+            if args.nnunet_python:
+                print(f"nnU-Net's plan and model for {CT_DATASET} (labels renumbered 0..{len(ct_values) - 1}) ...", flush=True)
+                ct_model["nnunet_plan"] = nnunet_ct_plans(args.nnunet_python, args.nnunet_ref, ct_dataset, ct_values)
+                if "error" in ct_model["nnunet_plan"]:
+                    notes.append(f"nnU-Net CT rows skipped: {ct_model['nnunet_plan']['error']}")
+                else:
+                    ct_model["nnunet_model"] = make_nnunet_model(args.nnunet_python, args.nnunet_ref, results,
+                                                                 tmp / "nnunet_ct_weights.pt", CT_DATASET)
+                    if "error" in ct_model["nnunet_model"]:
+                        notes.append(f"nnU-Net CT rows skipped: {ct_model['nnunet_model']['error']}")
+                    else:
+                        ct_weights, args.ct_nnunet = tmp / "nnunet_ct_weights.pt", True
+            print("planning TotalSegmentator_CT and writing our model ...", flush=True)
+            wd_ct, ours_ct = make_our_model(tmp / "work_ct", ct_dataset, ct_weights, configs=(CONFIG,))
+            topo_ct = topology_check(ours_ct.pop("plans"), args.nnunet_ref / "preprocessed" / CT_DATASET / "nnUNetPlans.json")
+            ct_model["ours"] = ours_ct
+            if topo_ct.get("differences"):
+                notes.append(f"CT: our 3d_fullres plan differs from nnU-Net's in {topo_ct['differences']}: the comparison "
+                             "is NOT of the same topology")
+            params = ct_model.get("nnunet_model", {}).get("parameters")
+            if params and ours_ct.get("parameters") and params != ours_ct["parameters"]:
+                notes.append(f"CT parameter counts differ: ours {ours_ct['parameters']}, nnU-Net {params}")
+        inputs = {"hippocampus": tmp / "in_hippocampus", "large": tmp / "in_large", "lean": tmp / "in_lean",
+                  "ct": tmp / "in_ct"}
+        workdirs = {name: wd.root for name in inputs} | ({"ct": wd_ct.root} if wd_ct else {})
         case_ids = hippocampus_inputs(dataset, cases, inputs["hippocampus"]) if cases else []
         if args.lean_cases:
             hippocampus_inputs(dataset, args.lean_cases, inputs["lean"])
         large = large_volume(dataset, args.size, inputs["large"]) if args.size else {}
+        ct_ids = ct_inputs(ct_dataset, args.ct_cases, inputs["ct"]) if args.ct_cases else []
         if not cases:
             args.tta = []
         rows = plan_rows(args, cases)
@@ -673,9 +809,14 @@ def main(argv: list[str] | None = None) -> int:
                          "large": large, "threads": args.threads, "nnunet_torch_threads": os.cpu_count(),
                          "repeats": args.repeats, "nnunet_python": args.nnunet_python, "nnunet_ref": str(args.nnunet_ref),
                          "model": model, "nnunet_model": {k: v for k, v in nnunet_model.items() if k != "model_folder"},
+                         "ct": {"case_ids": ct_ids, "label_values": list(ct_values), "nnunet_dataset": CT_DATASET,
+                                "label_mapping": "nnU-Net's raw labels are the class indices 0..K-1 of the sorted values; "
+                                                 "its outputs are mapped back (values[index]) before comparing",
+                                **{k: ({kk: vv for kk, vv in v.items() if kk != "model_folder"} if isinstance(v, dict) else v)
+                                   for k, v in ct_model.items()}},
                          "args": {k: v for k, v in vars(args).items() if k not in ("nnunet_env", "worker", "out")},
                          "total_s": round(time.perf_counter() - start, 1)},
-                "topology": topo, "summary": summary, "comparisons": comparisons(summary), "agreement": list(agreement),
+                "topology": topo, "topology_ct": topo_ct, "summary": summary, "comparisons": comparisons(summary), "agreement": list(agreement),
                 "runs": [{k: v for k, v in r.items() if k != "output_dir"} for r in measured], "notes": notes,
             }
             return write_results(args.name, result, markdown(result), (lambda nf: plot(result, nf)) if complete else None,
@@ -685,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             for plan in rows:
                 row = {**plan, "repeat": repeat}
                 out_dir = tmp / "out" / f"{row['set']}-{row['tool'][:3]}-{row['variant']}-tta{int(row['tta'])}-{repeat}"
-                cmd, env = command_for(row, args, wd.root, inputs[row["set"]], out_dir)
+                cmd, env = command_for(row, args, workdirs[row["set"]], inputs[row["set"]], out_dir)
                 timeout = args.size_timeout if row["set"] == "large" else args.timeout
                 row["load_before"] = [round(x, 2) for x in os.getloadavg()]
                 measure(row, cmd, env, out_dir, row["cases"], timeout, args.pss_interval)
@@ -698,14 +839,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'on ' if row['tta'] else 'off'} {shown}", flush=True)
                 save(complete=False)
         agreement = []
-        for set_name in ("hippocampus", "large"):
+        for set_name in ("hippocampus", "large", "ct"):
             for tta in (False, True):
                 ours = next((r for r in measured if (r["set"], r["tool"], r["tta"], r["repeat"]) == (set_name, OURS, tta, 0)
                              and "s_per_case" in r), None)
                 nn = next((r for r in measured if (r["set"], r["tool"], r["tta"], r["repeat"]) == (set_name, NNUNET, tta, 0)
                            and "s_per_case" in r), None)
-                if ours and nn and weights is not None:
-                    a = label_agreement(Path(ours["output_dir"]), Path(nn["output_dir"]))
+                if ours and nn and (weights is not None or set_name == "ct"):
+                    a = label_agreement(Path(ours["output_dir"]), Path(nn["output_dir"]), ct_values if set_name == "ct" else None)
                     if a:
                         agreement.append({"set": set_name, "tta": tta, "ours": ours["label"], "nnunet": nn["label"], **a})
     if args.nnunet_python and os.cpu_count() != args.threads:
