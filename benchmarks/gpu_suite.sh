@@ -106,14 +106,14 @@ if [[ $DEVICE == cuda* ]]; then
     TRAIN=(--variants fp32,amp --min-time 1 --max-steps 3 --budget 120)
     INFER=(--cases 1 --configs 3d_lean --tta off --size 64 --forward-variants fp32,amp --forward-min-time 1)
     PROFILE=(--sets hippocampus,64 --cases 2)
-    PREDICT=(--cases 4 --lean-cases 4 --tta off --nnunet-procs 3)
+    PREDICT=(--cases 4 --lean-cases 4 --tta off --nnunet-procs 3 --ct-cases 0)
   else
     TRAIN=(--variants fp32,amp,torch_compile,amp_compile --min-time 4 --max-steps 200 --budget 200)
     INFER=(--cases 8 --configs 3d_fullres,3d_lean --tta both --size 192 --forward-variants fp32,amp,compile,amp_compile
            --forward-batch 8 --forward-min-time 3 --forward-max-iters 500)
     PROFILE=(--sets hippocampus,ct,256 --cases 20 --large-config 3d_fullres)
     # rows are saved one by one: what the step's limit cuts off is missing, the rest is kept
-    PREDICT=(--cases 60 --lean-cases 60 --tta off,on --nnunet-procs 3,0 --size 256 --size-nnunet --timeout 120
+    PREDICT=(--cases 60 --ct-cases 0 --lean-cases 60 --tta off,on --nnunet-procs 3,0 --size 256 --size-nnunet --timeout 120
              --size-timeout 120)
   fi
 else

@@ -52,8 +52,11 @@ from pipeline.workdir import Workdir  # noqa: E402
 
 FORWARD_VARIANTS = {"fp32": (False, False), "amp": (True, False), "compile": (False, True), "amp_compile": (True, True)}
 
-def make_model(workdir: Path, dataset, configs: list[str]):
+def make_model(workdir: Path, dataset, configs: list[str], adjust=None):
+    """Plans of `dataset` (changed in place by `adjust(plans)` when given) and a seeded untrained model per config."""
     plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
+    if adjust is not None:
+        adjust(plans)
     wd = Workdir.at(workdir)
     plans.save(wd.plans)
     for config in configs:

@@ -15,12 +15,21 @@ What is measured, in one run so the load on the (shared) machine is the same for
    at scale (~1300 windows at 256^3), accumulators and export included. On a CPU each window costs
    about a second of forward pass, so its TTA (`--size-tta`) and nnU-Net's run on it
    (`--size-nnunet`) are opt-in.
+3. The TotalSegmentator CT case (`--ct-cases`, default 1; 122x101x30 at 3 mm, int16 HU, 41
+   non-contiguous label values 0..117 + background) with the 3d_fullres model of *its own* plan
+   (nnU-Net: patch 32x112x128 at 3 mm, 5 stages, 42 outputs), by both tools in-process / with each
+   `--nnunet-procs`, TTA off and on (`--ct-tta`). nnU-Net needs consecutive labels, so its raw dataset
+   (`Dataset901_TotalSegCT` in `--nnunet-ref`, made once with `nnUNetv2_plan_and_preprocess` and
+   reused) holds the class indices 0..41 of the sorted values: our LabelMap's store indices, so
+   output channel i is the same class for both; nnU-Net's outputs are mapped back to values
+   (`values[index]`) before the agreement is counted.
 
-The model: nnU-Net's own trainer class builds the 3d_fullres network of nnU-Net's hippocampus plan
+The model: nnU-Net's own trainer class builds the 3d_fullres network of nnU-Net's plan (hippocampus; CT)
 (`nnUNetTrainer(...).initialize()`, the mirroring axes set as training sets them, `save_checkpoint`: the file nnU-Net's training writes, with
 freshly initialised weights, since timing does not depend on them) in a temporary nnUNet_results
 folder, inside nnU-Net's interpreter. Our model is our planner's 3d_fullres plan for Task04 (all
-cases), checked field by field against nnU-Net's nnUNetPlans.json, carrying *the same weights*
+cases; the CT dataset), checked field by field against nnU-Net's nnUNetPlans.json (where it differs,
+nnU-Net's architecture numbers and spacing replace ours and the JSON says so), carrying *the same weights*
 (nnU-Net's state dict renamed to our module names, loaded strictly): both tools run the same
 network on the same windows, and the label agreement of their outputs is reported as a check.
 Without nnU-Net (`--nnunet-python` not given) our model gets seeded random weights instead.
@@ -35,9 +44,9 @@ cores // workers each (`predict_ray`).
 
     .venv/bin/python benchmarks/predict.py [--cases 4] [--workers 1,ray1,2] [--tta off,on]
         [--nnunet-python ../nnunet_ref/venv/bin/python] [--nnunet-procs 0,2] [--size 256]
-        [--ray-tta off] [--size-tta off] [--size-nnunet] [--repeats 1]
+        [--ray-tta off] [--size-tta off] [--size-nnunet] [--ct-cases 1] [--ct-tta off,on] [--repeats 1]
 
-Writes benchmarks/results/predict.{json,md,png}.
+Writes benchmarks/results/predict.{json,md,png} (`--out`, `--name`), sets hippocampus, lean, large, ct.
 """
 
 from __future__ import annotations
@@ -248,32 +257,49 @@ def nnunet_ct_plans(python: str, ref: Path, dataset, values: tuple[int, ...]) ->
     return {"labels": len(meta["labels"]), "planned": f"nnUNetv2_plan_and_preprocess, {run.wall_s:.0f} s"}
 
 
-def topology_check(plans, nnunet_plans: Path) -> dict:
+def topology_check(plans, nnunet_plans: Path | None) -> dict:
     """Our 3d_fullres configuration against nnU-Net's, field by field (both in (z, y, x) = our store order)."""
     ours = plans.configuration(CONFIG)
     facts = {"patch_size": ours.patch_size, "strides": ours.strides, "kernel_sizes": ours.kernel_sizes,
              "features_per_stage": ours.features_per_stage, "n_conv_per_stage": [ours.n_conv_per_stage] * ours.num_stages,
              "spacing": ours.spacing}
     out = {"ours": facts}
-    if nnunet_plans.is_file():
+    if nnunet_plans is not None and nnunet_plans.is_file():
         conf = json.loads(nnunet_plans.read_text())["configurations"][CONFIG]
         arch = conf["architecture"]["arch_kwargs"]
         theirs = {"patch_size": conf["patch_size"], "strides": arch["strides"], "kernel_sizes": arch["kernel_sizes"],
                   "features_per_stage": arch["features_per_stage"], "n_conv_per_stage": arch["n_conv_per_stage"],
                   "spacing": conf["spacing"]}
         out.update(nnunet=theirs, differences=[k for k in facts if list(facts[k]) != list(theirs[k])])
-        if plans.normalization[0].scheme == "ct":  # CT clipping and z-scoring: foreground statistics of a sample
+        fg = json.loads(nnunet_plans.read_text()).get("foreground_intensity_properties_per_channel", {}).get("0")
+        if plans.normalization[0].scheme == "ct" and fg:  # CT clipping and z-scoring: foreground statistics of a sample
             ct = plans.normalization[0]
-            fg = json.loads(nnunet_plans.read_text())["foreground_intensity_properties_per_channel"]["0"]
             out["ct_normalization"] = {"ours": {"lower": ct.lower, "upper": ct.upper, "mean": ct.mean, "std": ct.std},
                                        "nnunet": {"lower": fg["percentile_00_5"], "upper": fg["percentile_99_5"],
                                                   "mean": fg["mean"], "std": fg["std"]}}
     return out
 
 
-def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None,
+def adopt_nnunet_topology(plans, nnunet_plans: Path) -> dict:
+    """Our plan's topology check against nnU-Net's; where they differ, nnU-Net's architecture numbers (and spacing)
+    replace ours in our 3d_fullres, so nnU-Net's weights fit and both tools run the same network."""
+    topo = topology_check(plans, nnunet_plans)
+    if topo.get("differences"):
+        theirs, conf = topo["nnunet"], plans.configurations[CONFIG]
+        if len(set(theirs["n_conv_per_stage"])) != 1:
+            raise SystemExit(f"nnU-Net's n_conv_per_stage {theirs['n_conv_per_stage']} varies per stage: our plan "
+                             "cannot express it")
+        conf.patch_size, conf.strides, conf.kernel_sizes = theirs["patch_size"], theirs["strides"], theirs["kernel_sizes"]
+        conf.features_per_stage, conf.spacing = theirs["features_per_stage"], theirs["spacing"]
+        conf.n_conv_per_stage = theirs["n_conv_per_stage"][0]
+        topo["adopted"] = "our network and plan use nnU-Net's numbers for " + ", ".join(topo["differences"])
+    return topo
+
+
+def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None, nnunet_plans: Path | None = None,
                    configs: tuple[str, ...] = (CONFIG, "3d_lean")) -> tuple[object, dict]:
-    """Plans from the whole dataset's fingerprint; the 3d_fullres model file with nnU-Net's weights when given."""
+    """Plans from the whole dataset's fingerprint; the 3d_fullres model file with nnU-Net's weights when given
+    (then at nnU-Net's topology: `adopt_nnunet_topology`). The topology check comes back under "topology"."""
     import torch
     from inference import make_model  # benchmarks/inference.py: plans + a seeded untrained model file
 
@@ -281,8 +307,12 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None,
     from pipeline.training.loop import save_model_file
     from pipeline.training.model import build_network
 
-    wd, plans = make_model(workdir, dataset, list(configs))
-    info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run"}
+    checks: list[dict] = []
+    adopt = nnunet_weights is not None and nnunet_weights.is_file() and nnunet_plans is not None and nnunet_plans.is_file()
+    wd, plans = make_model(workdir, dataset, list(configs),
+                           adjust=(lambda p: checks.append(adopt_nnunet_topology(p, nnunet_plans))) if adopt else None)
+    info = {"weights": "seeded random initialisation (torch.manual_seed(0)), nnU-Net not run",
+            "topology": checks[0] if checks else topology_check(plans, nnunet_plans)}
     if nnunet_weights is not None and nnunet_weights.is_file():
         net = build_network(plans.configuration(CONFIG), len(plans.channels), len(plans.label_values))
         load_nnunet_weights(net, torch.load(nnunet_weights, weights_only=True), str(nnunet_weights))  # strict
@@ -291,7 +321,7 @@ def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None,
                         label_values=list(plans.label_values), plans_hash=plans.hash(CONFIG))
         info["weights"] = "nnU-Net's checkpoint weights (loaded strictly under our module names)"
         info["parameters"] = sum(p.numel() for p in net.parameters())
-    return wd, {**info, "plans": plans}
+    return wd, info
 
 
 # ---------------------------------------------------------------- measuring one row
@@ -625,8 +655,9 @@ def plot(result: dict, new_figure):
     panels = [p for p in panels if p]
     if not panels:
         return None
-    width = max(6.0, 0.9 * len(panels[0]) + 2)
-    fig, axes = new_figure(width, 3.8 * 2, 2, len(panels))
+    widths = [max(3.2, 0.75 * len(p) + 1.2) for p in panels]  # each panel as wide as its bars need
+    fig, axes = new_figure(max(6.0, sum(widths)), 4.0 * 2, 2, len(panels))
+    axes[0][0].get_gridspec().set_width_ratios(widths)
     for i, rows in enumerate(panels):
         labels = [f"{s['label']}, TTA {'on' if s['tta'] else 'off'}" for s in rows]
         colors = ["tab:orange" if s["tool"] == NNUNET else "tab:blue" for s in rows]
@@ -634,9 +665,9 @@ def plot(result: dict, new_figure):
         bar_panel(axes[0][i], labels, [s["s_per_case"] for s in rows], ylabel="s/case (whole command)", colors=colors,
                   low=[s.get("s_per_case_min") for s in rows] if result["meta"]["repeats"] > 1 else None,
                   high=[s.get("s_per_case_max") for s in rows] if result["meta"]["repeats"] > 1 else None,
-                  title=f"{title}: seconds per case (blue ours, orange nnU-Net)")
+                  title=f"{title}:\ns/case (blue ours, orange nnU-Net)")
         bar_panel(axes[1][i], labels, [s.get("peak_pss_tree_mib") for s in rows], ylabel="MiB", colors=colors,
-                  title=f"{title}: peak PSS of the process tree")
+                  title=f"{title}:\npeak PSS of the process tree")
     return fig
 
 
@@ -745,12 +776,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 weights = tmp / "nnunet_weights.pt"
         print(f"planning Task04 ({len(dataset.cases)} cases) and writing our model ...", flush=True)
-        wd, model = make_our_model(tmp / "work", dataset, weights)
-        plans = model.pop("plans")
-        topo = topology_check(plans, args.nnunet_ref / "preprocessed" / NNUNET_DATASET / "nnUNetPlans.json")
+        wd, model = make_our_model(tmp / "work", dataset, weights,
+                                   args.nnunet_ref / "preprocessed" / NNUNET_DATASET / "nnUNetPlans.json")
+        topo = model.pop("topology")
         if topo.get("differences"):
-            notes.append(f"our 3d_fullres plan differs from nnU-Net's in {topo['differences']}: the comparison is "
-                         "NOT of the same topology")
+            notes.append(f"our planner's 3d_fullres differs from nnU-Net's in {topo['differences']}: "
+                         + (topo["adopted"] if topo.get("adopted") else "the comparison is NOT of the same topology"))
         if nnunet_model.get("parameters") and model.get("parameters") and nnunet_model["parameters"] != model["parameters"]:
             notes.append(f"parameter counts differ: ours {model['parameters']}, nnU-Net {nnunet_model['parameters']}")
         ct_model: dict = {}
@@ -774,12 +805,13 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         ct_weights, args.ct_nnunet = tmp / "nnunet_ct_weights.pt", True
             print("planning TotalSegmentator_CT and writing our model ...", flush=True)
-            wd_ct, ours_ct = make_our_model(tmp / "work_ct", ct_dataset, ct_weights, configs=(CONFIG,))
-            topo_ct = topology_check(ours_ct.pop("plans"), args.nnunet_ref / "preprocessed" / CT_DATASET / "nnUNetPlans.json")
+            wd_ct, ours_ct = make_our_model(tmp / "work_ct", ct_dataset, ct_weights,
+                                            args.nnunet_ref / "preprocessed" / CT_DATASET / "nnUNetPlans.json", (CONFIG,))
+            topo_ct = ours_ct.pop("topology")
             ct_model["ours"] = ours_ct
             if topo_ct.get("differences"):
-                notes.append(f"CT: our 3d_fullres plan differs from nnU-Net's in {topo_ct['differences']}: the comparison "
-                             "is NOT of the same topology")
+                notes.append(f"CT: our planner's 3d_fullres differs from nnU-Net's in {topo_ct['differences']}: "
+                             + (topo_ct["adopted"] if topo_ct.get("adopted") else "the comparison is NOT of the same topology"))
             params = ct_model.get("nnunet_model", {}).get("parameters")
             if params and ours_ct.get("parameters") and params != ours_ct["parameters"]:
                 notes.append(f"CT parameter counts differ: ours {ours_ct['parameters']}, nnU-Net {params}")

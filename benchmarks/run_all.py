@@ -116,7 +116,7 @@ STEPS = [
          lambda c: ["--forward-variants", "fp32,compile"], 90, 1800),
     Step("predict", "predict.py",
          lambda c: ["--cases", "3", "--lean-cases", "3", "--workers", "1,2", "--tta", "off,on", "--ray-tta", "off",
-                    "--nnunet-procs", "0", "--size", "0"] + _nn_predict(c),
+                    "--nnunet-procs", "0", "--size", "0", "--ct-tta", "off"] + _nn_predict(c),
          lambda c: ["--cases", "60", "--lean-cases", "60", "--nnunet-procs", "3,0", "--size", "256"] + _nn_predict(c),
          300, 4 * 3600),
     Step("profile_predict", "profile_predict.py", lambda c: ["--sets", "hippocampus", "--cases", "2", "--whole", "none"],

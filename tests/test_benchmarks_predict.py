@@ -61,3 +61,25 @@ def test_label_agreement_compares_renumbered_outputs_as_label_values(tmp_path):
     same = bench.label_agreement(tmp_path / "a", tmp_path / "b", (0, 1, 52, 117))
     assert same["voxel_agreement"] == round(5 / 6, 6)  # one voxel: 52 vs index 1 (= value 1)
     assert bench.label_agreement(tmp_path / "a", tmp_path / "b")["voxel_agreement"] == round(3 / 6, 6)
+
+
+def test_where_our_plan_differs_from_nnunets_the_benchmark_runs_nnunets_topology(totalseg, tmp_path):
+    from pipeline.data.dataset import load_dataset
+    from pipeline.planning.fingerprint import compute_fingerprint
+    from pipeline.planning.planner import plan_experiment
+
+    bench = load_predict_benchmark()
+    dataset = load_dataset(totalseg)
+    plans = plan_experiment(compute_fingerprint(dataset, progress=False), dataset)
+    ours = plans.configuration("3d_fullres")
+    theirs = {"patch_size": [32, 96, 96], "spacing": [3.0, 2.5, 2.5], "architecture": {"arch_kwargs": {
+        "strides": ours.strides, "kernel_sizes": ours.kernel_sizes, "features_per_stage": [16, 32, 64, 128, 256],
+        "n_conv_per_stage": [ours.n_conv_per_stage] * ours.num_stages}}}
+    nnunet_plans = tmp_path / "nnUNetPlans.json"
+    nnunet_plans.write_text(json.dumps({"configurations": {"3d_fullres": theirs}}))
+
+    topo = bench.adopt_nnunet_topology(plans, nnunet_plans)
+    assert topo["differences"] == ["patch_size", "features_per_stage", "spacing"]  # reported as our planner chose
+    assert "nnU-Net's numbers" in topo["adopted"]
+    assert bench.topology_check(plans, nnunet_plans)["differences"] == []  # and now built at nnU-Net's
+    assert plans.configuration("3d_fullres").features_per_stage == [16, 32, 64, 128, 256]
