@@ -614,6 +614,13 @@ def markdown(result: dict) -> str:
                   + ". Both average logits over the mirrorings, the overlapping windows and the folds and take the "
                   "softmax once; what differs is the export (nnU-Net resamples logits, we probabilities) and float "
                   "summation order, which on untrained weights, whose classes are near ties, flips a few voxels.", ""]
+    norm = (result.get("topology_ct") or {}).get("ct_normalization")
+    if norm:
+        o, n = norm["ours"], norm["nnunet"]
+        lines += [f"CT normalisation, each tool's own fingerprint: ours clips to [{o['lower']:g}, {o['upper']:g}] HU, mean "
+                  f"{o['mean']:.2f}, std {o['std']:.2f}; nnU-Net [{n['lower']:g}, {n['upper']:g}] HU, mean {n['mean']:.2f}, "
+                  f"std {n['std']:.2f} (percentiles of the foreground voxels each samples), so the CT inputs differ slightly "
+                  "as well.", ""]
     lines += ["How to read it:", "",
               "* **s/case (whole command)** = the command's wall seconds / cases: interpreter start, imports, model "
               "load, Ray or nnU-Net's worker pools, every case, exit. It is what a user waits for per case of a folder "
