@@ -19,6 +19,7 @@ from pipeline.inference.predictor import ModelSpec, Predictor, resolve_device
 from pipeline.inference.ray_backend import chunk_cases
 from pipeline.inference.sliding_window import (
     auto_batch_size,
+    auto_lanes,
     sliding_window_predict,
     sliding_window_stream,
 )
@@ -100,6 +101,19 @@ def test_two_lanes_run_forward_passes_at_once_each_with_its_share_of_the_threads
                 np.testing.assert_array_equal(a, b)
             assert len({ident for ident, _ in racing.seen}) == 2 and {n for _, n in racing.seen} == {1}
         assert torch.get_num_threads() == 2  # the caller's thread count is left alone
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_lanes_only_for_windows_small_enough_that_a_second_batch_stays_within_the_memory_budget():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert auto_lanes("cpu", (40, 56, 40), auto_batch_size((40, 56, 40), "cpu")) == 2  # hippocampus: 2 x 2 windows
+        assert auto_lanes("cpu", (32, 112, 128), auto_batch_size((32, 112, 128), "cpu")) == 1  # CT: one big window
+        assert auto_lanes("cuda", (40, 56, 40), 2) == 1
+        torch.set_num_threads(1)
+        assert auto_lanes("cpu", (40, 56, 40), 2) == 1  # one core: nothing to run beside
     finally:
         torch.set_num_threads(threads)
 

@@ -252,18 +252,23 @@ def auto_batch_size(patch_size: Sequence[int], device: str | torch.device) -> in
 
 
 # Forward passes in flight at once on a CPU, each on its own thread with cores // lanes torch threads.
-# oneDNN's 3D convolutions on these small windows scale poorly across threads (two threads keep about
-# 1.5 of 2 cores busy: benchmarks/results/predict.md), while two passes side by side, each single-threaded,
-# keep both busy; the price is a second batch of activations (~250 MiB for the hippocampus plan).
+# oneDNN's 3D convolutions on small windows leave part of a second core idle, while two passes side by
+# side, each single-threaded, keep both busy (benchmarks/results/predict.md: 1.13x on the hippocampus
+# folder without mirroring). The price is a second batch of activations, so lanes are only used while
+# all the windows in flight stay within CPU_LANE_VOXELS (twice a CPU forward's budget: with the
+# in-place inference norm that is about 1.2x the memory one pass took before): small patches get two
+# lanes, a large CT patch (one window per pass already) keeps one.
 CPU_LANES = 2
+CPU_LANE_VOXELS = 2 * BATCH_VOXELS["cpu"]
 
 
-def auto_lanes(device: str | torch.device) -> int:
-    """Concurrent forward passes: on a CPU with at least CPU_LANES torch threads, CPU_LANES; else 1
-    (a GPU runs one stream of batches, and a single-core CPU gains nothing)."""
-    if torch.device(device).type != "cpu":
+def auto_lanes(device: str | torch.device, patch_size: Sequence[int] = (), per_forward: int = 1) -> int:
+    """Concurrent forward passes: on a CPU with at least CPU_LANES torch threads, CPU_LANES when their
+    windows fit CPU_LANE_VOXELS; else 1 (a GPU runs one stream of batches; one core gains nothing)."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() < CPU_LANES:
         return 1
-    return CPU_LANES if torch.get_num_threads() >= CPU_LANES else 1
+    in_flight = CPU_LANES * per_forward * int(np.prod(patch_size, dtype=np.int64))
+    return CPU_LANES if in_flight <= CPU_LANE_VOXELS else 1
 
 
 class _DeviceAccumulator:
@@ -360,7 +365,7 @@ def sliding_window_stream(
         raise ValueError(f"accumulate must be 'memory', 'device', 'zarr' or 'auto', got {accumulate!r}")
     mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
     per_forward = batch_size or auto_batch_size(patch_size, device)
-    lanes = max(1, int(lanes or auto_lanes(device)))
+    lanes = max(1, int(lanes or auto_lanes(device, patch_size, per_forward)))
     amp = device.type == "cuda" if amp is None else amp
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = torch.tensor(gaussian, device=device)
