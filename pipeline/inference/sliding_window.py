@@ -253,11 +253,11 @@ def auto_batch_size(patch_size: Sequence[int], device: str | torch.device) -> in
 
 # Forward passes in flight at once on a CPU, each on its own thread with cores // lanes torch threads.
 # oneDNN's 3D convolutions on small windows leave part of a second core idle, while two passes side by
-# side, each single-threaded, keep both busy (`segpipe predict`, one lane vs
-# two interleaved on 2 cores: 1.14x on 60 hippocampus cases without mirroring, 1.02x with). The price is a second batch of activations, so lanes are only used while
-# all the windows in flight stay within CPU_LANE_VOXELS (twice a CPU forward's budget: with the
-# in-place inference norm that is about 1.2x the memory one pass took before): small patches get two
-# lanes, a large CT patch (one window per pass already) keeps one.
+# side, each single-threaded, keep both busy (`segpipe predict`, one lane vs two, interleaved on 2
+# cores: 1.14x on 60 hippocampus cases without mirroring, 1.02x with). The price is a second batch of
+# activations, so lanes are only used while all the windows in flight stay within CPU_LANE_VOXELS
+# (twice a CPU pass's budget: with the in-place inference norm, about 1.2x the memory one pass took
+# before): small patches get two lanes, a large CT patch (one window per pass already) keeps one.
 CPU_LANES = 2
 CPU_LANE_VOXELS = 2 * BATCH_VOXELS["cpu"]
 
