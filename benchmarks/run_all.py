@@ -393,18 +393,23 @@ def headline_rows() -> list[tuple]:
         add(f"Inference, hippocampus `predict_folder` ({r['config']}, TTA {'on' if r['tta'] else 'off'}), s/case",
             _num(r["seconds_per_case_mean"]), "–", "–", _device(inf), "inference.md", inf)
     pred = _read("predict")
-    for c in (pred or {}).get("comparisons", []):
+    pred_ct = _read("predict_ct")  # a CT-only run (`--cases 0 --size 0 --name predict_ct`) replaces predict's CT rows
+    compared = [(c, pred, "predict.md") for c in (pred or {}).get("comparisons", [])
+                if not (pred_ct and c["set"] == "ct")]
+    compared += [(c, pred_ct, "predict_ct.md") for c in (pred_ct or {}).get("comparisons", []) if c["set"] == "ct"]
+    for c, source, page in compared:
         if c["pairing"] != "fastest of each":
             continue
-        what = (f"{pred['meta']['cases']} hippocampus cases" if c["set"] == "hippocampus"
-                else f"one {pred['meta'].get('size')}^3 volume")
+        what = {"hippocampus": f"{source['meta']['cases']} hippocampus cases",
+                "ct": "the TotalSegmentator CT case (42 classes, nnU-Net's plan for it)"}.get(
+                    c["set"], f"one {source['meta'].get('size')}^3 volume")
         add(f"Prediction, {what}, whole command, TTA {'on' if c['tta'] else 'off'} ({c['ours']} vs {c['nnunet']}), s/case",
             _num(c["ours_s_per_case"]), _num(c["nnunet_s_per_case"]),
-            c["ratio"], _device(pred), "predict.md", pred)
+            c["ratio"], _device(source), page, source)
         if c["ours_peak_pss_tree_mib"] and c["nnunet_peak_pss_tree_mib"]:
             add(f"Prediction peak memory, {what}, TTA {'on' if c['tta'] else 'off'}: PSS of the process tree (MiB)",
                 _num(c["ours_peak_pss_tree_mib"], 0), _num(c["nnunet_peak_pss_tree_mib"], 0),
-                _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(pred), "predict.md", pred)
+                _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(source), page, source)
     for s in (pred or {}).get("summary", []):
         if s["set"] == "lean" and s.get("s_per_case"):
             add(f"Prediction, {s['cases']} hippocampus cases, 3d_lean with mirroring TTA, whole command, s/case",
