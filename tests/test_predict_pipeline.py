@@ -161,6 +161,8 @@ def test_batch_size_follows_the_patch_and_device():
     assert auto_batch_size((40, 56, 40), "cpu") == 2  # hippocampus: small batches on a CPU (memory)
     assert auto_batch_size((40, 56, 40), "cuda") == 8  # a GPU's batches fill it: a window's 8 mirrorings
     assert auto_batch_size((32, 112, 128), "cpu") == 1
+    assert auto_batch_size((32, 112, 128), "cpu", mirrored=True) == 2  # a window with its mirrored copy
+    assert auto_batch_size((128, 128, 128), "cuda", mirrored=True) == 1  # a GPU keeps its budget
     assert auto_batch_size((128, 128, 128), "cuda") == 1
 
 

@@ -245,10 +245,17 @@ BATCH_VOXELS = {"cpu": 2**18, "cuda": 2**21}
 MAX_BATCH = 8
 
 
-def auto_batch_size(patch_size: Sequence[int], device: str | torch.device) -> int:
-    """Network inputs (windows x mirrored copies) per forward pass for this patch on this device."""
-    budget = BATCH_VOXELS.get(torch.device(device).type, BATCH_VOXELS["cpu"])
-    return max(1, min(MAX_BATCH, budget // int(np.prod(patch_size))))
+def auto_batch_size(patch_size: Sequence[int], device: str | torch.device, mirrored: bool = False) -> int:
+    """Network inputs (windows x mirrored copies) per forward pass for this patch on this device.
+
+    With mirroring on a CPU, a patch past the budget still goes two per pass (a window and its
+    mirrored copy, so no pass is padded with zeros): oneDNN's kernels run a batch of two about 1.25x
+    faster per window than a batch of one (the CT plan's 32x112x128 patch: 1.36 vs 1.70 s per window
+    on 2 cores), for about a quarter more activation memory."""
+    kind = torch.device(device).type
+    budget = BATCH_VOXELS.get(kind, BATCH_VOXELS["cpu"])
+    size = max(1, min(MAX_BATCH, budget // int(np.prod(patch_size))))
+    return 2 if size == 1 and mirrored and kind == "cpu" else size
 
 
 # Forward passes in flight at once on a CPU, each on its own thread with cores // lanes torch threads.
@@ -364,7 +371,7 @@ def sliding_window_stream(
     if accumulate not in ("auto", "memory", "device", "zarr"):
         raise ValueError(f"accumulate must be 'memory', 'device', 'zarr' or 'auto', got {accumulate!r}")
     mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
-    per_forward = batch_size or auto_batch_size(patch_size, device)
+    per_forward = batch_size or auto_batch_size(patch_size, device, mirrored=tta_mirror)
     lanes = max(1, int(lanes or auto_lanes(device, patch_size, per_forward)))
     amp = device.type == "cuda" if amp is None else amp
     gaussian = gaussian_importance_map(patch_size)
