@@ -419,6 +419,22 @@ def headline_rows() -> list[tuple]:
             add(f"Prediction, one {pred['meta'].get('size')}^3 volume, whole command, TTA {'on' if s['tta'] else 'off'}, "
                 f"seconds (peak PSS MiB)", f"{_num(s['s_per_case'], 1)} ({_num(s.get('peak_pss_tree_mib'), 0)})",
                 "not run", "–", _device(pred), "predict.md", pred)
+    gpred = _read("gpu_predict")  # the GPU run (predict.py --device cuda): its own rows beside the CPU run's
+    for c in (gpred or {}).get("comparisons", []):
+        if c["pairing"] != "fastest of each" or c["set"] != "hippocampus":
+            continue
+        what, tta = f"{gpred['meta']['cases']} hippocampus cases", "on" if c["tta"] else "off"
+        add(f"Prediction on GPU, {what}, whole command, TTA {tta} ({c['ours']} vs {c['nnunet']}), s/case",
+            _num(c["ours_s_per_case"]), _num(c["nnunet_s_per_case"]), c["ratio"], _device(gpred), "gpu_predict.md", gpred)
+        if c["ours_peak_pss_tree_mib"] and c["nnunet_peak_pss_tree_mib"]:
+            add(f"Prediction peak memory on GPU, {what}, TTA {tta}: PSS of the process tree (MiB)",
+                _num(c["ours_peak_pss_tree_mib"], 0), _num(c["nnunet_peak_pss_tree_mib"], 0),
+                _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(gpred),
+                "gpu_predict.md", gpred)
+    for s in (gpred or {}).get("summary", []):
+        if s["set"] == "lean" and s.get("s_per_case"):
+            add(f"Prediction on GPU, {s['cases']} hippocampus cases, 3d_lean with mirroring TTA, whole command, s/case",
+                _num(s["s_per_case"], 3), "–", "–", _device(gpred), "gpu_predict.md", gpred)
     ginf = _read("gpu_inference")
     seen_configs = set()
     for r in (ginf or {}).get("hippocampus", []):
