@@ -380,16 +380,22 @@ def test_ctrl_c_in_a_results_loop_leaves_no_fetch_for_the_closing_client_to_cut_
                     raise KeyboardInterrupt  # Ctrl-C while the caller handles a result
         time.sleep(1.0)  # the client has closed; a fetch it cut off has failed by now, the worker is free
 
-        # Ctrl-C while the caller waits for a result being fetched: distributed's sync cancels the fetch
-        with pytest.raises(KeyboardInterrupt):
-            with Client(dask_client.scheduler.address, set_as_default=False) as client:
-                slow = client.submit(SlowToSend, 2.0, pure=False)
-                wait([slow])
-                ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-                ctrl_c.start()
-                for _ in results_of(as_completed([slow], loop=client.loop)):
-                    pass
-        ctrl_c.join()
+        # Ctrl-C while the caller waits for a result being fetched: distributed's sync cancels the fetch.
+        # Python's own SIGINT handler for the duration: an imported library may have replaced it
+        # (dask_jobqueue's runner exits on SIGINT), and the CLI's users get the default one.
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with Client(dask_client.scheduler.address, set_as_default=False) as client:
+                    slow = client.submit(SlowToSend, 2.0, pure=False)
+                    wait([slow])
+                    ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+                    ctrl_c.start()
+                    for _ in results_of(as_completed([slow], loop=client.loop)):
+                        pass
+            ctrl_c.join()
+        finally:
+            signal.signal(signal.SIGINT, handler)
         time.sleep(2.0)
     assert [r.getMessage() for r in logged if r.levelno >= logging.ERROR] == []
 
