@@ -386,10 +386,7 @@ def _resample_label(label: np.ndarray, new_shape: Sequence[int], order: int, axi
         raise ValueError("label indices must be non-negative")
     if not label.size:
         return np.zeros(new_shape, dtype=label.dtype)
-    dims = range(label.ndim)
-    separate = axis is not None and shape[axis] != new_shape[axis]
-    axes = [d for d in dims if shape[d] != new_shape[d] and not (separate and d == axis)]
-    mid_shape = tuple(shape[axis] if separate and d == axis else new_shape[d] for d in dims)
+    separate, axes, mid_shape = _label_passes(shape, new_shape, axis)
     out = (_argmax_labels if order == 1 else _nearest_labels)(label, mid_shape, axes)
     if separate:
         if order_z == 1:
@@ -399,15 +396,23 @@ def _resample_label(label: np.ndarray, new_shape: Sequence[int], order: int, axi
     return _rescue(label, out, new_shape, order, axis) if keep_classes else out
 
 
+def _label_passes(shape: Sequence[int], new_shape: tuple[int, ...], axis: int | None
+                  ) -> tuple[bool, list[int], tuple[int, ...]]:
+    """How a label is resampled: whether `axis` goes in a separate pass, the axes of the first pass,
+    and the shape between the two passes (`new_shape` when there is one pass)."""
+    dims = range(len(shape))
+    separate = axis is not None and shape[axis] != new_shape[axis]
+    axes = [d for d in dims if shape[d] != new_shape[d] and not (separate and d == axis)]
+    mid_shape = tuple(shape[axis] if separate and d == axis else new_shape[d] for d in dims)
+    return separate, axes, mid_shape
+
+
 def _rescue(label: np.ndarray, out: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None) -> np.ndarray:
     """Write back, in place, every class of `label` (but background) that `out` lost, where its
     interpolated indicator peaks (`resample_label`)."""
     new_shape = tuple(int(s) for s in new_shape)
     shape = label.shape
-    dims = range(label.ndim)
-    separate = axis is not None and shape[axis] != new_shape[axis]
-    axes = [d for d in dims if shape[d] != new_shape[d] and not (separate and d == axis)]
-    mid_shape = tuple(shape[axis] if separate and d == axis else new_shape[d] for d in dims)
+    separate, axes, mid_shape = _label_passes(shape, new_shape, axis)
     n = int(label.max()) + 1
     missing = np.flatnonzero((np.bincount(label.ravel(), minlength=n) > 0) & (np.bincount(out.ravel(), minlength=n) == 0))
     missing = missing[missing > 0]  # background is not a structure to keep

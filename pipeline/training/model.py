@@ -62,7 +62,7 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         v = _voxels_by_channels(x)
         voxels = v.shape[1]
         centred = v - v.sum(1, keepdim=True).div_(voxels)
-        invstd = centred.square().sum(1, keepdim=True).div_(voxels).add_(eps).rsqrt_()
+        invstd = _invstd(centred, eps)
         out = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.ndim - 2])  # a tensor of its own, not a view:
         torch.addcmul(bias, centred, invstd * weight, out=_voxels_by_channels(out))  # LeakyReLU works in place
         ctx.save_for_backward(centred, invstd, weight)
@@ -81,6 +81,11 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         gx = torch.addcmul(scale * sum_g.div(-voxels), g, scale, out=_voxels_by_channels(grad_x))
         gx.addcmul_(centred, scale * invstd.square() * dot.div(-voxels))
         return grad_x, (dot * invstd).sum((0, 1)), sum_g.sum((0, 1)), None
+
+
+def _invstd(centred: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(variance + eps) per sample and channel of a centred (N, voxels, C) matrix."""
+    return centred.square().sum(1, keepdim=True).div_(centred.shape[1]).add_(eps).rsqrt_()
 
 
 def _voxels_by_channels(x: torch.Tensor) -> torch.Tensor:
@@ -105,11 +110,16 @@ def _instance_norm_inplace_(norm: nn.modules.instancenorm._InstanceNorm, x: torc
     operations in the same order (so the same bits), without the centred copy and the output
     tensor, two full-resolution activations fewer at the network's memory peak."""
     v = _voxels_by_channels(x)
-    voxels = v.shape[1]
-    v.sub_(v.sum(1, keepdim=True).div_(voxels))
-    invstd = v.square().sum(1, keepdim=True).div_(voxels).add_(norm.eps).rsqrt_()
-    torch.addcmul(norm.bias, v, invstd * norm.weight, out=v)
+    v.sub_(v.sum(1, keepdim=True).div_(v.shape[1]))
+    torch.addcmul(norm.bias, v, _invstd(v, norm.eps) * norm.weight, out=v)
     return x
+
+
+def _norm_act(norm: nn.Module, act: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """act(norm(y)); without autograd, on a channels-last CPU `y` that the caller owns, normalised in place."""
+    if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
+        return act(_instance_norm_inplace_(norm, y))
+    return act(norm(y))
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
@@ -139,10 +149,7 @@ class ConvBlock(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm, act = self
-        y = conv(x)
-        if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
-            return act(_instance_norm_inplace_(norm, y))  # inference: y is ours alone, normalise it in place
-        return act(norm(y))
+        return _norm_act(norm, act, conv(x))  # the conv output is ours alone: inference normalises it in place
 
 
 class StackedConvBlocks(nn.Sequential):
@@ -193,10 +200,7 @@ def _decoder_stage_channels_last(up: nn.Module, stage: nn.Sequential, x: torch.T
     del upsampled  # inference frees it here, before the norm's temporaries (training keeps it for backward)
     y = y.add_(conv._conv_forward(skip, conv.weight[:, c:], None))  # conv outputs are not saved for backward
     del skip
-    if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
-        y = act(_instance_norm_inplace_(norm, y))
-    else:
-        y = act(norm(y))
+    y = _norm_act(norm, act, y)
     for block in list(stage)[1:]:
         y = block(y)
     return y
