@@ -296,6 +296,14 @@ def adopt_nnunet_topology(plans, nnunet_plans: Path) -> dict:
     return topo
 
 
+def topology_notes(topo: dict, prefix: str) -> list[str]:
+    """The note a topology check leaves where our planner differs from nnU-Net's (none where it agrees)."""
+    if not topo.get("differences"):
+        return []
+    return [f"{prefix}our planner's 3d_fullres differs from nnU-Net's in {topo['differences']}: "
+            + (topo["adopted"] if topo.get("adopted") else "the comparison is NOT of the same topology")]
+
+
 def make_our_model(workdir: Path, dataset, nnunet_weights: Path | None, nnunet_plans: Path | None = None,
                    configs: tuple[str, ...] = (CONFIG, "3d_lean")) -> tuple[object, dict]:
     """Plans from the whole dataset's fingerprint; the 3d_fullres model file with nnU-Net's weights when given
@@ -786,9 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         wd, model = make_our_model(tmp / "work", dataset, weights,
                                    args.nnunet_ref / "preprocessed" / NNUNET_DATASET / "nnUNetPlans.json")
         topo = model.pop("topology")
-        if topo.get("differences"):
-            notes.append(f"our planner's 3d_fullres differs from nnU-Net's in {topo['differences']}: "
-                         + (topo["adopted"] if topo.get("adopted") else "the comparison is NOT of the same topology"))
+        notes += topology_notes(topo, "")
         if nnunet_model.get("parameters") and model.get("parameters") and nnunet_model["parameters"] != model["parameters"]:
             notes.append(f"parameter counts differ: ours {model['parameters']}, nnU-Net {nnunet_model['parameters']}")
         ct_model: dict = {}
@@ -816,9 +822,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.nnunet_ref / "preprocessed" / CT_DATASET / "nnUNetPlans.json", (CONFIG,))
             topo_ct = ours_ct.pop("topology")
             ct_model["ours"] = ours_ct
-            if topo_ct.get("differences"):
-                notes.append(f"CT: our planner's 3d_fullres differs from nnU-Net's in {topo_ct['differences']}: "
-                             + (topo_ct["adopted"] if topo_ct.get("adopted") else "the comparison is NOT of the same topology"))
+            notes += topology_notes(topo_ct, "CT: ")
             params = ct_model.get("nnunet_model", {}).get("parameters")
             if params and ours_ct.get("parameters") and params != ours_ct["parameters"]:
                 notes.append(f"CT parameter counts differ: ours {ours_ct['parameters']}, nnU-Net {params}")
