@@ -97,10 +97,12 @@ from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 # as /work/shared/tools/nnunet_train_cpu.py: skip the lookup that imports every trainer (and torchvision)
 run_training.recursive_find_trainer_class_by_name = lambda name, *a, **k: nnUNetTrainer
-dataset, configuration, weights_out = sys.argv[1:4]
+dataset, configuration, weights_out, trained = sys.argv[1:5]
 torch.manual_seed(0)
 trainer = run_training.get_trainer_from_args(dataset, configuration, 0, device=torch.device("cpu"))
 trainer.initialize()
+if trained:  # a trained checkpoint of the same plan: its weights, strictly (nnU-Net's checkpoints hold numpy objects)
+    trainer.network.load_state_dict(torch.load(trained, map_location="cpu", weights_only=False)["network_weights"])
 trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes TTA uses, as training does
 save_json(trainer.plans_manager.plans, join(trainer.output_folder_base, "plans.json"), sort_keys=False)
 save_json(trainer.dataset_json, join(trainer.output_folder_base, "dataset.json"), sort_keys=False)
@@ -116,7 +118,7 @@ print(json.dumps({"model_folder": trainer.output_folder_base, "trainer": type(tr
 
 
 def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: bool, threads: int,
-           config: str = CONFIG, device: str = "cpu") -> dict:
+           config: str = CONFIG, device: str = "cpu", precision: str = "auto") -> dict:
     """`predict_folder` as a user calls it; prints what it reports (per-case seconds) as one JSON line."""
     import torch
 
@@ -130,16 +132,16 @@ def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: boo
 
         with ray_session(None, num_cpus=threads):
             report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
-                                    num_workers=1, progress=False, device=device)
+                                    num_workers=1, progress=False, device=device, precision=precision)
     else:
         report = predict_folder(workdir, input_dir, output_dir, config=config, fold="0", tta=tta,
-                                num_workers=workers, progress=False, device=device)
+                                num_workers=workers, progress=False, device=device, precision=precision)
     seconds = time.perf_counter() - start
     per_case = list(report.seconds_per_case.values())
     return {"variant": variant, "tta": tta, "workers": report.workers, "cases": len(report.predicted),
             "predict_folder_s": round(seconds, 3), "case_s_mean": round(statistics.fmean(per_case), 3) if per_case else None,
             "case_s": per_case, "driver_torch_threads": torch.get_num_threads(),
-            "stage_seconds": getattr(report, "stage_seconds", None)}
+            "stage_seconds": getattr(report, "stage_seconds", None), "precision": report.precision}
 
 
 # ---------------------------------------------------------------- setup
@@ -230,13 +232,15 @@ def nnunet_env(ref: Path, results: Path) -> dict:
                 nnUNet_results=str(results), nnUNet_compile="false", PYTHONUNBUFFERED="1")
 
 
-def make_nnunet_model(python: str, ref: Path, results: Path, weights_out: Path, dataset: str = NNUNET_DATASET) -> dict:
-    """nnU-Net's checkpoint_final.pth of an initialised (untrained) 3d_fullres network; see NNUNET_MODEL_SCRIPT."""
-    cmd = [python, "-c", NNUNET_MODEL_SCRIPT, dataset, CONFIG, str(weights_out)]
+def make_nnunet_model(python: str, ref: Path, results: Path, weights_out: Path, dataset: str = NNUNET_DATASET,
+                      trained: Path | None = None) -> dict:
+    """nnU-Net's checkpoint_final.pth of its 3d_fullres network, initialised, or with the weights of a `trained`
+    checkpoint_final.pth of the same plan; see NNUNET_MODEL_SCRIPT."""
+    cmd = [python, "-c", NNUNET_MODEL_SCRIPT, dataset, CONFIG, str(weights_out), str(trained or "")]
     run = run_command(cmd, env=nnunet_env(ref, results), cwd=results, timeout=600)
     if not run.ok or not run.output:
         return {"error": f"building nnU-Net's model failed: {run.error()}"}
-    return {**run.output, "build_s": round(run.wall_s, 1)}
+    return {**run.output, "build_s": round(run.wall_s, 1), "trained_from": str(trained) if trained else None}
 
 
 def nnunet_ct_plans(python: str, ref: Path, dataset, values: tuple[int, ...]) -> dict:
@@ -409,7 +413,7 @@ def measure(row: dict, cmd: list[str], env: dict, out_dir: Path, cases: int, tim
                first_output_s=round(min(mtimes) - started, 2))
     if run.output:  # our worker's own figures
         row.update(in_tool_case_s=run.output.get("case_s_mean"), predict_folder_s=run.output.get("predict_folder_s"),
-                   workers=run.output.get("workers", row.get("workers")))
+                   workers=run.output.get("workers", row.get("workers")), computed_in=run.output.get("precision"))
     return row
 
 
@@ -451,6 +455,17 @@ def ratio_text(ours: float | None, theirs: float | None) -> str:
 # ---------------------------------------------------------------- the runs
 
 
+def our_rows(args, label: str, mode: str, precisions: list[str] | None = None, **row) -> list[dict]:
+    """Our rows, one per precision (`--precisions`; Ray rows run the first only). A precision other than
+    auto shows in the label; the mode gives what it computed in (the worker reports it)."""
+    out = []
+    for precision in precisions or args.precisions:
+        shown = "" if precision == "auto" else f" {precision}"
+        out.append({"tool": OURS, "label": label + shown, "mode": mode + (f", --precision {precision}" if shown else ""),
+                    "precision": precision, **row})
+    return out
+
+
 def plan_rows(args, cases: int) -> list[dict]:
     rows = []
     for tta in args.tta:
@@ -459,8 +474,8 @@ def plan_rows(args, cases: int) -> list[dict]:
                 continue
             workers = int(variant.removeprefix("ray"))
             mode = ("in-process" if variant == "1" else f"Ray, {workers} worker" + ("s" if workers > 1 else ""))
-            rows.append({"set": "hippocampus", "tool": OURS, "variant": variant, "label": f"ours {mode}",
-                         "mode": f"predict_folder, {mode}", "tta": tta, "cases": cases, "workers": workers})
+            rows += our_rows(args, f"ours {mode}", f"predict_folder, {mode}", None if variant == "1" else args.precisions[:1],
+                         set="hippocampus", variant=variant, tta=tta, cases=cases, workers=workers)
         if args.nnunet_python:
             for procs in args.nnunet_procs:
                 rows.append({"set": "hippocampus", "tool": NNUNET, "variant": f"npp{procs}",
@@ -468,20 +483,20 @@ def plan_rows(args, cases: int) -> list[dict]:
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}" + (" (sequential)" if procs == 0 else ""),
                              "tta": tta, "cases": cases, "procs": procs})
     if args.lean_cases:
-        rows.append({"set": "lean", "tool": OURS, "variant": "lean", "label": "ours 3d_lean",
-                     "mode": "predict_folder 3d_lean, in-process", "tta": True, "cases": args.lean_cases, "workers": 1})
+        rows += our_rows(args, "ours 3d_lean", "predict_folder 3d_lean, in-process", set="lean", variant="lean", tta=True,
+                     cases=args.lean_cases, workers=1)
     if args.size:
         for tta in args.size_tta:
-            rows.append({"set": "large", "tool": OURS, "variant": "1", "label": f"ours {args.size}^3",
-                         "mode": "predict_folder, in-process", "tta": tta, "cases": 1, "workers": 1})
+            rows += our_rows(args, f"ours {args.size}^3", "predict_folder, in-process", set="large", variant="1", tta=tta,
+                         cases=1, workers=1)
             if args.nnunet_python and args.size_nnunet:
                 procs = min(args.nnunet_procs)
                 rows.append({"set": "large", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net {args.size}^3",
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}", "tta": tta, "cases": 1, "procs": procs})
     if args.ct_cases:
         for tta in args.ct_tta:
-            rows.append({"set": "ct", "tool": OURS, "variant": "1", "label": "ours CT", "mode": "predict_folder, in-process",
-                         "tta": tta, "cases": args.ct_cases, "workers": 1})
+            rows += our_rows(args, "ours CT", "predict_folder, in-process", set="ct", variant="1", tta=tta,
+                         cases=args.ct_cases, workers=1)
             for procs in args.nnunet_procs if args.ct_nnunet else ():
                 rows.append({"set": "ct", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net CT -npp {procs} -nps {procs}",
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}" + (" (sequential)" if procs == 0 else ""),
@@ -493,7 +508,8 @@ def command_for(row: dict, args, wd_root: Path, inputs: Path, out_dir: Path) -> 
     if row["tool"] == OURS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row["variant"], str(wd_root), str(inputs),
                str(out_dir), "--tta", "on" if row["tta"] else "off", "--threads", str(args.threads),
-               "--config", "3d_lean" if row["variant"] == "lean" else CONFIG, "--device", args.device]
+               "--config", "3d_lean" if row["variant"] == "lean" else CONFIG, "--device", args.device,
+               "--precision", row["precision"]]
         return cmd, python_env(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
     tool = str(Path(args.nnunet_python).parent / "nnUNetv2_predict")
     procs = str(row["procs"])
@@ -504,15 +520,15 @@ def command_for(row: dict, args, wd_root: Path, inputs: Path, out_dir: Path) -> 
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (set, tool, variant, TTA): median s/case over the repeats, min and max."""
+    """One entry per (set, tool, variant, precision, TTA): median s/case over the repeats, min and max."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["set"], r["tool"], r["variant"], r["tta"]), []).append(r)
+        groups.setdefault((r["set"], r["tool"], r["variant"], r.get("precision"), r["tta"]), []).append(r)
     out = []
-    for (_, _, _, tta), runs in groups.items():
+    for runs in groups.values():
         ok = [r for r in runs if "s_per_case" in r]
         first = runs[0]
-        s = {k: first[k] for k in ("set", "tool", "variant", "label", "mode", "tta", "cases") if k in first}
+        s = {k: first[k] for k in ("set", "tool", "variant", "label", "mode", "tta", "cases", "precision") if k in first}
         s["repeats"], s["failed"] = len(runs), len(runs) - len(ok)
         if ok:
             med = lambda key: (statistics.median(r[key] for r in ok if r.get(key) is not None)  # noqa: E731
@@ -522,7 +538,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                      first_output_s=round(med("first_output_s"), 2), peak_rss_tree_mib=round(med("peak_rss_tree_mib"), 1),
                      peak_pss_tree_mib=med("peak_pss_tree_mib"),
                      largest_process_mib=med("largest_process_mib"), processes=max(r["processes"] for r in ok),
-                     workers=ok[0].get("workers"), in_tool_case_s=med("in_tool_case_s"))
+                     workers=ok[0].get("workers"), in_tool_case_s=med("in_tool_case_s"),
+                     computed_in=ok[0].get("computed_in"))
         else:
             s["error"] = runs[-1].get("error")
         out.append(s)
@@ -537,7 +554,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def comparisons(summary: list[dict]) -> list[dict]:
-    """Per set and TTA: our fastest variant vs nnU-Net's fastest, and our in-process vs nnU-Net sequential."""
+    """Per set and TTA: our fastest variant vs nnU-Net's fastest; and each of our in-process rows (one per
+    precision) vs nnU-Net's fastest and its sequential mode."""
     out = []
     for set_name in dict.fromkeys(s["set"] for s in summary):
         for tta in dict.fromkeys(s["tta"] for s in summary if s["set"] == set_name):
@@ -546,11 +564,14 @@ def comparisons(summary: list[dict]) -> list[dict]:
             nn = [s for s in ok if s["tool"] == NNUNET]
             if not (ours and nn):
                 continue
-            pairs = [("fastest of each", min(ours, key=lambda s: s["s_per_case"]), min(nn, key=lambda s: s["s_per_case"]))]
-            single = next((s for s in ours if s["variant"] == "1"), None)
+            fastest = min(nn, key=lambda s: s["s_per_case"])
+            pairs = [("fastest of each", min(ours, key=lambda s: s["s_per_case"]), fastest)]
             seq = next((s for s in nn if s["variant"] == "npp0"), None)
-            if single and seq and (single, seq) != pairs[0][1:]:
-                pairs.append(("one process each (in-process vs -npp 0 -nps 0)", single, seq))
+            for single in (s for s in ours if s["variant"] in ("1", "lean")):
+                if len(ours) > 1 and (single, fastest) not in [p[1:] for p in pairs]:
+                    pairs.append(("ours in-process vs nnU-Net's fastest", single, fastest))
+                if seq and seq is not fastest and (single, seq) not in [p[1:] for p in pairs]:
+                    pairs.append(("one process each (in-process vs -npp 0 -nps 0)", single, seq))
             for what, o, n in pairs:
                 out.append({"set": set_name, "tta": tta, "pairing": what, "ours": o["label"], "ours_s_per_case": o["s_per_case"],
                             "nnunet": n["label"], "nnunet_s_per_case": n["s_per_case"],
@@ -576,6 +597,9 @@ def markdown(result: dict) -> str:
              + f". Weights: {m['model']['weights']}"
              + (f"; nnU-Net's checkpoint made by {m['nnunet_model'].get('trainer')}.initialize() + save_checkpoint"
                 if m.get("nnunet_model", {}).get("trainer") else "")
+             + (f", with the weights of the trained checkpoint {m['nnunet_model']['trained_from']} (--nnunet-checkpoint)"
+                if m.get("nnunet_model", {}).get("trained_from") else
+                ", initialised (untrained)" if m.get("nnunet_model", {}).get("trainer") else "")
              + (f" ({m['model']['parameters']:,} parameters)" if m["model"].get("parameters") else "") + ".", "",
              f"Threads: {m['threads']} torch thread(s) in our predicting process (in-process), cores // workers per Ray actor; "
              f"nnU-Net sets {m['nnunet_torch_threads']} (its CPU default, multiprocessing.cpu_count()). "
@@ -601,7 +625,8 @@ def markdown(result: dict) -> str:
                   md_table(["tool", "how", "TTA", "s/case (whole command)", "vs nnU-Net (fastest, same TTA)",
                             "first output s", "CPU-s/case", "in-tool s/case", "peak PSS tree MiB", "peak RSS tree MiB",
                             "processes"],
-                           [(s["tool"], s["mode"], "mirroring" if s["tta"] else "off",
+                           [(s["tool"], s["mode"] + (f"; {s['computed_in']}" if s.get("computed_in") else ""),
+                             "mirroring" if s["tta"] else "off",
                              _fmt_time(s), s.get("vs_nnunet", "–"), s.get("first_output_s"), s.get("cpu_s_per_case"),
                              s.get("in_tool_case_s"), s.get("peak_pss_tree_mib"), s.get("peak_rss_tree_mib"),
                              s.get("processes")) if s.get("s_per_case") else
@@ -617,11 +642,16 @@ def markdown(result: dict) -> str:
                             for c in result["comparisons"]]), ""]
     if result.get("agreement"):
         lines += ["Same weights, so the outputs should agree: "
-                  + "; ".join(f"TTA {'on' if a['tta'] else 'off'} ({a['set']}): {a['voxel_agreement']} of voxels equal "
+                  + "; ".join(f"TTA {'on' if a['tta'] else 'off'} ({a['set']}, {a['ours']}"
+                              f"{', ' + a['precision'] if a.get('precision') else ''} vs {a['nnunet']}): "
+                              f"{a['voxel_agreement']} of voxels equal "
                               f"(worst case {a['worst_case']}, {a['cases']} cases)" for a in result["agreement"])
                   + ". Both average logits over the mirrorings, the overlapping windows and the folds and take the "
-                  "softmax once; what differs is the export (nnU-Net resamples logits, we probabilities) and float "
-                  "summation order, which on untrained weights, whose classes are near ties, flips a few voxels.", ""]
+                  "softmax once; what differs is the export (nnU-Net resamples logits, we probabilities), float "
+                  "summation order and, in mixed precision, the rounding of the convolutions' inputs to bfloat16 "
+                  "(nnU-Net runs float32 on a CPU)"
+                  + (", which on untrained weights, whose classes are near ties, flips a few voxels."
+                     if not m.get("nnunet_model", {}).get("trained_from") else "."), ""]
     norm = (result.get("topology_ct") or {}).get("ct_normalization")
     if norm:
         o, n = norm["ours"], norm["nnunet"]
@@ -700,6 +730,13 @@ def _tta_list(text: str) -> list[bool]:
     return [v == "on" for v in values]
 
 
+def _precisions(text: str) -> list[str]:
+    values = _list(text)
+    if not values or any(v not in ("auto", "mixed", "fp32") for v in values):
+        raise argparse.ArgumentTypeError(f"precisions are auto, mixed or fp32, got {text!r}")
+    return values
+
+
 def _workers(text: str) -> list[str]:
     values = _list(text)
     for v in values:
@@ -735,6 +772,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="TotalSegmentator CT inputs at nnU-Net's plan for that dataset (0: skip; the dataset holds one "
                          "case, more are copies of it)")
     ap.add_argument("--ct-tta", type=_tta_list, default=_tta_list("off,on"), help="TTA settings for the CT case")
+    ap.add_argument("--precisions", type=_precisions, default=["auto"],
+                    help="our in-process rows once per precision of `segpipe predict --precision` (auto,fp32: "
+                         "mixed where native beside float32); Ray rows run the first")
+    ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)  # the worker's own
+    ap.add_argument("--nnunet-checkpoint", type=Path, default=None,
+                    help="a trained checkpoint_final.pth of nnU-Net's 3d_fullres for Dataset004 (benchmarks/"
+                         "nnunet_interop.py trains one): both tools predict with its weights instead of initialised "
+                         "ones, whose near-tied classes make the label agreement a test of float rounding")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every row, interleaved round-robin")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per hippocampus run")
     ap.add_argument("--size-timeout", type=float, default=5400.0, help="seconds per large-volume run")
@@ -746,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.tta) != 1 or rest:
             ap.error("--worker takes exactly one --tta value")
         print(json.dumps(worker(*args.worker, tta=args.tta[0], threads=args.threads, config=args.config,
-                                device=args.device)), flush=True)
+                                device=args.device, precision=args.precision)), flush=True)
         return 0
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
@@ -784,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
             results.mkdir()
             args.nnunet_env = nnunet_env(args.nnunet_ref, results)
             print("building nnU-Net's model (nnUNetTrainer.initialize + save_checkpoint) ...", flush=True)
-            nnunet_model = make_nnunet_model(args.nnunet_python, args.nnunet_ref, results, tmp / "nnunet_weights.pt")
+            nnunet_model = make_nnunet_model(args.nnunet_python, args.nnunet_ref, results, tmp / "nnunet_weights.pt",
+                                             trained=args.nnunet_checkpoint)
             if "error" in nnunet_model:
                 notes.append(f"nnU-Net rows skipped: {nnunet_model['error']}")
                 args.nnunet_python = None
@@ -868,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for plan in rows:
                 row = {**plan, "repeat": repeat}
-                out_dir = tmp / "out" / f"{row['set']}-{row['tool'][:3]}-{row['variant']}-tta{int(row['tta'])}-{repeat}"
+                out_dir = tmp / "out" / (f"{row['set']}-{row['tool'][:3]}-{row['variant']}-{row.get('precision', 'nn')}"
+                                         f"-tta{int(row['tta'])}-{repeat}")
                 cmd, env = command_for(row, args, workdirs[row["set"]], inputs[row["set"]], out_dir)
                 timeout = args.size_timeout if row["set"] == "large" else args.timeout
                 row["load_before"] = [round(x, 2) for x in os.getloadavg()]
@@ -884,14 +931,17 @@ def main(argv: list[str] | None = None) -> int:
         agreement = []
         for set_name in ("hippocampus", "large", "ct"):
             for tta in (False, True):
-                ours = next((r for r in measured if (r["set"], r["tool"], r["tta"], r["repeat"]) == (set_name, OURS, tta, 0)
-                             and "s_per_case" in r), None)
                 nn = next((r for r in measured if (r["set"], r["tool"], r["tta"], r["repeat"]) == (set_name, NNUNET, tta, 0)
                            and "s_per_case" in r), None)
-                if ours and nn and (weights is not None or set_name == "ct"):
-                    a = label_agreement(Path(ours["output_dir"]), Path(nn["output_dir"]), ct_values if set_name == "ct" else None)
+                if not nn or (weights is None and set_name != "ct"):
+                    continue
+                for mine in (r for r in measured if (r["set"], r["tool"], r["tta"], r["repeat"], r["variant"]) ==
+                             (set_name, OURS, tta, 0, "1") and "s_per_case" in r):  # in-process, each precision
+                    a = label_agreement(Path(mine["output_dir"]), Path(nn["output_dir"]),
+                                        ct_values if set_name == "ct" else None)
                     if a:
-                        agreement.append({"set": set_name, "tta": tta, "ours": ours["label"], "nnunet": nn["label"], **a})
+                        agreement.append({"set": set_name, "tta": tta, "ours": mine["label"], "nnunet": nn["label"],
+                                          "precision": mine.get("computed_in"), **a})
     if args.nnunet_python and os.cpu_count() != args.threads:
         notes.append(f"thread counts differ: ours {args.threads}, nnU-Net {os.cpu_count()} (os.cpu_count(), which "
                      "ignores CPU affinity)")

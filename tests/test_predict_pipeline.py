@@ -18,8 +18,13 @@ from pipeline.inference.predict import group_input_files, predict_folder
 from pipeline.inference.predictor import ModelSpec, Predictor, resolve_device
 from pipeline.inference.ray_backend import chunk_cases
 from pipeline.inference.sliding_window import (
+    PRECISIONS,
+    amp_for,
     auto_batch_size,
     auto_lanes,
+    auto_mixed_precision,
+    native_bf16,
+    precision_name,
     sliding_window_predict,
     sliding_window_stream,
 )
@@ -157,6 +162,53 @@ def test_mixed_precision_path_runs_on_cpu_and_agrees():
     assert np.abs(mixed - fp32).max() < 0.05 and np.mean(mixed.argmax(0) == fp32.argmax(0)) > 0.95
 
 
+def test_mixed_precision_is_the_default_where_the_hardware_computes_it(monkeypatch):
+    # CUDA always (nnU-Net's own default there); a CPU only with bfloat16 instructions, since
+    # elsewhere PyTorch emulates bfloat16, slower than float32
+    assert auto_mixed_precision("cuda")
+    for avx512_bf16, amx, want in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16() is want and auto_mixed_precision("cpu") is want
+        assert precision_name(None, "cpu") == ("mixed (bfloat16)" if want else "float32")
+    assert precision_name(False, "cuda") == "float32" and precision_name(None, "cuda") == "mixed (float16)"
+    assert [amp_for(p) for p in PRECISIONS] == [None, True, False]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        amp_for("fp16")
+    from pipeline.cli import build_parser
+
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    assert next(a for a in predict._actions if a.dest == "precision").choices == list(PRECISIONS)
+
+
+def test_mixed_precision_on_a_cpu_keeps_norms_and_heads_in_float32_and_the_labels_of_float32():
+    # the convolutions run bfloat16; every instance norm sees float32 (its sums over a window's
+    # voxels would lose 3 digits in bfloat16) and the heads compute their logits in float32
+    from pipeline.training.model import ConvBlock, PlainConvUNet
+
+    torch.manual_seed(0)  # nnU-Net's 3d_fullres network for Task04_Hippocampus
+    net = PlainConvUNet(3, 1, 3, [32, 64, 128, 256], [[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3,
+                        deep_supervision=False).eval()
+    convs, blocks = [], []  # output dtypes under autocast
+    for m in net.modules():
+        if isinstance(m, ConvBlock):
+            m.register_forward_hook(lambda mod, args, out: blocks.append(out.dtype))
+        elif isinstance(m, torch.nn.Conv3d):
+            m.register_forward_hook(lambda mod, args, out: convs.append(out.dtype))
+    x = torch.randn(2, 1, 40, 56, 40)
+    with torch.inference_mode():
+        fp32 = net(x)
+        convs.clear(), blocks.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(x)
+    assert len(convs) == len(blocks) == 11  # the decoder's first blocks run inline (model.py)
+    assert set(convs) == {torch.bfloat16} and set(blocks) == {torch.float32}  # conv -> norm, activation in float32
+    assert mixed.dtype == torch.float32 and mixed.shape == fp32.shape == (2, 3, 40, 56, 40)
+    # untrained weights: classes near ties, the hardest case for agreement
+    assert (mixed.argmax(1) == fp32.argmax(1)).float().mean() > 0.98
+    assert (mixed - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
 def test_batch_size_follows_the_patch_and_device():
     assert auto_batch_size((40, 56, 40), "cpu") == 2  # hippocampus: small batches on a CPU (memory)
     assert auto_batch_size((40, 56, 40), "cuda") == 8  # a GPU's batches fill it: a window's 8 mirrorings
@@ -236,3 +288,26 @@ def test_predict_command_takes_device_and_reports_stages(hippo_model, hippocampu
     assert predict_folder(wd, inputs, tmp_path / "out", config=CONFIG, tta=False, progress=False,
                           device="cpu").skipped == sorted(p.name[:-7] for p in inputs.iterdir())
     assert ModelSpec(()).device is None  # auto, resolved where the model loads
+    assert report["precision"] == precision_name(None, "cpu")  # auto: what this CPU computes itself
+
+
+def test_precision_flag_chooses_what_the_convolutions_compute_in(hippo_model, hippocampus, tmp_path, capsys):
+    import json
+
+    from pipeline.inference.predictor import predict_case
+
+    wd, _ = hippo_model
+    inputs = _link(tmp_path / "in", sorted((hippocampus / "imagesTr").iterdir())[:1])
+    case = group_input_files(inputs, 1)[0]
+    for precision, amp in (("fp32", False), ("mixed", True)):
+        out = tmp_path / precision
+        assert cli_main(["predict", "--workdir", str(wd.root), str(inputs), str(out), "--config", CONFIG, "--no-tta",
+                         "--device", "cpu", "--precision", precision, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["precision"] == ("float32" if precision == "fp32" else "mixed (bfloat16)")
+        want, _ = predict_case(Predictor.load(wd, CONFIG, "0", tta=False, device="cpu", amp=amp), case)
+        np.testing.assert_array_equal(np.asarray(nib.load(out / f"{case.case_id}.nii.gz").dataobj), want)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["predict", "--workdir", str(wd.root), str(inputs), str(tmp_path / "x"), "--precision", "fp16"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

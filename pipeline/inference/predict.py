@@ -26,6 +26,7 @@ from pipeline.inference.predictor import (
     parse_folds,
     prediction_name,
 )
+from pipeline.inference.sliding_window import amp_for, precision_name
 from pipeline.storage import absolute, as_path, is_url
 from pipeline.workdir import Workdir
 
@@ -120,6 +121,7 @@ class PredictReport:
     seconds: float = 0.0
     device: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)  # case_pipeline.StageSeconds, summed over workers
+    precision: str = ""  # of the forward passes: "float32", "mixed (bfloat16)", "mixed (float16)"; Ray: as asked
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,7 +133,8 @@ class PredictReport:
         mean = (f" ({self.seconds / len(per):.2f}s per case; each case {np.mean(per):.1f}s from reading to written)"
                 if per else "")
         lines = [f"predicted {len(self.predicted)} case(s) with {self.config} fold {','.join(self.folds)}"
-                 f"{' (mirroring TTA)' if self.tta else ''} -> {self.output_dir} in {self.seconds:.1f}s{mean}; "
+                 f"{' (mirroring TTA)' if self.tta else ''}{f', {self.precision}' if self.precision else ''}"
+                 f" -> {self.output_dir} in {self.seconds:.1f}s{mean}; "
                  f"{len(self.skipped)} already there, {len(self.failed)} failed"]
         lines.extend(f"  failed {f['case']}: {f['message']}" for f in self.failed)
         return "\n".join(lines)
@@ -147,13 +150,15 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
                    ray_address: str | None = None, progress: bool = True, checkpoint: str = "final",
                    step: float = 0.5, batch_size: int | None = None, device: str | None = None,
                    postprocess: bool = True, use_gpu: bool | None = None, cpus_per_worker: int | None = None,
-                   resources_timeout_s: float = 600.0) -> PredictReport:
+                   resources_timeout_s: float = 600.0, precision: str = "auto") -> PredictReport:
     """Predict every case of INPUT_DIR into OUTPUT_DIR/CASE.<the input's ending>, skipping cases already written.
 
     The cases run as a pipeline (`case_pipeline`): reading the next cases and exporting the previous
     ones overlap with the network, whose batches take windows of consecutive cases. `device`: "cpu",
     "cuda" (window logits accumulated on the GPU, mixed precision) or None / "auto" (CUDA when there
-    is one). Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
+    is one). `precision` (`sliding_window.PRECISIONS`): "auto" runs the convolutions in mixed precision
+    where the hardware computes it itself (CUDA; a CPU with bfloat16 instructions), "fp32" never,
+    "mixed" always. Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
     nnUNetv2_predict does (`predictor.available_folds`). The post-processing rule beside the model
     (decided by `segpipe evaluate-cv`) is applied unless `postprocess` is False. With `num_workers` > 1 or a `ray_address`
     the cases are spread over Ray workers, each loading the model once (`pipeline.inference.ray_backend`);
@@ -191,9 +196,11 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
         from pipeline.inference.predictor import resolve_device
 
         device = resolve_device(device)
+    amp = amp_for(precision)
     spec = ModelSpec(run_dirs=tuple(str(r) for r in run_dirs), checkpoint=checkpoint, tta=tta, step=step,
-                     batch_size=batch_size, device=device, postprocess=postprocess)
-    report = PredictReport(str(output_dir), config, folds, tta, workers=1, device=str(device or "auto"))
+                     batch_size=batch_size, device=device, postprocess=postprocess, amp=amp)
+    report = PredictReport(str(output_dir), config, folds, tta, workers=1, device=str(device or "auto"),
+                           precision=precision_name(amp, device) if not use_ray else precision)
     report.skipped = [c.case_id for c in cases if _is_done(output_dir, c, save_probabilities)]
     todo = [c for c in cases if c.case_id not in set(report.skipped)]
     output_dir.mkdir(parents=True, exist_ok=True)

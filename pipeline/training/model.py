@@ -25,6 +25,8 @@ module it stands in for computes:
 Callers see the usual layout: inputs of any layout are accepted and the logits come back contiguous.
 Without autograd (inference) each block normalises its convolution's output in place and the decoder
 lets go of each skip and upsampled tensor once used: the same bits, about 40% less activation memory.
+Under CPU autocast (mixed-precision prediction, `sliding_window.auto_mixed_precision`) the convolutions
+run in bfloat16 while each instance norm, activation and segmentation head computes in float32.
 On other devices, and for a batch of one (which PyTorch's oneDNN convolution computes NCDHW whatever
 the strides), the network runs as nnU-Net's, in the layout it is given.
 """
@@ -116,7 +118,13 @@ def _instance_norm_inplace_(norm: nn.modules.instancenorm._InstanceNorm, x: torc
 
 
 def _norm_act(norm: nn.Module, act: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """act(norm(y)); without autograd, on a channels-last CPU `y` that the caller owns, normalised in place."""
+    """act(norm(y)); without autograd, on a channels-last CPU `y` that the caller owns, normalised in place.
+
+    Under CPU autocast the convolution hands over bfloat16: the statistics and everything up to the
+    next convolution are computed in float32 (bfloat16 sums of 90k voxels lose 3 digits; and the
+    float32 path is also the faster one here)."""
+    if y.device.type == "cpu" and y.dtype != norm.weight.dtype and y.is_floating_point():
+        y = y.to(norm.weight.dtype)
     if not torch.is_grad_enabled() and _channels_last_norm_applies(norm, y):
         return act(_instance_norm_inplace_(norm, y))
     return act(norm(y))
@@ -159,6 +167,16 @@ class StackedConvBlocks(nn.Sequential):
         blocks = [ConvBlock(dims, in_ch, out_ch, kernel, first_stride)]
         blocks += [ConvBlock(dims, out_ch, out_ch, kernel, [1] * dims) for _ in range(n - 1)]
         super().__init__(*blocks)
+
+
+def _head(conv: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A segmentation head's logits; under CPU autocast in float32 all the same: the head is a few
+    multiply-adds per voxel, and bfloat16's 8-bit mantissa would round near-ties between classes.
+    (CUDA autocast is left as nnU-Net has it.)"""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _head(conv, x.float(), channels_last)
+    return _head_channels_last(conv, x) if channels_last else conv(x)
 
 
 def _head_channels_last(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +283,7 @@ class PlainConvUNet(nn.Module):
             else:
                 x = stage(torch.cat((up(x), skips.pop()), 1))
             if self.deep_supervision or s == last:
-                outputs.append(_head_channels_last(self.seg_layers[s], x) if channels_last else self.seg_layers[s](x))
+                outputs.append(_head(self.seg_layers[s], x, channels_last))
         outputs.reverse()  # highest resolution first, as the loss weights expect
         return outputs if self.deep_supervision else outputs[0]
 
