@@ -397,8 +397,9 @@ def headline_rows() -> list[tuple]:
     compared = [(c, pred, "predict.md") for c in (pred or {}).get("comparisons", [])
                 if not (pred_ct and c["set"] == "ct")]
     compared += [(c, pred_ct, "predict_ct.md") for c in (pred_ct or {}).get("comparisons", []) if c["set"] == "ct"]
-    for c, source, page in compared:
-        if c["pairing"] != "fastest of each":
+    for c, source, page in compared:  # ours fastest vs theirs; and in float32 (--precision fp32), where measured
+        if c["pairing"] != "fastest of each" and not (c["pairing"] == "ours in-process vs nnU-Net's fastest"
+                                                      and c["ours"].endswith(" fp32")):
             continue
         what = {"hippocampus": f"{source['meta']['cases']} hippocampus cases",
                 "ct": "the TotalSegmentator CT case (42 classes, nnU-Net's plan for it)"}.get(
@@ -412,7 +413,8 @@ def headline_rows() -> list[tuple]:
                 _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(source), page, source)
     for s in (pred or {}).get("summary", []):
         if s["set"] == "lean" and s.get("s_per_case"):
-            add(f"Prediction, {s['cases']} hippocampus cases, 3d_lean with mirroring TTA, whole command, s/case",
+            add(f"Prediction, {s['cases']} hippocampus cases, 3d_lean with mirroring TTA, whole command"
+                f"{'' if s.get('precision', 'auto') == 'auto' else ', --precision ' + s['precision']}, s/case",
                 _num(s["s_per_case"], 3), "–", "–", _device(pred), "predict.md", pred)
         if s["set"] == "large" and s["tool"] == "seg-pipeline" and s.get("s_per_case") and not any(
                 c["set"] == "large" and c["tta"] == s["tta"] for c in pred.get("comparisons", [])):

@@ -64,16 +64,19 @@ def restore_label(index_array: np.ndarray, meta: CaseMeta | dict, label_map: Lab
     return label_map.to_values(_to_ras(full, meta, 0))
 
 
-def restore_probabilities(probs: np.ndarray, meta: CaseMeta | dict, background_channel: bool = True) -> np.ndarray:
+def restore_probabilities(probs: np.ndarray, meta: CaseMeta | dict, background_channel: bool = True,
+                          threads: int = 1) -> np.ndarray:
     """(K, *store-frame) probabilities -> (K, *RAS shape) float32 on the original grid.
 
-    Resampled with order 1 (in-plane; `order_z` along a separate low-resolution axis). Outside the
-    crop the image was zero, so there channel 0 (background) is 1 and the others 0; region outputs
-    (`background_channel=False`: every channel a foreground region) are all 0 there.
+    Resampled with order 1 (in-plane; `order_z` along a separate low-resolution axis), `threads`
+    channels at once. Outside the crop the image was zero, so there channel 0 (background) is 1 and
+    the others 0; region outputs (`background_channel=False`: every channel a foreground region) are
+    all 0 there.
     """
     meta = _meta(meta)
     probs = _unpad(np.asarray(probs, dtype=np.float32), meta, 1)
-    probs = resample_image(probs, meta.shape_after_crop, order=1, axis=meta.separate_z_axis, order_z=meta.order_z)
+    probs = resample_image(probs, meta.shape_after_crop, order=1, axis=meta.separate_z_axis, order_z=meta.order_z,
+                           threads=threads)
     full = np.zeros((probs.shape[0], *_store_full_shape(meta)), dtype=np.float32)
     if background_channel:
         full[0] = 1.0

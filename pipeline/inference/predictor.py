@@ -273,8 +273,10 @@ def finish_case(predictor: Predictor, prepared: PreparedCase, store_probs, outpu
     meta, label_map = prepared.meta, predictor.label_map
     probabilities = None
     if save_probabilities or isinstance(store_probs, np.ndarray):
+        # the process's torch threads are its share of the cores (Ray actors: cores // actors)
         probabilities = restore_probabilities(np.asarray(store_probs[...]), meta,
-                                              background_channel=not label_map.has_regions)
+                                              background_channel=not label_map.has_regions,
+                                              threads=torch.get_num_threads())
         del store_probs
         label = label_map.probabilities_to_values(probabilities)
     else:  # too large for memory: labels chunk by chunk in the store frame, restore the label only

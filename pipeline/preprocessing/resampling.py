@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -155,16 +156,30 @@ def _resample_region(vol: np.ndarray, full_in: Sequence[int], full_out: Sequence
 
 
 def resample_image(data: np.ndarray, new_shape: Sequence[int], order: int = 3, axis: int | None = None,
-                   order_z: int = 0) -> np.ndarray:
-    """(C, *spatial) float -> float32 (C, *new_shape). `axis`: see `separate_z_axis`."""
+                   order_z: int = 0, threads: int = 1) -> np.ndarray:
+    """(C, *spatial) float -> float32 (C, *new_shape). `axis`: see `separate_z_axis`.
+
+    `threads` > 1 resamples that many channels at once (the same bits: channels are independent, and
+    the sparse products and copies run without the GIL). For prediction's export of many class
+    probabilities; preprocessing leaves it at 1, its cases already run in parallel."""
     new_shape = tuple(int(s) for s in new_shape)
     spatial = data.shape[1:]
     if tuple(spatial) == new_shape:
         return data.astype(np.float32, copy=True)
     out = np.empty((data.shape[0], *new_shape), dtype=np.float32)
     zeros = [0] * len(spatial)
-    for c in range(data.shape[0]):
+
+    def channel(c: int) -> None:
         out[c] = _resample_region(data[c], spatial, new_shape, order, axis, order_z, zeros, zeros, new_shape)
+
+    threads = max(1, min(int(threads), data.shape[0]))
+    if threads == 1:
+        for c in range(data.shape[0]):
+            channel(c)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="segpipe-resample") as pool:
+            for done in [pool.submit(channel, c) for c in range(data.shape[0])]:
+                done.result()  # a failure reaches the caller
     return out
 
 
