@@ -40,10 +40,12 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -114,7 +116,11 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             ray.kill(actor)
     with timed("model load"):
         predictor = Predictor.from_spec(spec)
-    forwards = {"plain": 0.0, "mirrored": 0.0, "plain_cpu": 0.0, "mirrored_cpu": 0.0}
+    # as finish_case resamples (several channels at once), where the code measured has that option
+    resample_threads = ({"threads": torch.get_num_threads()}
+                        if "threads" in inspect.signature(restore_probabilities).parameters else {})
+    forwards = {"plain_cpu": 0.0, "mirrored_cpu": 0.0}
+    lock = threading.Lock()
     passes = 8 if tta else 1
 
     class TimedNetwork(torch.nn.Module):
@@ -125,15 +131,18 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             self.net = net
 
         def forward(self, x):
-            t, c = time.perf_counter(), time.process_time()
+            # A forward lane (sliding_window.auto_lanes) is a thread of its own with one torch thread, and two
+            # run at once: the process's CPU clock would count the other lane as well, the thread's does not.
+            # On the calling thread (one lane) the process's clock also counts torch's intra-op threads.
+            clock = time.process_time if threading.current_thread() is threading.main_thread() else time.thread_time
+            c = clock()
             out = self.net(x)
             sync()
             # every window has 1 plain and passes - 1 mirrored inputs, however they are batched
-            seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
-            forwards["plain"] += seconds / passes
-            forwards["mirrored"] += seconds * (passes - 1) / passes
-            forwards["plain_cpu"] += cpu_s / passes
-            forwards["mirrored_cpu"] += cpu_s * (passes - 1) / passes
+            cpu_s = clock() - c
+            with lock:
+                forwards["plain_cpu"] += cpu_s / passes
+                forwards["mirrored_cpu"] += cpu_s * (passes - 1) / passes
             return out
 
     network = predictor.network
@@ -159,8 +168,12 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
             softmax_(scratch[:, row])
         softmax_s, softmax_cpu = time.perf_counter() - t, time.process_time() - c
         del scratch
-        plain, mirrored = forwards["plain"] - before["plain"], forwards["mirrored"] - before["mirrored"]
         plain_cpu, mirrored_cpu = forwards["plain_cpu"] - before["plain_cpu"], forwards["mirrored_cpu"] - before["mirrored_cpu"]
+        # lanes overlap, so the forwards' own wall seconds would add up to more than the window loop took:
+        # the loop's wall seconds are split by the CPU seconds instead
+        share = min(1.0, (plain_cpu + mirrored_cpu) / window_cpu) if window_cpu > 0 else 0.0
+        plain = window_s * share * plain_cpu / max(plain_cpu + mirrored_cpu, 1e-12)
+        mirrored = window_s * share - plain
         steps["windows (network)"] += plain
         steps["mirroring"] += mirrored
         steps["softmax"] += softmax_s
@@ -170,7 +183,7 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         cpu["softmax"] += softmax_cpu
         cpu["window bookkeeping"] += max(0.0, window_cpu - plain_cpu - mirrored_cpu - softmax_cpu)
         with timed("resample back"):
-            probabilities = restore_probabilities(np.asarray(probs), pre.meta)
+            probabilities = restore_probabilities(np.asarray(probs), pre.meta, **resample_threads)
         with timed("argmax"):
             index = probabilities.argmax(0)
         with timed("export"):
