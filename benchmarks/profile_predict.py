@@ -50,8 +50,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# the code a child measures: this checkout, or a --compare checkout (SEGPIPE_PROFILE_CODE). It goes first on
+# sys.path: on PYTHONPATH alone it would come after this checkout, and both sides would run this one's code
+CODE = Path(os.environ.get("SEGPIPE_PROFILE_CODE") or REPO).resolve()
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(CODE))
 
 STEPS = ["interpreter and imports", "Ray start", "model load", "read", "preprocess", "windows (network)",
          "mirroring", "window bookkeeping", "softmax", "resample back", "argmax", "export", "write", "other"]
@@ -200,7 +203,10 @@ def child(workdir: str, config: str, input_dir: str, output_dir: str, tta: bool,
         del probs, probabilities, pre, data
     steps["other"] = max(0.0, process_age_s() - sum(steps.values()))
     cpu["other"] = max(0.0, time.process_time() - sum(cpu.values()))
+    import pipeline
+
     result = {"cases": len(cases), "steps": {k: round(v, 4) for k, v in steps.items()},
+              "pipeline_from": str(Path(pipeline.__file__).resolve().parents[1]),
               "cpu": {k: round(v, 4) for k, v in cpu.items()}, "shapes": shapes[:3],
               "sequential_total_s": round(process_age_s(), 3), "threads": threads, "tta": tta, "config": config}
     if whole:
@@ -391,14 +397,16 @@ def main(argv: list[str] | None = None) -> int:
                   ([] if job["set"] in args.whole.split(",") else ["--no-whole"])
             load_before = [round(x, 2) for x in os.getloadavg()]
             env = python_env(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-            if code:
-                env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve()), env["PYTHONPATH"]])
+            env["SEGPIPE_PROFILE_CODE"] = str(Path(code or REPO).resolve())
             run = run_command(cmd, env=env, cwd=REPO, timeout=args.timeout)
             entry = {"set": job["set"], "label": job["label"] + (f" ({tag})" if tag else ""), "code": code or str(REPO), "info": job["info"], "load_before": load_before,
                      "load_after": [round(x, 2) for x in os.getloadavg()], "peak_rss_tree_mib": round(run.peak_rss_tree_mib, 1)}
             if not run.ok or not run.output:
                 entry["error"] = run.error()
                 print(f"{entry['label']}: FAILED {entry['error']}\n{run.stderr_tail[-2000:]}", flush=True)
+            elif run.output.get("pipeline_from") != env["SEGPIPE_PROFILE_CODE"]:
+                entry["error"] = f"measured {run.output.get('pipeline_from')}'s code instead of {env['SEGPIPE_PROFILE_CODE']}"
+                print(f"{entry['label']}: FAILED {entry['error']}", flush=True)
             else:
                 entry.update(run.output)
                 entry["total_s"] = sum(v for k, v in run.output["steps"].items() if k != "Ray start")
