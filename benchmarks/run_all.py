@@ -407,7 +407,7 @@ def headline_rows() -> list[tuple]:
         add(f"Prediction, {what}, whole command, TTA {'on' if c['tta'] else 'off'} ({c['ours']} vs {c['nnunet']}), s/case",
             _num(c["ours_s_per_case"]), _num(c["nnunet_s_per_case"]),
             c["ratio"], _device(source), page, source)
-        if c["ours_peak_pss_tree_mib"] and c["nnunet_peak_pss_tree_mib"]:
+        if c["ours_peak_pss_tree_mib"] and c["nnunet_peak_pss_tree_mib"] and c["pairing"] == "fastest of each":
             add(f"Prediction peak memory, {what}, TTA {'on' if c['tta'] else 'off'}: PSS of the process tree (MiB)",
                 _num(c["ours_peak_pss_tree_mib"], 0), _num(c["nnunet_peak_pss_tree_mib"], 0),
                 _ratio(c["ours_peak_pss_tree_mib"], c["nnunet_peak_pss_tree_mib"], "lower"), _device(source), page, source)
