@@ -440,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train the U-Net data-parallel with Ray Train, streaming patches from Zarr")
     p.add_argument("--workdir", required=True)
     _add_train(p)
+    p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
+                   help="what the convolutions compute in: auto (default) mixed precision where the hardware computes "
+                        "it itself (float16 + gradient scaling on CUDA as nnU-Net; bfloat16 on a CPU with "
+                        "AVX512-BF16/AMX), else float32; fp32 always float32; mixed always mixed")
 
     p = add("predict", "sliding-window inference, written in the input's format and original geometry")
     p.add_argument("--workdir", required=True)

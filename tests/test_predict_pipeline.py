@@ -18,16 +18,12 @@ from pipeline.inference.predict import group_input_files, predict_folder
 from pipeline.inference.predictor import ModelSpec, Predictor, resolve_device
 from pipeline.inference.ray_backend import chunk_cases
 from pipeline.inference.sliding_window import (
-    PRECISIONS,
-    amp_for,
     auto_batch_size,
     auto_lanes,
-    auto_mixed_precision,
-    native_bf16,
-    precision_name,
     sliding_window_predict,
     sliding_window_stream,
 )
+from pipeline.precision import PRECISIONS, amp_for, auto_mixed_precision, native_bf16, precision_name
 
 CONFIG = "3d_lean"
 

@@ -15,6 +15,7 @@ from test_sampling import make_tiny_workdir
 from pipeline.cli import build_parser
 from pipeline.errors import BadInputError
 from pipeline.planning.plans import Plans
+from pipeline.precision import precision_name
 from pipeline.training.launch import prepare_run, prepare_storage, run_name, run_training
 from pipeline.training.loop import (
     RECIPES,
@@ -26,6 +27,7 @@ from pipeline.training.loop import (
     supervision_weights,
     training_progress,
 )
+from pipeline.workdir import TRAINING_LOG
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,13 @@ def tiny(tmp_path_factory, hippocampus):
 def test_settings_come_from_the_train_command_line(tmp_path):
     args = build_parser().parse_args(["train", "--workdir", str(tmp_path), "--config", "3d_lean", "--fold", "all",
                                       "--num-workers", "2", "--iterations-per-epoch", "7", "--resume",
-                                      "--recipe", "nnunet", "--seed", "3", "--checkpoint-every", "2"])
+                                      "--recipe", "nnunet", "--seed", "3", "--checkpoint-every", "2", "--precision", "fp32"])
     s = TrainSettings.from_args(args)
     assert (s.workdir, s.config, s.fold, s.num_workers, s.iterations_per_epoch, s.resume) == \
         (str(tmp_path), "3d_lean", "all", 2, 7, True)
     assert (s.recipe, s.seed, s.checkpoint_every, s.val_iterations, s.epochs) == ("nnunet", 3, 2, None, None)
+    assert s.precision == "fp32" and TrainSettings.from_args(build_parser().parse_args(
+        ["train", "--workdir", str(tmp_path)])).precision == "auto"
     assert TrainSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
 
 
@@ -58,6 +62,8 @@ def test_recipes_fill_what_was_not_given(tiny):
         TrainSettings(str(tiny.root), epochs=0).resolved(plans)
     with pytest.raises(BadInputError, match="recipe"):
         TrainSettings(str(tiny.root), recipe="fast").resolved(plans)
+    with pytest.raises(BadInputError, match="unknown precision 'fp16'"):
+        TrainSettings(str(tiny.root), precision="fp16").resolved(plans)
 
 
 def test_schedule_and_deep_supervision_weights_follow_nnunet():
@@ -141,6 +147,8 @@ def test_two_ray_workers_learn_in_sync_and_a_run_resumes_from_its_checkpoint(tin
 
     for name in ("model_best.pt", "model_final.pt", "plans.json", "train_settings.json", "training_curves.png"):
         assert (run_dir / name).is_file(), name
+    # the default precision: mixed where this CPU computes bfloat16 itself (pipeline.precision), said in the log
+    assert f"torch thread(s), {precision_name(None, 'cpu')}" in (run_dir / TRAINING_LOG).read_text()
     net, plans, meta = load_trained_network(run_dir)
     assert meta["epoch"] == 2 and meta["label_values"] == [0, 1, 2]
     with torch.no_grad():

@@ -26,7 +26,7 @@ from pipeline.inference.predictor import (
     parse_folds,
     prediction_name,
 )
-from pipeline.inference.sliding_window import amp_for, precision_name
+from pipeline.precision import amp_for, precision_name
 from pipeline.storage import absolute, as_path, is_url
 from pipeline.workdir import Workdir
 

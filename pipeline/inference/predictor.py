@@ -42,7 +42,7 @@ class ModelSpec:
     batch_size: int | None = None  # network inputs (windows x mirrorings) per forward; None: sized to the patch
     device: str | None = None  # "cpu", "cuda", "cuda:1", or None / "auto": CUDA when available, else CPU
     accumulate: str = "auto"  # memory | device | zarr | auto (sliding_window.sliding_window_stream)
-    amp: bool | None = None  # mixed-precision forward passes; None: sliding_window.auto_mixed_precision
+    amp: bool | None = None  # mixed-precision forward passes; None: pipeline.precision.auto_mixed_precision
     lanes: int | None = None  # forward passes at once (CPU threads); None: sliding_window.auto_lanes
     postprocess: bool = True  # apply the postprocessing.json beside the model, when there is one
 

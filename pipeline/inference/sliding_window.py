@@ -30,6 +30,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from pipeline.console import progress_bar
+from pipeline.precision import auto_mixed_precision
 
 log = logging.getLogger("segpipe.predict")
 
@@ -276,45 +277,6 @@ def auto_lanes(device: str | torch.device, patch_size: Sequence[int] = (), per_f
         return 1
     in_flight = CPU_LANES * per_forward * int(np.prod(patch_size, dtype=np.int64))
     return CPU_LANES if in_flight <= CPU_LANE_VOXELS else 1
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 itself (AVX512-BF16 or AMX); elsewhere PyTorch emulates it,
-    slower than float32."""
-    cpu = torch.cpu
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-# Precisions of `segpipe predict --precision`: "auto" (mixed where the hardware computes it itself,
-# `auto_mixed_precision`), "mixed" (autocast: float16 on CUDA, bfloat16 on a CPU) or "fp32".
-PRECISIONS = ("auto", "mixed", "fp32")
-
-
-def auto_mixed_precision(device: str | torch.device) -> bool:
-    """Whether forward passes run in mixed precision when not told: on CUDA (float16, as nnU-Net) and on
-    a CPU with native bfloat16. Convolutions then run in the short type; instance norms, activations
-    and the heads stay float32 (pipeline.training.model). On the CPU of
-    benchmarks/results/predict.md a window costs about 1.6x less, and a trained hippocampus model's
-    labels agree with float32 on 99.99% of voxels (nnU-Net's fp16 GPU default differs from its own
-    CPU float32 about as much)."""
-    kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and native_bf16())
-
-
-def amp_for(precision: str) -> bool | None:
-    """A `PRECISIONS` name as ModelSpec.amp: None (decide per device), True or False."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return {"auto": None, "mixed": True, "fp32": False}[precision]
-
-
-def precision_name(amp: bool | None, device: str | torch.device) -> str:
-    """What the forward passes compute in, for reports: "float32", "mixed (bfloat16)" or "mixed (float16)"."""
-    device = torch.device(device)
-    if not (auto_mixed_precision(device) if amp is None else amp):
-        return "float32"
-    return f"mixed ({str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')})"
 
 
 class _DeviceAccumulator:

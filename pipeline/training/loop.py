@@ -43,6 +43,7 @@ from pipeline.console import number
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.parallel import assigned_cpus
 from pipeline.planning.plans import Plans
+from pipeline.precision import PRECISIONS, amp_for, auto_mixed_precision, precision_name
 from pipeline.storage import append_text, as_path, local_file, replacing
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAINING_CURVES, TRAINING_LOG, Workdir, model_file
 
@@ -106,6 +107,7 @@ class TrainSettings:
     use_gpu: bool | None = None  # True: one GPU per worker (waits for GPU nodes); False: CPU only; None: GPUs if the cluster has some now
     cpus_per_worker: int | None = None  # CPUs Ray reserves per worker; its torch threads and loaders follow (None: a local Ray's CPUs / workers, else 1)
     resources_timeout_s: float = 600.0  # how long to wait for the cluster (an autoscaler) to provide the workers' resources
+    precision: str = "auto"  # pipeline.precision.PRECISIONS: auto = mixed where the device computes it itself
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -119,13 +121,15 @@ class TrainSettings:
             ray_address=get("ray_address"), recipe=get("recipe"), checkpoint_every=get("checkpoint_every"),
             seed=get("seed") if get("seed") is not None else 12345,
             use_gpu=get("use_gpu"), cpus_per_worker=get("cpus_per_worker"),
-            resources_timeout_s=get("resources_timeout_s") or 600.0,
+            resources_timeout_s=get("resources_timeout_s") or 600.0, precision=get("precision") or "auto",
         )
 
     def resolved(self, plans: Plans) -> TrainSettings:
         """A copy with every recipe default filled in, checked (BadInputError on nonsense)."""
         conf = plans.configuration(self.config)
         recipe_name = self.recipe or ("lean" if conf.preset == "lean" or self.config.endswith("_lean") else "nnunet")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
         if recipe_name not in RECIPES:
             raise BadInputError(f"unknown recipe {recipe_name!r} (choose from {', '.join(RECIPES)})")
         r = RECIPES[recipe_name]
@@ -394,7 +398,11 @@ class _WorkerRun:
         self._region_indices = self.label_map.region_indices if self.label_map.has_regions else None
         self.net = build_network(self.conf, self.num_channels, self.num_classes, deep_supervision=True).to(self.device)
         self.optimizer = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
+        # mixed precision (pipeline.precision): float16 + GradScaler on CUDA, as nnU-Net; bfloat16 on a CPU
+        # (float32's exponent range: no scaler)
+        self.amp = amp_for(self.settings.precision)
+        self.amp = auto_mixed_precision(self.device) if self.amp is None else self.amp
+        self.scaler = torch.amp.GradScaler("cuda") if self.cuda and self.amp else None
         weights = supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda)
         batch_dice = True if self.conf.batch_dice is None else bool(self.conf.batch_dice)
         self.loss_fn = DeepSupervisionLoss(build_loss(self.recipe.loss, deep_supervision=False, batch_dice=batch_dice,
@@ -489,7 +497,8 @@ class _WorkerRun:
                       f"{len(self.train_spec.case_ids)} train / {len(self.val_spec.case_ids)} val cases, "
                       f"batch {self.local_batch}/rank, {s.iterations_per_epoch} it/epoch, "
                       f"epochs {s.epochs or '-'}, budget {s.time_budget_min or '-'} min; per worker {self.cores} CPU(s), "
-                      f"{torch.get_num_threads()} torch thread(s){', 1 GPU' if self.cuda else ''}")
+                      f"{torch.get_num_threads()} torch thread(s){', 1 GPU' if self.cuda else ''}, "
+                      f"{precision_name(self.amp, self.device)}")
         # measured (benchmarks/loader.py): on CPU loading is ~1-3% of a step, so one thread hides it
         # without a second interpreter; a GPU step is fast enough to need loader processes
         prefetch = s.prefetch if s.prefetch != "auto" else ("process" if self.cuda else "thread")
@@ -558,7 +567,7 @@ class _WorkerRun:
             image = image.to(self.device, non_blocking=True)
             label = label.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=self.cuda):
+            with torch.autocast(self.device.type, enabled=self.amp):
                 loss = self.loss_fn(self.model(image), label)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -587,7 +596,7 @@ class _WorkerRun:
         self.net.eval()
         for image, label in data:
             image, label = image.to(self.device), label.to(self.device)
-            with torch.autocast(self.device.type, enabled=self.cuda):
+            with torch.autocast(self.device.type, enabled=self.amp):
                 outputs = self.net(image)
                 loss = self.loss_fn(outputs, label)
             tp, fp, fn = pseudo_dice(outputs[0], label, self.num_classes, self._region_indices,
