@@ -352,6 +352,16 @@ def headline_rows() -> list[tuple]:
             o = max(ok, key=lambda r: r["samples_per_s"])
             add(f"Training step (fp32, batch {o['batch']}, {o['threads']} thread(s)), samples/s", _num(o["samples_per_s"], 3),
                 "not run", "–", _device(step), "train_step.md", step)
+    for name in ("train_step", "train_step_bf16"):  # mixed precision (CPU autocast) vs nnU-Net's CPU default, float32
+        mixed = _read(name)
+        runs = [r for r in (mixed or {}).get("runs", []) if "samples_per_s" in r]
+        for o in (r for r in runs if r["impl"] == "seg-pipeline" and r["variant"] == "bf16_autocast"):
+            n = next((r for r in runs if r["impl"] == "nnunet" and r["variant"] == "fp32"
+                      and (r["batch"], r["threads"]) == (o["batch"], o["threads"])), None)
+            add(f"Training step, ours in bfloat16 (what `segpipe train` runs on this CPU) vs nnU-Net's float32, batch "
+                f"{o['batch']}, {o['threads']} threads, samples/s", _num(o["samples_per_s"], 3),
+                _num(n["samples_per_s"], 3) if n else "not run",
+                _ratio(o["samples_per_s"], n["samples_per_s"]) if n else "–", _device(mixed), f"{name}.md", mixed)
     gstep = _read("gpu_train_step")
     if gstep:
         # a non-finite loss (null in the JSON) means GradScaler skipped the optimizer steps: not a training step's time
