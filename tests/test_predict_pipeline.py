@@ -173,8 +173,9 @@ def test_mixed_precision_is_the_default_where_the_hardware_computes_it(monkeypat
         amp_for("fp16")
     from pipeline.cli import build_parser
 
-    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
-    assert next(a for a in predict._actions if a.dest == "precision").choices == list(PRECISIONS)
+    for command in ("predict", "train"):
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        assert next(a for a in parser._actions if a.dest == "precision").choices == list(PRECISIONS), command
 
 
 def test_mixed_precision_on_a_cpu_keeps_norms_and_heads_in_float32_and_the_labels_of_float32():

@@ -156,7 +156,7 @@ def predict_folder(workdir, input_dir, output_dir, config: str = "3d_fullres", f
     The cases run as a pipeline (`case_pipeline`): reading the next cases and exporting the previous
     ones overlap with the network, whose batches take windows of consecutive cases. `device`: "cpu",
     "cuda" (window logits accumulated on the GPU, mixed precision) or None / "auto" (CUDA when there
-    is one). `precision` (`sliding_window.PRECISIONS`): "auto" runs the convolutions in mixed precision
+    is one). `precision` (`pipeline.precision.PRECISIONS`): "auto" runs the convolutions in mixed precision
     where the hardware computes it itself (CUDA; a CPU with bfloat16 instructions), "fp32" never,
     "mixed" always. Several folds ('0,1,2') average their probabilities; `fold=None` uses every fold with a model, as
     nnUNetv2_predict does (`predictor.available_folds`). The post-processing rule beside the model

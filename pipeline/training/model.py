@@ -25,7 +25,7 @@ module it stands in for computes:
 Callers see the usual layout: inputs of any layout are accepted and the logits come back contiguous.
 Without autograd (inference) each block normalises its convolution's output in place and the decoder
 lets go of each skip and upsampled tensor once used: the same bits, about 40% less activation memory.
-Under CPU autocast (mixed-precision prediction, `pipeline.precision`) the convolutions
+Under CPU autocast (mixed precision in prediction and training, `pipeline.precision`) the convolutions
 run in bfloat16 while each instance norm, activation and segmentation head computes in float32.
 On other devices, and for a batch of one (which PyTorch's oneDNN convolution computes NCDHW whatever
 the strides), the network runs as nnU-Net's, in the layout it is given.
