@@ -475,7 +475,7 @@ def plan_rows(args, cases: int) -> list[dict]:
             workers = int(variant.removeprefix("ray"))
             mode = ("in-process" if variant == "1" else f"Ray, {workers} worker" + ("s" if workers > 1 else ""))
             rows += our_rows(args, f"ours {mode}", f"predict_folder, {mode}", None if variant == "1" else args.precisions[:1],
-                         set="hippocampus", variant=variant, tta=tta, cases=cases, workers=workers)
+                             set="hippocampus", variant=variant, tta=tta, cases=cases, workers=workers)
         if args.nnunet_python:
             for procs in args.nnunet_procs:
                 rows.append({"set": "hippocampus", "tool": NNUNET, "variant": f"npp{procs}",
@@ -484,11 +484,11 @@ def plan_rows(args, cases: int) -> list[dict]:
                              "tta": tta, "cases": cases, "procs": procs})
     if args.lean_cases:
         rows += our_rows(args, "ours 3d_lean", "predict_folder 3d_lean, in-process", set="lean", variant="lean", tta=True,
-                     cases=args.lean_cases, workers=1)
+                         cases=args.lean_cases, workers=1)
     if args.size:
         for tta in args.size_tta:
             rows += our_rows(args, f"ours {args.size}^3", "predict_folder, in-process", set="large", variant="1", tta=tta,
-                         cases=1, workers=1)
+                             cases=1, workers=1)
             if args.nnunet_python and args.size_nnunet:
                 procs = min(args.nnunet_procs)
                 rows.append({"set": "large", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net {args.size}^3",
@@ -496,7 +496,7 @@ def plan_rows(args, cases: int) -> list[dict]:
     if args.ct_cases:
         for tta in args.ct_tta:
             rows += our_rows(args, "ours CT", "predict_folder, in-process", set="ct", variant="1", tta=tta,
-                         cases=args.ct_cases, workers=1)
+                             cases=args.ct_cases, workers=1)
             for procs in args.nnunet_procs if args.ct_nnunet else ():
                 rows.append({"set": "ct", "tool": NNUNET, "variant": f"npp{procs}", "label": f"nnU-Net CT -npp {procs} -nps {procs}",
                              "mode": f"nnUNetv2_predict -npp {procs} -nps {procs}" + (" (sequential)" if procs == 0 else ""),

@@ -472,15 +472,6 @@ def time_augmentation(plan: dict, batch: int, seconds: float = 5.0) -> list[dict
     return rows
 
 
-def _native_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (AVX512-BF16 / AMX); without them bf16 convolutions are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _label(impl: str, variant: str) -> str:
     return f"{'nnU-Net' if impl == 'nnunet' else 'ours'} {variant}"
 
@@ -611,6 +602,8 @@ def main() -> None:
 
     import torch
 
+    from pipeline.precision import native_bf16  # what `--precision auto` asks of this CPU
+
     machine = machine_info()
     plan, source = load_plan()
     args.batch = args.batch or (plan["batch_size"] if cuda else 2)
@@ -641,7 +634,7 @@ def main() -> None:
     start = time.perf_counter()
     end = start + args.budget
     runs, comparisons = [], []
-    machine.update(torch=torch.__version__, native_bf16=_native_bf16())
+    machine.update(torch=torch.__version__, native_bf16=native_bf16())
 
     def save(augmentation: list[dict]) -> dict:
         """Write what is measured so far: a run cut off by a time limit (gpu_suite.sh) keeps its finished rows."""

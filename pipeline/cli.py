@@ -385,6 +385,14 @@ def _add_train(p):
     _add_resources(p)
 
 
+def _add_precision(p, cuda: str):
+    """--precision of train and predict (pipeline.precision.PRECISIONS; not imported here: it loads torch)."""
+    p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
+                   help=f"what the convolutions compute in: auto (default) mixed precision where the hardware computes "
+                        f"it itself ({cuda} on CUDA as nnU-Net; bfloat16 on a CPU with AVX512-BF16/AMX), else "
+                        f"float32; fp32 always float32; mixed always mixed")
+
+
 def _add_resources(p):
     """What each Ray worker asks for; the run waits (for an autoscaler) until the cluster has it."""
     g = p.add_mutually_exclusive_group()
@@ -440,10 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train the U-Net data-parallel with Ray Train, streaming patches from Zarr")
     p.add_argument("--workdir", required=True)
     _add_train(p)
-    p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
-                   help="what the convolutions compute in: auto (default) mixed precision where the hardware computes "
-                        "it itself (float16 + gradient scaling on CUDA as nnU-Net; bfloat16 on a CPU with "
-                        "AVX512-BF16/AMX), else float32; fp32 always float32; mixed always mixed")
+    _add_precision(p, cuda="float16 + gradient scaling")
 
     p = add("predict", "sliding-window inference, written in the input's format and original geometry")
     p.add_argument("--workdir", required=True)
@@ -468,10 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the network runs: cuda (window logits accumulated on the GPU, mixed precision), "
                         "cpu, or auto (CUDA when torch sees a GPU)")
-    p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
-                   help="what the convolutions compute in: auto (default) mixed precision where the hardware "
-                        "computes it itself (float16 on CUDA as nnU-Net; bfloat16 on a CPU with AVX512-BF16/AMX, "
-                        "about 1.6x faster there), else float32; fp32 always float32; mixed always mixed")
+    _add_precision(p, cuda="float16")
     _add_resources(p)
 
     p = add("evaluate", "Dice, IoU, HD95 per class and case; summary.json, CSV, markdown, PNG")

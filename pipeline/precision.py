@@ -33,6 +33,11 @@ def auto_mixed_precision(device: str | torch.device) -> bool:
     return kind == "cuda" or (kind == "cpu" and native_bf16())
 
 
+def uses_mixed_precision(amp: bool | None, device: str | torch.device) -> bool:
+    """Whether passes autocast: `amp` when given (ModelSpec.amp, `amp_for`), else what "auto" means here."""
+    return auto_mixed_precision(device) if amp is None else amp
+
+
 def amp_for(precision: str) -> bool | None:
     """A `PRECISIONS` name as ModelSpec.amp: None (decide per device), True or False."""
     if precision not in PRECISIONS:
@@ -43,6 +48,6 @@ def amp_for(precision: str) -> bool | None:
 def precision_name(amp: bool | None, device: str | torch.device) -> str:
     """What the forward passes compute in, for reports: "float32", "mixed (bfloat16)" or "mixed (float16)"."""
     device = torch.device(device)
-    if not (auto_mixed_precision(device) if amp is None else amp):
+    if not uses_mixed_precision(amp, device):
         return "float32"
     return f"mixed ({str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')})"

@@ -30,7 +30,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from pipeline.console import progress_bar
-from pipeline.precision import auto_mixed_precision
+from pipeline.precision import uses_mixed_precision
 
 log = logging.getLogger("segpipe.predict")
 
@@ -356,8 +356,8 @@ def sliding_window_stream(
     to its image's accumulator, exactly as `sliding_window_predict` does for one image.
     `accumulate`: "memory" (NumPy), "device" (tensors on the network's device), "zarr" (disk), or
     "auto" (zarr past `zarr_threshold_bytes`, by default a quarter of the RAM available now; else
-    device on CUDA when it fits, else memory). `amp`: autocast the forward passes (None:
-    `auto_mixed_precision`).
+    device on CUDA when it fits, else memory). `amp`: autocast the forward passes (None: what
+    "auto" means on this device, `uses_mixed_precision`).
     `nonlinearity` turns the averaged logits into probabilities: "softmax" (classes) or "sigmoid"
     (regions, `LabelMap.nonlinearity`). `lanes`: forward passes run at once, each on its own thread
     with torch threads // lanes intra-op threads (None: `auto_lanes`); their logits are accumulated
@@ -375,7 +375,7 @@ def sliding_window_stream(
     mirror = mirror_axes_combinations(len(patch_size)) if tta_mirror else [()]
     per_forward = batch_size or auto_batch_size(patch_size, device, mirrored=tta_mirror)
     lanes = max(1, int(lanes or auto_lanes(device, patch_size, per_forward)))
-    amp = auto_mixed_precision(device) if amp is None else amp
+    amp = uses_mixed_precision(amp, device)
     gaussian = gaussian_importance_map(patch_size)
     gaussian_dev = torch.tensor(gaussian, device=device)
     opened: list[_OpenImage] = []  # images with windows in flight, in stream order

@@ -43,7 +43,7 @@ from pipeline.console import number
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.parallel import assigned_cpus
 from pipeline.planning.plans import Plans
-from pipeline.precision import PRECISIONS, amp_for, auto_mixed_precision, precision_name
+from pipeline.precision import PRECISIONS, amp_for, precision_name, uses_mixed_precision
 from pipeline.storage import append_text, as_path, local_file, replacing
 from pipeline.workdir import METRICS_CSV, MODEL_BEST, MODEL_FINAL, TRAINING_CURVES, TRAINING_LOG, Workdir, model_file
 
@@ -400,8 +400,7 @@ class _WorkerRun:
         self.optimizer = self._make_optimizer()
         # mixed precision (pipeline.precision): float16 + GradScaler on CUDA, as nnU-Net; bfloat16 on a CPU
         # (float32's exponent range: no scaler)
-        self.amp = amp_for(self.settings.precision)
-        self.amp = auto_mixed_precision(self.device) if self.amp is None else self.amp
+        self.amp = uses_mixed_precision(amp_for(self.settings.precision), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.cuda and self.amp else None
         weights = supervision_weights(self.conf.num_stages - 1, ddp=self.world > 1 and not self.cuda)
         batch_dice = True if self.conf.batch_dice is None else bool(self.conf.batch_dice)
