@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -141,7 +142,8 @@ def worker(variant: str, workdir: str, input_dir: str, output_dir: str, tta: boo
     return {"variant": variant, "tta": tta, "workers": report.workers, "cases": len(report.predicted),
             "predict_folder_s": round(seconds, 3), "case_s_mean": round(statistics.fmean(per_case), 3) if per_case else None,
             "case_s": per_case, "driver_torch_threads": torch.get_num_threads(),
-            "stage_seconds": getattr(report, "stage_seconds", None), "precision": report.precision}
+            "stage_seconds": getattr(report, "stage_seconds", None), "precision": report.precision,
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
 
 
 # ---------------------------------------------------------------- setup

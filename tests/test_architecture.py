@@ -136,5 +136,5 @@ def test_the_stage_packages_mirror_the_flow_diagram():
     packages = sorted(d.name for d in PACKAGE.iterdir() if (d / "__init__.py").is_file())
     assert packages == ["data", "evaluation", "inference", "interop", "planning", "preprocessing", "training"], packages
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "cli", "config_docs", "console", "errors", "parallel", "plotting", "precision", "run",
+    assert top == ["__init__", "allocator", "cli", "config_docs", "console", "errors", "parallel", "plotting", "precision", "run",
                    "stages", "storage", "workdir"], top

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.allocator import reuse_freed_memory
 from pipeline.errors import BadInputError, SegPipeError
 from pipeline.inference.sliding_window import network_logits, sliding_window_predict, sliding_window_stream
 from pipeline.storage import as_path, replacing
@@ -123,12 +124,15 @@ class Predictor:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Predictor:
+        """The model `spec` describes, loaded; also sets this process's allocator up to reuse the memory of
+        each forward pass (`pipeline.allocator`): a predictor is loaded before its forward threads start."""
         from pipeline.inference.cascade import previous_stage_run_dirs
         from pipeline.training.cascade import num_input_channels
         from pipeline.training.loop import load_trained_network
 
         if not spec.run_dirs:
             raise SegPipeError("a model needs at least one run folder")
+        reuse_freed_memory()
         device = resolve_device(spec.device)
         networks, first = [], None
         for run_dir in spec.run_dirs:
