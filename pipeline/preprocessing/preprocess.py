@@ -46,6 +46,7 @@ from pipeline.preprocessing.resampling import (
     resample_label,
     separate_z_axis,
 )
+from pipeline.preprocessing.store import config_attrs, open_store  # forked Dask workers inherit it: ~0.1 CPU-s each
 from pipeline.storage import as_path, stat, url_of
 
 log = logging.getLogger("segpipe.preprocessing")
@@ -344,8 +345,6 @@ def source_changed(dataset: Dataset, case_id: str, stored: dict) -> bool:
 
 def open_config_store(store_path: str, plans: Plans, config_name: str):
     """The configuration group of the store a task writes into (it exists: `run_preprocessing` made it)."""
-    from pipeline.preprocessing.store import open_store
-
     conf = plans.configuration(config_name)
     return open_store(store_path, "a").config(conf.data_identifier, plans.hash(config_name))
 
@@ -432,8 +431,6 @@ def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, c
                       progress: bool = True) -> PreprocessReport:
     """Preprocess every training case not yet complete in the store; per-case failures are reported, not raised."""
     from tqdm.auto import tqdm
-
-    from pipeline.preprocessing.store import config_attrs, open_store
 
     start = time.perf_counter()
     conf = plans.configuration(config)
