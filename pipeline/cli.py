@@ -247,7 +247,7 @@ def cmd_evaluate_cv(args) -> int:
     dataset = stages.load_dataset(args.dataset)
     report = stages.evaluate_cv(dataset, args.workdir, config=args.config, folds=args.folds, tta=not args.no_tta,
                                 num_workers=args.num_workers, ray_address=args.ray_address, progress=not args.json,
-                                save_probabilities=not args.no_probabilities)
+                                save_probabilities=not args.no_probabilities, precision=args.precision)
     _emit(args, report.to_json(), str(report))
     return 0
 
@@ -269,7 +269,8 @@ def _run_options(args, demo: bool):
     for name in ("workdir", "config", "fold"):
         train.pop(name)
     return RunOptions(config=args.config, fold=str(args.fold), workers=args.workers, dask_address=args.dask_address,
-                      gpu_memory_gb=args.gpu_memory_gb, tta=not args.no_tta, demo=demo, train=train)
+                      gpu_memory_gb=args.gpu_memory_gb, tta=not args.no_tta, precision=args.precision, demo=demo,
+                      train=train)
 
 
 def cmd_run(args) -> int:
@@ -386,7 +387,8 @@ def _add_train(p):
 
 
 def _add_precision(p, cuda: str):
-    """--precision of train and predict (pipeline.precision.PRECISIONS; not imported here: it loads torch)."""
+    """--precision of the commands that run the network: train, predict, evaluate-cv, run and demo
+    (pipeline.precision.PRECISIONS; not imported here: it loads torch)."""
     p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
                    help=f"what the convolutions compute in: auto (default) mixed precision where the hardware computes "
                         f"it itself ({cuda} on CUDA as nnU-Net; bfloat16 on a CPU with AVX512-BF16/AMX), else "
@@ -495,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--num-workers", type=int, default=None, help="Ray workers predicting cases in parallel")
     p.add_argument("--ray-address", default=None)
+    _add_precision(p, cuda="float16")
     p.add_argument("--no-probabilities", action="store_true",
                    help="do not keep each case's class probabilities (CASE.npz; `segpipe find-best` needs them)")
 
@@ -519,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (sub.choices["run"], sub.choices["demo"]):
         p.set_defaults(config="auto")
         p.add_argument("--no-tta", action="store_true", help="predict the held-out cases without mirroring")
+        _add_precision(p, cuda="float16, with gradient scaling in training,")
     for p in (sub.choices["run"], sub.choices["demo"]):
         p.add_argument("--cases", type=int, default=24,
                        help="synthetic cases to generate when there is no DATASET (default 24)")

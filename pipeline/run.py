@@ -51,6 +51,7 @@ class RunOptions:
     dask_address: str | None = None
     gpu_memory_gb: float = 8.0
     tta: bool = True  # mirroring when predicting the held-out cases
+    precision: str = "auto"  # of training (train["precision"] follows it) and of predicting the held-out cases
     demo: bool = False  # the demo's time budget unless epochs or a budget are given
     train: dict = field(default_factory=dict)  # TrainSettings fields (epochs, num_workers, ray_address, ...)
 
@@ -97,7 +98,7 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
     pred_dir = wd.root / "predictions" / f"{config}_fold{fold}"
     log.info("[6/7] predict %d held-out case(s) -> %s", len(heldout), pred_dir)
     inputs = link_inputs(dataset, heldout, wd.root / "heldout_images")
-    stages.predict(wd, inputs, pred_dir, config=config, fold=fold, tta=o.tta, progress=True)
+    stages.predict(wd, inputs, pred_dir, config=config, fold=fold, tta=o.tta, progress=True, precision=o.precision)
     log.info("[7/7] evaluate and report")
     eval_dir = wd.root / "evaluation" / f"{config}_fold{fold}"
     summary = stages.evaluate(pred_dir, dataset.root, eval_dir)

@@ -475,7 +475,7 @@ def test_ensemble_of_folds_and_postprocessing_rule_beside_the_model(hippo_model,
 
 
 def test_evaluate_cv_predicts_each_fold_with_its_own_model_pools_the_scores_and_keeps_the_rule(hippocampus, tmp_path,
-                                                                                               capsys):
+                                                                                               capsys, monkeypatch):
     from pipeline.inference.predictor import POSTPROCESSING_FILE
 
     wd = Workdir.at(tmp_path / "W")
@@ -489,9 +489,16 @@ def test_evaluate_cv_predicts_each_fold_with_its_own_model_pools_the_scores_and_
         (wd.run_dir(CONFIG, fold) / "metrics.csv").write_text(
             f"epoch,train_loss,val_loss,val_dice_1,val_dice_2,ema_dice,lr,seconds\n1,1,1,0.5,0.5,0.1,0.01,9\n"
             f"2,0.9,0.9,0.{fold}1,0.{fold}3,0.2,0.005,9\n")
-    assert cli_main(["evaluate-cv", str(hippocampus), "--workdir", str(wd.root), "--no-tta", "--json"]) == 0
+    import pipeline.inference.predict as predict_module
+
+    real, precisions = predict_module.predict_folder, []
+    monkeypatch.setattr(predict_module, "predict_folder",
+                        lambda *a, **k: precisions.append(k.get("precision")) or real(*a, **k))
+    assert cli_main(["evaluate-cv", str(hippocampus), "--workdir", str(wd.root), "--no-tta", "--json",
+                     "--precision", "fp32"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["config"] == CONFIG and report["folds"] == list(favour) and report["num_cases"] == 5
+    assert precisions == ["fp32"] * 5  # every fold's validation cases in float32: the same scores on every CPU
 
     for fold, case in zip(favour, cases):  # each case by its own fold's model, and only there
         pred = wd.run_dir(CONFIG, fold) / "validation" / f"{case}.nii.gz"

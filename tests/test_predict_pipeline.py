@@ -173,9 +173,19 @@ def test_mixed_precision_is_the_default_where_the_hardware_computes_it(monkeypat
         amp_for("fp16")
     from pipeline.cli import build_parser
 
-    for command in ("predict", "train"):
+    for command in ("predict", "train", "evaluate-cv", "run", "demo"):
         parser = build_parser()._subparsers._group_actions[0].choices[command]
         assert next(a for a in parser._actions if a.dest == "precision").choices == list(PRECISIONS), command
+
+
+def test_run_trains_and_predicts_in_the_precision_it_is_given(monkeypatch, tmp_path, capsys):
+    import pipeline.run
+
+    given = []
+    monkeypatch.setattr(pipeline.run, "run_all", lambda dataset, workdir, options: given.append(options) or {"report": "r"})
+    for flags, want in ((["--precision", "fp32"], "fp32"), ([], "auto")):
+        assert cli_main(["run", "data", "--workdir", str(tmp_path / "W"), *flags]) == 0
+        assert given[-1].precision == given[-1].train["precision"] == want  # held-out prediction and training alike
 
 
 def test_mixed_precision_on_a_cpu_keeps_norms_and_heads_in_float32_and_the_labels_of_float32():

@@ -150,11 +150,13 @@ def _link_predictions(sources: dict[str, Path], folder: Path) -> None:
 
 def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: Sequence[str] | str | None = None,
                       tta: bool = True, num_workers: int | None = None, ray_address: str | None = None,
-                      progress: bool = True, save_probabilities: bool = True) -> CrossvalReport:
+                      progress: bool = True, save_probabilities: bool = True, precision: str = "auto") -> CrossvalReport:
     """Predict each fold's validation cases with its model, score them pooled, decide post-processing.
 
     With `save_probabilities` (default) each case's class probabilities are kept beside its
     prediction (CASE.npz, one case in memory at a time), for `segpipe find-best`'s ensembles.
+    `precision`: what the convolutions compute in (`pipeline.precision`; "fp32" for the same
+    scores on every machine).
     """
     from pipeline.data.dataset import load_dataset
     from pipeline.inference.predict import predict_folder
@@ -190,7 +192,7 @@ def evaluate_crossval(workdir, dataset_dir, config: str = "3d_fullres", folds: S
         log.info("fold %s: predicting %d validation case(s) -> %s", fold, len(cases), pred_dir)
         predict_folder(wd, inputs, pred_dir, config=config, fold=fold, tta=tta, num_workers=num_workers,
                        ray_address=ray_address, progress=progress, postprocess=False,
-                       save_probabilities=save_probabilities)
+                       save_probabilities=save_probabilities, precision=precision)
         for case in cases:
             if case in fold_of:
                 raise BadInputError(f"case {case} is a validation case of folds {fold_of[case]} and {fold}: "
