@@ -614,7 +614,10 @@ def markdown(result: dict) -> str:
                   f"{len(ct.get('label_values', []))} classes); our plan vs nnU-Net's {ct.get('nnunet_dataset')} nnUNetPlans.json: "
                   + ("identical" if topo_ct.get("differences") == [] else
                      f"differs in {topo_ct['differences']}" if topo_ct.get("differences") else "not checked")
-                  + f". Weights: {ct.get('ours', {}).get('weights')}. Labels: {ct.get('label_mapping')}.", ""]
+                  + f". Weights: {ct.get('ours', {}).get('weights')}"
+                  + (f", those of the trained checkpoint {ct['nnunet_model']['trained_from']} (--nnunet-ct-checkpoint)"
+                     if ct.get("nnunet_model", {}).get("trained_from") else "")
+                  + f". Labels: {ct.get('label_mapping')}.", ""]
     for set_name, title in (("hippocampus", f"Task04_Hippocampus, {m['cases']} cases: {', '.join(m['case_ids'])}"),
                             ("large", f"{m.get('size')}^3 volume at 1 mm ({m.get('large', {}).get('source', '')} "
                                       f"mirror-tiled), one case, same model"),
@@ -782,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a trained checkpoint_final.pth of nnU-Net's 3d_fullres for Dataset004 (benchmarks/"
                          "nnunet_interop.py trains one): both tools predict with its weights instead of initialised "
                          "ones, whose near-tied classes make the label agreement a test of float rounding")
+    ap.add_argument("--nnunet-ct-checkpoint", type=Path, default=None,
+                    help="the same for the CT case: a checkpoint_final.pth of nnU-Net's 3d_fullres trained on this "
+                         "script's Dataset901 (labels renumbered 0..41), e.g. one short epoch of nnU-Net's trainer")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every row, interleaved round-robin")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per hippocampus run")
     ap.add_argument("--size-timeout", type=float, default=5400.0, help="seconds per large-volume run")
@@ -860,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"nnU-Net CT rows skipped: {ct_model['nnunet_plan']['error']}")
                 else:
                     ct_model["nnunet_model"] = make_nnunet_model(args.nnunet_python, args.nnunet_ref, results,
-                                                                 tmp / "nnunet_ct_weights.pt", CT_DATASET)
+                                                                 tmp / "nnunet_ct_weights.pt", CT_DATASET,
+                                                                 trained=args.nnunet_ct_checkpoint)
                     if "error" in ct_model["nnunet_model"]:
                         notes.append(f"nnU-Net CT rows skipped: {ct_model['nnunet_model']['error']}")
                     else:

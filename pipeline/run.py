@@ -51,7 +51,7 @@ class RunOptions:
     dask_address: str | None = None
     gpu_memory_gb: float = 8.0
     tta: bool = True  # mirroring when predicting the held-out cases
-    precision: str = "auto"  # of training (train["precision"] follows it) and of predicting the held-out cases
+    precision: str = "auto"  # of predicting the held-out cases, and of training unless `train` says otherwise
     demo: bool = False  # the demo's time budget unless epochs or a budget are given
     train: dict = field(default_factory=dict)  # TrainSettings fields (epochs, num_workers, ray_address, ...)
 
@@ -116,6 +116,7 @@ def _train(wd: Workdir, config: str, fold: str, o: RunOptions) -> None:
         log.info("[5/7] train: %s already holds the final model, skipped", run_dir)
         return
     train = dict(o.train)
+    train.setdefault("precision", o.precision)
     if o.demo and train.get("time_budget_min") is None and train.get("epochs") is None:
         train["time_budget_min"] = DEMO_TIME_BUDGET_MIN
     # an interrupted run continues from its checkpoint; with none yet, training starts afresh
