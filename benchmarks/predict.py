@@ -656,7 +656,8 @@ def markdown(result: dict) -> str:
                   "summation order and, in mixed precision, the rounding of the convolutions' inputs to bfloat16 "
                   "(nnU-Net runs float32 on a CPU)"
                   + (", which on untrained weights, whose classes are near ties, flips a few voxels."
-                     if not m.get("nnunet_model", {}).get("trained_from") else "."), ""]
+                     if not (m.get("nnunet_model", {}).get("trained_from")
+                             or m.get("ct", {}).get("nnunet_model", {}).get("trained_from")) else "."), ""]
     norm = (result.get("topology_ct") or {}).get("ct_normalization")
     if norm:
         o, n = norm["ours"], norm["nnunet"]
