@@ -3,6 +3,7 @@ cluster and one Ray instance for the whole session (starting them costs seconds)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,7 +56,27 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
+    import psutil
+
+    started = [p for p in psutil.Process().children(recursive=True) if _is_ray_process(p)]  # GCS, raylet, workers
     ray.shutdown()
+    # a worker normally exits once its raylet is gone; one still alive a while later (a Ray Train
+    # controller was seen outliving the session) is ended by PID: only processes this session started
+    _, alive = psutil.wait_procs(started, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _is_ray_process(proc) -> bool:
+    import psutil
+
+    try:
+        cmd = " ".join(proc.cmdline())
+        return proc.name() in ("raylet", "gcs_server") or cmd.startswith("ray::") or "/ray/" in cmd
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(scope="session")
