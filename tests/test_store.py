@@ -176,15 +176,46 @@ def test_verify_store_finds_corrupt_and_missing_chunks(hippo, built, tmp_path):
     assert verify_store(built) == []
     path = copy_store(built, tmp_path)
     cid_a, cid_b = ds.cases[0].case_id, ds.cases[2].case_id
-    chunk = next(p for p in (path / CONFIG / "cases" / cid_a / "image" / "c").rglob("*") if p.is_file())
+    chunk = next((path / CONFIG / "cases" / cid_a / "image").glob("c.*"))
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     chunk.write_bytes(bytes(data))
-    next(p for p in (path / CONFIG / "cases" / cid_b / "label" / "c").rglob("*") if p.is_file()).unlink()
+    next((path / CONFIG / "cases" / cid_b / "label").glob("c.*")).unlink()
     problems = verify_store(path)
     assert {p.case for p in problems} == {cid_a, cid_b}
     assert any("image chunk" in p.message and "checksum" in p.message.lower() for p in problems if p.case == cid_a)
     assert any("label: 1 of 1 chunk(s) missing" in p.message for p in problems if p.case == cid_b)
+
+
+def test_chunk_files_lie_flat_in_each_array_folder_and_older_nested_stores_still_read(hippo, built, tmp_path,
+                                                                                      monkeypatch):
+    """A case is 4 folders (itself and its 3 arrays): chunk files are `c.0.0.0.0`, not `c/0/0/0/0`,
+    whose folders cost the file system more than the writing (store.CHUNK_KEY_ENCODING). A store
+    written before with "/" reads the same, and its missing chunks are still named."""
+    from pipeline.preprocessing import store as store_module
+    from pipeline.preprocessing.store import StoreDamageError
+
+    ds, plans = hippo
+    cid = ds.cases[0].case_id
+    case_dir = built / CONFIG / "cases" / cid
+    assert sorted(p.relative_to(case_dir).as_posix() for p in case_dir.rglob("*") if p.is_dir()) == \
+        ["image", "label", "locations"]
+    assert [p.name for p in (case_dir / "image").iterdir() if p.name != "zarr.json"] == ["c.0.0.0.0"]
+
+    monkeypatch.setattr(store_module, "CHUNK_KEY_ENCODING", {"name": "default", "separator": "/"})
+    old = tmp_path / "old.zarr"
+    assert not run_preprocessing(ds, plans, CONFIG, old, progress=False).failed
+    monkeypatch.undo()
+    assert (old / CONFIG / "cases" / cid / "image" / "c" / "0" / "0" / "0" / "0").is_file()
+    new, before = open_store(built, "r").config(CONFIG), open_store(old, "r").config(CONFIG)
+    assert before.case_ids() == new.case_ids() and verify_store(old) == []
+    for case in new.case_ids():
+        np.testing.assert_array_equal(before.image(case)[...], new.image(case)[...])
+        np.testing.assert_array_equal(before.label(case)[...], new.label(case)[...])
+    (old / CONFIG / "cases" / cid / "image" / "c" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreDamageError, match=rf"case {cid}: its image array .* \(chunk c/0/0/0/0 is missing\)"):
+        np.asarray(open_store(old, "r").config(CONFIG).image(cid)[...])
+    assert [p.case for p in verify_store(old)] == [cid]
 
 
 def test_works_on_fsspec_urls(hippo):

@@ -82,7 +82,7 @@ def _case_dir(store: Path, case: str) -> Path:
 
 
 def _chunk_files(store: Path, case: str) -> list[Path]:
-    return sorted(p for a in ARRAYS for p in (_case_dir(store, case) / a / "c").rglob("*") if p.is_file())
+    return sorted(p for a in ARRAYS for p in (_case_dir(store, case) / a).glob("c.*"))
 
 
 def _array_of(store: Path, chunk: Path) -> str:
@@ -128,12 +128,12 @@ def _named(case: str, array: str) -> str:
 def test_a_missing_chunk_is_refused_by_every_reader_naming_the_case_and_the_array(work, capsys, reliability):
     dataset, wd, store, clean_sums, fold0 = work
     victim = fold0["train"][0]
-    chunk = _case_dir(store, victim) / "image" / "c" / "0" / "1" / "0" / "0"
+    chunk = _case_dir(store, victim) / "image" / "c.0.1.0.0"
     chunk.unlink()
     reliability["faults"] += 1
 
     # the arrays ConfigStore hands out (what export/inference from the store would read): no zeros
-    with pytest.raises(StoreDamageError, match=_named(victim, "image") + r" \(chunk c/0/1/0/0 is missing\)"):
+    with pytest.raises(StoreDamageError, match=_named(victim, "image") + r" \(chunk c\.0\.1\.0\.0 is missing\)"):
         _read_all(store, victim, "image")
     assert StoreDamageError.exit_code == 2
     # the structural check names it without reading a chunk
@@ -211,8 +211,8 @@ def test_a_case_missing_an_array_is_named_by_readers_and_redone_by_preprocess(wo
 def test_verify_repair_deletes_the_damaged_cases_and_preprocess_redoes_them(work, capsys, reliability):
     dataset, wd, store, clean_sums, fold0 = work
     corrupt, missing = fold0["train"][2], fold0["val"][0]
-    _truncate(_case_dir(store, corrupt) / "label" / "c" / "1" / "0" / "1")
-    (_case_dir(store, missing) / "locations" / "c" / "0" / "0").unlink()
+    _truncate(_case_dir(store, corrupt) / "label" / "c.1.0.1")
+    (_case_dir(store, missing) / "locations" / "c.0.0").unlink()
     reliability["faults"] += 2
     # a truncated chunk is there: only reading it finds it (the sampler names case and array)
     assert list(open_store(store, "r").config(CONFIG).check_cases()) == [missing]
@@ -326,11 +326,11 @@ def test_a_damaged_store_in_a_bucket_is_refused_and_repaired(work, bucket, capsy
     url = f"{bucket}/W/store.zarr"
     fs.put(str(local_store), url.removeprefix("s3://"), recursive=True)
     missing, no_label = fold0["train"][0], fold0["train"][1]
-    fs.rm(f"{url}/{CONFIG}/cases/{missing}/image/c/0/0/1/0".removeprefix("s3://"))
+    fs.rm(f"{url}/{CONFIG}/cases/{missing}/image/c.0.0.1.0".removeprefix("s3://"))
     fs.rm(f"{url}/{CONFIG}/cases/{no_label}/label/zarr.json".removeprefix("s3://"))
     reliability["faults"] += 2
 
-    with pytest.raises(StoreDamageError, match=_named(missing, "image") + r" \(chunk c/0/0/1/0 is missing\)"):
+    with pytest.raises(StoreDamageError, match=_named(missing, "image") + r" \(chunk c\.0\.0\.1\.0 is missing\)"):
         np.asarray(open_store(url, "r").config(CONFIG).image(missing)[...])
     damaged = open_store(url, "r").config(CONFIG).check_cases()
     assert sorted(damaged) == sorted([missing, no_label])
@@ -365,10 +365,10 @@ def test_train_refuses_a_damaged_store_and_preprocess_and_verify_repair_restore_
     dataset, wd, store, clean_sums, fold0 = work
     missing, no_label = fold0["train"][0], fold0["train"][1]
     val_case = fold0["val"][0]
-    (_case_dir(store, missing) / "image" / "c" / "0" / "0" / "0" / "0").unlink()
+    (_case_dir(store, missing) / "image" / "c.0.0.0.0").unlink()
     (_case_dir(store, no_label) / "label" / "zarr.json").unlink()
     # the validation batch's foreground slot reads the validation case's locations: deterministic
-    _truncate(_case_dir(store, val_case) / "locations" / "c" / "0" / "0")
+    _truncate(_case_dir(store, val_case) / "locations" / "c.0.0")
     reliability["faults"] += 3
     train = ("train", "--workdir", wd, "--config", CONFIG, "--fold", "0", "--epochs", "1",
              "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "1")

@@ -85,6 +85,13 @@ def locations_compressors() -> list:
 
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
+# Chunk files named `c.0.1.0.0` in the array's folder rather than `c/0/1/0/0`: a case's arrays then
+# take 4 folders instead of about 14. On a local disk each folder is an inode to allocate, and ext4's
+# allocator was a quarter of all CPU samples of `segpipe preprocess` on the 208 hippocampus cases
+# (perf: ext4_mkdir/ext4_create in recently_deleted); "." cut the run's system time from 4.0-4.4 s to
+# 2.0-3.1 s. On object storage there are no folders, so nothing changes there. Stores written with
+# "/" are read as they are: each array's zarr.json names its encoding.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 ARRAYS = ("image", "label", "locations")
 
 
@@ -110,9 +117,15 @@ def _store_root(url: str) -> str:
 
 
 def _chunk_key(key: str) -> tuple[str, str, str] | None:
-    """(case id, array, chunk) of a chunk key `<config>/cases/<case>/<array>/c/<i>/<j>...`; None for
-    any other key (metadata)."""
+    """(case id, array, chunk) of a chunk key `<config>/cases/<case>/<array>/c.<i>.<j>...`, or
+    `.../<array>/c/<i>/<j>...` in a store written before CHUNK_KEY_ENCODING; None for any other key
+    (metadata)."""
     parts = key.split("/")
+    last = parts[-1].split(".")
+    if len(parts) >= 2 and len(last) > 1 and last[0] == "c" and all(p.isdigit() for p in last[1:]):
+        i = len(parts) - 1
+        case = parts[i - 2] if i >= 3 and parts[i - 3] == "cases" else "?"
+        return case, parts[i - 1], parts[-1]
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "c" and all(p.isdigit() for p in parts[i + 1:]):
             case = parts[i - 2] if i >= 3 and parts[i - 3] == "cases" else "?"
@@ -538,7 +551,8 @@ class ConfigStore:
 
         async def write_array(group, name: str, data: np.ndarray, chunks, compressors) -> None:
             arr = await group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                           compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
+                                           compressors=compressors, fill_value=0, config=ARRAY_CONFIG,
+                                           chunk_key_encoding=CHUNK_KEY_ENCODING)
             await arr.setitem(Ellipsis, data)
 
         async def put(keys) -> None:
