@@ -135,8 +135,9 @@ def _dask(args) -> dict:
 def cmd_fingerprint(args) -> int:
     from pipeline import stages
 
-    dataset = stages.load_dataset(args.dataset)
-    fp = stages.fingerprint(dataset, args.workdir, progress=not args.json, **_dask(args))
+    with stages.dask_session(**_dask(args)) as client:  # one set of workers: validation reads the voxels there
+        dataset = stages.load_dataset(args.dataset, client=client)
+        fp = stages.fingerprint(dataset, args.workdir, progress=not args.json, client=client)
     _emit(args, {"fingerprint": str(Workdir.at(args.workdir).fingerprint), "cases": len(fp.cases)})
     return 0
 
@@ -145,9 +146,10 @@ def cmd_plan(args) -> int:
     from pipeline import stages
     from pipeline.planning.planner import explain_plans
 
-    dataset = stages.load_dataset(args.dataset)
-    plans = stages.plan(dataset, args.workdir, gpu_memory_gb=args.gpu_memory_gb, reuse=False, progress=not args.json,
-                        **_dask(args))
+    with stages.dask_session(**_dask(args)) as client:
+        dataset = stages.load_dataset(args.dataset, client=client)
+        plans = stages.plan(dataset, args.workdir, gpu_memory_gb=args.gpu_memory_gb, reuse=False,
+                            progress=not args.json, client=client)
     if args.json:
         print(json.dumps(plans.to_json(), indent=2))
     elif args.explain:
@@ -163,8 +165,9 @@ def cmd_plan(args) -> int:
 def cmd_preprocess(args) -> int:
     from pipeline import stages
 
-    dataset = stages.load_dataset(args.dataset)
-    report = stages.preprocess(dataset, args.workdir, args.config, progress=not args.json, **_dask(args))
+    with stages.dask_session(**_dask(args)) as client:
+        dataset = stages.load_dataset(args.dataset, client=client)
+        report = stages.preprocess(dataset, args.workdir, args.config, progress=not args.json, client=client)
     _emit(args, report.to_json(), str(report))
     return 0 if not report.failed else 2
 

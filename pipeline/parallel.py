@@ -18,6 +18,7 @@ failing case by case - or, worse, writing cases nobody else can read.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -90,8 +91,12 @@ def dask_client(workers: int | None = None, address: str | None = None,
         with Client(address, timeout="30s") as client:
             yield client
         return
+    method = start_method or local_start_method()
+    if method == "fork":  # what the stages' tasks run, imported once here rather than in every worker
+        for module in FORKED_WORKER_IMPORTS:
+            importlib.import_module(module)
     with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "10s",
-                          "distributed.worker.multiprocessing-method": start_method or local_start_method()}):
+                          "distributed.worker.multiprocessing-method": method}):
         cluster = LocalCluster(
             n_workers=workers or default_workers(),
             threads_per_worker=1,
@@ -129,6 +134,10 @@ def local_start_method() -> str:
 
 
 FORK_UNSAFE_MODULES = ("grpc", "ray", "torch")
+# The modules of the Dask stages' tasks (validation, fingerprint, preprocessing: nibabel, scipy, zarr).
+# Forked workers inherit them; otherwise each worker imports them in its first task (~0.5 CPU-s each
+# on the 2-core machine, more than the whole check of 208 hippocampus cases).
+FORKED_WORKER_IMPORTS = ("pipeline.data.validation", "pipeline.planning.fingerprint", "pipeline.preprocessing.preprocess")
 
 
 def dask_setup(worker) -> None:

@@ -65,30 +65,28 @@ def run_all(dataset_path: str | os.PathLike, workdir: str | os.PathLike, options
     o = options or RunOptions()
     wd = Workdir.at(workdir)
     wd.root.mkdir(parents=True, exist_ok=True)
-    dataset = stages.load_dataset(dataset_path)
-    log.info("[1/7] dataset %s: %d cases, %d channel(s), %d classes", dataset.name, len(dataset.cases),
-             dataset.num_channels, dataset.label_map.num_classes)
     dask = dict(workers=o.workers, dask_address=o.dask_address,  # neither: Dask workers on the training's Ray cluster
                 ray_address=o.train.get("ray_address") if o.workers is None and o.dask_address is None else None)
-    log.info("[2/7] fingerprint")
-    stages.fingerprint(dataset, wd, reuse=True, **dask)
-    log.info("[3/7] plan")
-    plans = stages.plan(dataset, wd, gpu_memory_gb=o.gpu_memory_gb, **dask)
     config = choose_config(o.config)
-    data_id = plans.configuration(config).data_identifier
-    log.info("[4/7] preprocess (%s -> store group %s)", config, data_id)
-    report = stages.preprocess(dataset, wd, config, plans=plans, **dask)
-    log.info("%s", report)
-    if report.failed:
-        raise SegPipeError(f"preprocessing failed for {len(report.failed)} case(s): {report.failed[0]}")
+    with stages.dask_session(**dask) as client:  # validation to preprocessing on one set of Dask workers
+        dataset = stages.load_dataset(dataset_path, client=client)
+        log.info("[1/7] dataset %s: %d cases, %d channel(s), %d classes", dataset.name, len(dataset.cases),
+                 dataset.num_channels, dataset.label_map.num_classes)
+        log.info("[2/7] fingerprint")
+        stages.fingerprint(dataset, wd, reuse=True, client=client)
+        log.info("[3/7] plan")
+        plans = stages.plan(dataset, wd, gpu_memory_gb=o.gpu_memory_gb, client=client)
+        previous = plans.configuration(config).previous_stage
+        for name in (config, previous) if previous is not None else (config,):  # a cascade's previous stage too
+            what = " (the cascade's previous stage)" if name == previous else ""
+            log.info("[4/7] preprocess %s%s -> store group %s", name, what, plans.configuration(name).data_identifier)
+            report = stages.preprocess(dataset, wd, name, plans=plans, client=client)
+            log.info("%s", report)
+            if report.failed:
+                raise SegPipeError(f"preprocessing {name} failed for {len(report.failed)} case(s): {report.failed[0]}")
 
     fold = str(o.fold)
-    previous = plans.configuration(config).previous_stage
     if previous is not None:  # a cascade: its previous stage first, every cross-validation fold of it
-        log.info("[4/7] preprocess %s (the cascade's previous stage)", previous)
-        report = stages.preprocess(dataset, wd, previous, plans=plans, **dask)
-        if report.failed:
-            raise SegPipeError(f"preprocessing {previous} failed for {len(report.failed)} case(s): {report.failed[0]}")
         for k in previous_stage_folds(wd, dataset.case_ids, fold):
             _train(wd, previous, k, o)
     _train(wd, config, fold, o)

@@ -13,8 +13,9 @@ takes typed arguments and a workdir (a path, or a `Workdir`) and returns a typed
     stages.predict("work/hippo", "new_images/", "predictions/", config="3d_lean")
     summary = stages.evaluate("predictions/", "data/Task04_Hippocampus")
 
-Stages that run on Dask (fingerprint, plan, preprocess) take a `distributed.Client`, or make one
-for the call: `workers` local processes, or the scheduler at `dask_address`. Stages that run on
+Stages that run on Dask (validation, fingerprint, plan, preprocess) take a `distributed.Client`, or make one
+for the call: `workers` local processes, or the scheduler at `dask_address`; `dask_session` makes one
+that several stages share. Stages that run on
 Ray (train, predict, evaluate_cv) take a `ray_address` (None: a local Ray on 127.0.0.1). What a
 stage writes lands in the workdir's layout (`pipeline.workdir`), so each stage finds what the one
 before it wrote.
@@ -39,9 +40,12 @@ WorkdirLike = str | os.PathLike | Workdir
 
 
 @contextlib.contextmanager
-def _client(client, workers: int | None, dask_address: str | None, ray_address: str | None = None) -> Iterator[object]:
-    """`client` as it is, or one made for the call: the scheduler at `dask_address`, Dask workers on the
-    nodes of the Ray cluster at `ray_address` (`parallel.dask_on_ray`), or `workers` local processes."""
+def dask_session(client=None, workers: int | None = None, dask_address: str | None = None,
+                 ray_address: str | None = None) -> Iterator[object]:
+    """`client` as it is, or one made for the block: the scheduler at `dask_address`, Dask workers on the
+    nodes of the Ray cluster at `ray_address` (`parallel.dask_on_ray`), or `workers` local processes.
+    Several stages in one block share it (validation, fingerprint, plan, preprocess) and so start
+    the workers once."""
     if client is not None:
         yield client
         return
@@ -55,13 +59,15 @@ def _client(client, workers: int | None, dask_address: str | None, ray_address: 
         yield made
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
+def load_dataset(path: str | os.PathLike, *, client=None) -> Dataset:
     """The dataset at `path`, checked case by case first: BadInputError listing every problem; legal
-    oddities (a constant image, an empty label) are logged as warnings and the run goes on."""
+    oddities (a constant image, an empty label) are logged as warnings and the run goes on. With a
+    Dask `client` its workers check the cases (`validation.check_dataset`): each reads its cases'
+    voxels where preprocessing will read them, instead of this process reading the whole dataset."""
     from pipeline.data.dataset import load_dataset as load
     from pipeline.data.validation import check_dataset
 
-    report = check_dataset(path)
+    report = check_dataset(path, client=client)
     if report.problems:
         raise BadInputError(report.problems)
     for w in report.warnings:
@@ -79,7 +85,7 @@ def fingerprint(dataset: Dataset, workdir: WorkdirLike, *, reuse: bool = False, 
     wd = Workdir.at(workdir)
     if reuse and wd.fingerprint.is_file():
         return Fingerprint.load(wd.fingerprint)
-    with _client(client, workers, dask_address, ray_address) as c:
+    with dask_session(client, workers, dask_address, ray_address) as c:
         fp = compute_fingerprint(dataset, client=c, progress=progress)
     fp.save(wd.fingerprint)
     log.info("fingerprint of %d cases -> %s", len(dataset.cases), wd.fingerprint)
@@ -114,7 +120,7 @@ def preprocess(dataset: Dataset, workdir: WorkdirLike, config: str = "3d_fullres
     from pipeline.preprocessing.preprocess import run_preprocessing
 
     wd = Workdir.at(workdir)
-    with _client(client, workers, dask_address, ray_address) as c:
+    with dask_session(client, workers, dask_address, ray_address) as c:
         plans = plans or plan(dataset, wd, gpu_memory_gb=gpu_memory_gb, client=c, progress=progress)
         return run_preprocessing(dataset, plans, config, wd.store, client=c, progress=progress)
 

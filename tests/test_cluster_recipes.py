@@ -305,8 +305,8 @@ def fake_stages(failed=(), bad_input=None):
         def __str__(self):
             return f"preprocessed, {len(self.failed)} failed"
 
-    def load_dataset(path):
-        calls.append(("load_dataset", path))
+    def load_dataset(path, *, client=None):
+        calls.append(("load_dataset", path, len(client.scheduler_info()["workers"])))
         if bad_input:  # as stages.load_dataset reports a dataset-level problem
             raise BadInputError([Problem(None, bad_input)])
         return types.SimpleNamespace(path=path)
@@ -348,7 +348,7 @@ def test_preprocess_py_waits_for_every_worker_then_runs_the_stages_on_them(prepr
     cluster = fake_slurm_cluster(workers_per_job=2)
     module = preprocess_module(stages, cluster)
     assert module.main(ARGS + ["--wait-timeout", "30"]) == 0
-    assert calls == [("load_dataset", "s3://bucket/datasets/Task04"),
+    assert calls == [("load_dataset", "s3://bucket/datasets/Task04", 4),  # the workers check the cases
                      ("plan", "s3://bucket/datasets/Task04", "s3://bucket/work", 4),
                      ("preprocess", "s3://bucket/datasets/Task04", "s3://bucket/work", "3d_lean", 4)]
     out = capsys.readouterr().out

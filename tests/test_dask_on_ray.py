@@ -82,7 +82,7 @@ def recording(*args, **kwargs):
 
 
 # 2. the stage, on both nodes now
-parallel.dask_on_ray = recording  # stages._client looks it up when called
+parallel.dask_on_ray = recording  # stages.dask_session looks it up when called
 report = stages.preprocess(stages.load_dataset(dataset), workdir, "3d_lean", ray_address=address, progress=False)
 
 # 3. a worker that cannot start is reported as soon as it ended, with its output, not after the timeout

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import affine_transform, binary_fill_holes
 
-from pipeline.data.dataset import load_dataset, read_case
+from pipeline.data import dataset as dataset_module
+from pipeline.data.dataset import case_batches, load_dataset, read_case
 from pipeline.errors import BadInputError
 from pipeline.inference.export import restore_label, restore_probabilities, write_prediction
 from pipeline.planning.fingerprint import compute_fingerprint
@@ -21,7 +22,7 @@ from pipeline.planning.planner import plan_experiment
 from pipeline.planning.plans import ChannelNormalization
 from pipeline.preprocessing import preprocess as preprocess_module
 from pipeline.preprocessing.normalization import nonzero_mask, normalize_channel
-from pipeline.preprocessing.preprocess import case_batches, preprocess_case, run_preprocessing
+from pipeline.preprocessing.preprocess import preprocess_case, run_preprocessing
 from pipeline.preprocessing.resampling import resample_image, resample_label
 from pipeline.preprocessing.store import open_store
 
@@ -271,7 +272,7 @@ def test_a_broken_case_is_reported_by_id_while_the_others_finish(hippocampus, tm
 
 
 def test_dask_gives_the_same_store_as_in_process(hippo4, dask_client, tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess_module, "TASKS_PER_WORKER", 1)  # two tasks of two cases each: batches
+    monkeypatch.setattr(dataset_module, "TASKS_PER_WORKER", 1)  # two tasks of two cases each: batches
     plans = planned(hippo4)
     local = run_preprocessing(hippo4, plans, "3d_fullres", tmp_path / "local.zarr", progress=False)
     remote = run_preprocessing(hippo4, plans, "3d_fullres", tmp_path / "dask.zarr", client=dask_client, progress=False)
@@ -291,9 +292,9 @@ def test_small_cases_travel_in_batches_and_a_large_one_alone(hippocampus, monkey
     ids = [c.case_id for c in ds.cases]
     batches = case_batches(ds, ids, workers=2)
     assert [c for b in batches for c in b] == ids  # every case once, in order
-    assert len(batches) >= 2 * preprocess_module.TASKS_PER_WORKER  # both workers kept busy to the end
-    assert max(len(b) for b in batches) > 1 and max(len(b) for b in batches) <= preprocess_module.BATCH_CASES
-    monkeypatch.setattr(preprocess_module, "BATCH_BYTES", 1)  # every case is "large" now
+    assert len(batches) >= 2 * dataset_module.TASKS_PER_WORKER  # both workers kept busy to the end
+    assert max(len(b) for b in batches) > 1 and max(len(b) for b in batches) <= dataset_module.BATCH_CASES
+    monkeypatch.setattr(dataset_module, "BATCH_BYTES", 1)  # every case is "large" now
     assert case_batches(ds, ids[:5], workers=1) == [[c] for c in ids[:5]]
     assert case_batches(ds, [], workers=2) == []
 
@@ -440,7 +441,7 @@ def test_a_batch_whose_worker_was_lost_is_retried_case_by_case_so_only_its_bad_c
         synthetic_dataset, dask_client, tmp_path, monkeypatch):
     """Dask reports such a task as an exception; as_completed(with_results=True, raise_errors=False) handed
     it over as a (type, exception, traceback) tuple, which the retry never recognised."""
-    monkeypatch.setattr(preprocess_module, "TASKS_PER_WORKER", 1)  # 4 cases, 2 workers: two batches of two
+    monkeypatch.setattr(dataset_module, "TASKS_PER_WORKER", 1)  # 4 cases, 2 workers: two batches of two
     ds = load_dataset(synthetic_dataset)
     ds = subset(ds, [c.case_id for c in ds.cases[:4]])
     ids = sorted(c.case_id for c in ds.cases)

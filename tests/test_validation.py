@@ -286,6 +286,37 @@ def test_every_problem_of_a_dataset_comes_in_one_report(small):
         (CASES[0], "missing file"), (VICTIM, "NaN"), (VICTIM, "not declared"), (CASES[2], "shape mismatch")]
 
 
+def test_on_dask_the_workers_read_the_voxels_and_the_report_is_the_same(small, dask_client, monkeypatch):
+    """`check_dataset(client=...)`: every case is checked by a Dask worker, none by this process (on a
+    cluster the dataset is not read twice through the driver), and the report is word for word the one
+    a local check gives: errors and warnings, in case order."""
+    from distributed import get_task_stream
+
+    from pipeline.data.images import NiftiFile
+
+    nan_image(small)
+    undeclared_label(small)
+    _label(small, CASES[0]).unlink()
+    data, affine = _load(_label(small, CASES[2]))
+    _save(_label(small, CASES[2]), np.zeros_like(data), affine)  # empty: a warning
+    local = check_dataset(small, progress=False)
+    assert local.problems and local.warnings
+
+    def read_here(*args, **kwargs):
+        raise AssertionError("this process read voxels: the Dask workers should have")
+
+    monkeypatch.setattr(NiftiFile, "read_checked", read_here)  # here only: the workers are other processes
+    with get_task_stream(dask_client) as stream:
+        remote = check_dataset(small, client=dask_client, progress=False)
+
+    assert [str(p) for p in remote.problems] == [str(p) for p in local.problems]
+    assert [str(w) for w in remote.warnings] == [str(w) for w in local.warnings]
+    assert [p.case for p in remote.problems] == [CASES[0], VICTIM, VICTIM]
+    assert any(t["key"].startswith("validate-") for t in stream.data)  # the checks ran as Dask tasks
+    with pytest.raises(AssertionError, match="read voxels"):
+        check_dataset(small, progress=False, workers=1)  # the guard works: a local check trips it
+
+
 def test_nnunet_v2_layout_defects(hippocampus, tmp_path):
     from test_dataset import nnunet_v2_from_hippocampus
 

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, client) -> int:
     from pipeline.errors import SegPipeError
 
     try:
-        dataset = stages.load_dataset(args.dataset)  # validates: BadInputError (exit 2) names each problem
+        dataset = stages.load_dataset(args.dataset, client=client)  # validated on the workers: BadInputError (exit 2)
         plans = stages.plan(dataset, args.workdir, client=client)  # fingerprints first, on the workers
         report = stages.preprocess(dataset, args.workdir, config=args.config, plans=plans, client=client)
     except SegPipeError as exc:  # one readable message, the command line's exit code

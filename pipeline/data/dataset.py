@@ -29,11 +29,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from pipeline.data.files import IMAGE_ENDINGS, ending_of, strip_ending
-from pipeline.data.images import open_image
+from pipeline.data.images import files_of, open_image
 from pipeline.data.labels import LabelMap, Region, parse_nnunet_labels
 from pipeline.data.nifti import Geometry, to_ras
 from pipeline.errors import BadInputError, Problem
-from pipeline.storage import absolute, inside
+from pipeline.storage import absolute, inside, stat
 
 LAYOUT_MSD = "msd"
 LAYOUT_NNUNET = "nnunetv2"
@@ -297,6 +297,47 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if problems or dataset is None:
         raise BadInputError(problems)
     return dataset
+
+
+def case_files(dataset: Dataset, case_id: str) -> list[Path]:
+    """Every file a case is read from: its images' and its label's (`images.files_of`)."""
+    case = dataset.case(case_id)
+    return [f for p in (*case.images, *([case.label] if case.label is not None else [])) for f in files_of(p)]
+
+
+def cases_of(dataset: Dataset, case_ids: list[str]) -> Dataset:
+    """The dataset with only `case_ids` and without dataset.json's text: what one Dask task needs (a
+    task that carried every case would make the task graph grow with the square of the case count)."""
+    keep = set(case_ids)
+    return replace(dataset, cases=tuple(c for c in dataset.cases if c.case_id in keep), raw_json={})
+
+
+# A Dask task costs a few ms of CPU to schedule, ship and report - as much as a 40 KB case takes to
+# check or preprocess - so small cases travel in batches: up to BATCH_CASES cases or BATCH_BYTES of
+# raw files per task, and at least TASKS_PER_WORKER tasks per worker so that the workers stay evenly loaded.
+BATCH_CASES = 32
+BATCH_BYTES = 32 << 20
+TASKS_PER_WORKER = 4
+
+
+def case_batches(dataset: Dataset, case_ids: list[str], workers: int) -> list[list[str]]:
+    """`case_ids` in order, cut into the batches of one Dask task each (a large case travels alone)."""
+    if not case_ids:
+        return []
+    most = max(1, min(BATCH_CASES, -(-len(case_ids) // (TASKS_PER_WORKER * max(1, workers)))))
+    batches: list[list[str]] = [[]]
+    size = 0
+    for case_id in case_ids:
+        try:
+            nbytes = sum(stat(p)[0] for p in case_files(dataset, case_id))
+        except OSError:
+            nbytes = 0  # its task reports the problem
+        if batches[-1] and (len(batches[-1]) >= most or size + nbytes > BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(case_id)
+        size += nbytes
+    return batches
 
 
 def label_values_problem(data: np.ndarray) -> str | None:

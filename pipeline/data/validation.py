@@ -33,6 +33,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,7 +42,15 @@ from functools import partial
 import nibabel as nib
 import numpy as np
 
-from pipeline.data.dataset import LAYOUT_MSD, CaseFiles, Dataset, label_values_problem, scan_dataset
+from pipeline.data.dataset import (
+    LAYOUT_MSD,
+    CaseFiles,
+    Dataset,
+    case_batches,
+    cases_of,
+    label_values_problem,
+    scan_dataset,
+)
 from pipeline.data.images import ImageFile, open_image
 from pipeline.data.nifti import display_name
 from pipeline.errors import BadInputError, Problem
@@ -105,10 +115,13 @@ def validate_dataset(path: str | os.PathLike, *, workers: int | None = None, pro
 
 
 def check_dataset(path: str | os.PathLike, *, workers: int | None = None, progress: bool | None = None,
-                  check_voxels: bool = True) -> ValidationReport:
+                  check_voxels: bool = True, client=None) -> ValidationReport:
     """Errors and warnings for the dataset at `path`.
 
     `workers`: reader threads (default DEFAULT_WORKERS; 1 checks in this thread).
+    `client`: a `distributed.Client` whose workers check the cases instead (batches of cases per
+    task, `dataset.case_batches`): the voxels are read where the stages after it read them, in parallel
+    over the cluster's nodes, not all through this process. The report is the same either way.
     `progress`: None shows a bar on stderr for many cases when stderr is a terminal; False never; True always.
     `check_voxels=False`: headers only (fast; misses NaNs, label values and corrupt data).
     """
@@ -125,10 +138,11 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, progre
                                                  f"{len(listed)} entr{'y' if len(listed) == 1 else 'ies'}"))
         check = partial(_check_case, dataset, check_voxels=check_voxels)
         workers = max(1, workers or DEFAULT_WORKERS)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="validate") if workers > 1 else None
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="validate") if workers > 1 and client is None else None
         grids: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {}
         try:
-            results = pool.map(check, dataset.cases) if pool else map(check, dataset.cases)
+            results = (_checks_on_dask(client, dataset, check_voxels) if client is not None else
+                       pool.map(check, dataset.cases) if pool else map(check, dataset.cases))
             with _progress_bar(len(dataset.cases), progress) as bar:
                 for case, result in zip(dataset.cases, results):  # in case order: a stable report
                     report.problems.extend(result.errors)
@@ -142,6 +156,39 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, progre
         report.warnings.extend(spacing_outliers(grids))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_cases(dataset: Dataset, check_voxels: bool = True) -> list[CaseCheck]:
+    """Every case of `dataset`, checked in order: one Dask task of `check_dataset`."""
+    return [_check_case(dataset, case, check_voxels) for case in dataset.cases]
+
+
+def _checks_on_dask(client, dataset: Dataset, check_voxels: bool) -> Iterator[CaseCheck]:
+    """The CaseChecks of every case in case order, computed by the client's workers, batch by batch.
+    A batch whose worker died (killed over its memory limit, say) fails each of its cases."""
+    from distributed import KilledWorker
+
+    from pipeline.parallel import SharedPath, check_dask_workers_see
+
+    # a worker that cannot see the dataset would report every case as missing: stop here, naming it
+    check_dask_workers_see(client, [SharedPath("dataset", str(dataset.root))])
+    workers = max(1, sum(client.nthreads().values()))
+    batches = case_batches(dataset, dataset.case_ids, workers)
+    run = uuid.uuid4().hex[:8]
+    futures = [client.submit(check_cases, cases_of(dataset, batch), check_voxels, pure=False,
+                             key=f"validate-{batch[0]}-{len(batch)}-{run}") for batch in batches]
+    try:
+        for batch, future in zip(batches, futures):
+            try:
+                checks = future.result()  # on this thread: Ctrl-C cancels it quietly (`parallel.results_of`)
+            except KilledWorker as exc:
+                checks = [CaseCheck([Problem(case_id, f"its check failed: the Dask worker died ({exc}); "
+                                                      "the case may be too large for a worker")], [])
+                          for case_id in batch]
+            future.release()
+            yield from checks
+    finally:
+        client.cancel([f for f in futures if f.status == "pending"])
 
 
 def _progress_bar(total: int, progress: bool | None):

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.dataset import CaseData, Dataset, LabelMap, read_case
-from pipeline.data.images import files_of
+from pipeline.data.dataset import CaseData, Dataset, LabelMap, case_batches, case_files, cases_of, read_case
 from pipeline.errors import BadInputError, Problem, SegPipeError
 from pipeline.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
 from pipeline.preprocessing.case_meta import CaseMeta
@@ -289,11 +288,6 @@ class PreprocessReport:
         return "\n".join(lines)
 
 
-def _case_files(dataset: Dataset, case_id: str) -> list[Path]:
-    case = dataset.case(case_id)
-    return [f for p in (*case.images, *([case.label] if case.label is not None else [])) for f in files_of(p)]
-
-
 def _file_key(dataset: Dataset, path: Path) -> str:
     try:
         return str(as_path(path).relative_to(dataset.root))
@@ -312,7 +306,7 @@ def _sha256(path: Path) -> str:
 def source_stamps(dataset: Dataset, case_id: str) -> dict[str, list]:
     """file (relative to the dataset) -> [size, mtime_ns, sha256] of each raw file of the case."""
     out = {}
-    for path in _case_files(dataset, case_id):
+    for path in case_files(dataset, case_id):
         size, mtime_ns = stat(path)
         out[_file_key(dataset, path)] = [size, mtime_ns, _sha256(path)]
     return out
@@ -327,7 +321,7 @@ def source_changed(dataset: Dataset, case_id: str, stored: dict) -> bool:
     """
     if not stored:
         return False
-    files = {_file_key(dataset, p): p for p in _case_files(dataset, case_id)}
+    files = {_file_key(dataset, p): p for p in case_files(dataset, case_id)}
     if set(files) != set(stored):
         return True
     for key, path in files.items():
@@ -391,40 +385,6 @@ def preprocess_batch(dataset: Dataset, case_ids: list[str], plans: Plans, config
     """One Dask task: `preprocess_and_write` for each case of a batch, the store opened once for all."""
     cs = _config_store_or_none(store_path, plans, config_name)
     return [preprocess_and_write(dataset, cid, plans, config_name, store_path, config_store=cs) for cid in case_ids]
-
-
-# A Dask task costs a few ms of CPU to schedule, ship and report - as much as a 40 KB case takes to
-# preprocess - so small cases travel in batches: up to BATCH_CASES cases or BATCH_BYTES of raw files
-# per task, and at least TASKS_PER_WORKER tasks per worker so that the workers stay evenly loaded.
-BATCH_CASES = 32
-BATCH_BYTES = 32 << 20
-TASKS_PER_WORKER = 4
-
-
-def case_batches(dataset: Dataset, case_ids: list[str], workers: int) -> list[list[str]]:
-    """`case_ids` in order, cut into the batches of one Dask task each (a large case travels alone)."""
-    if not case_ids:
-        return []
-    most = max(1, min(BATCH_CASES, -(-len(case_ids) // (TASKS_PER_WORKER * max(1, workers)))))
-    batches: list[list[str]] = [[]]
-    size = 0
-    for case_id in case_ids:
-        try:
-            nbytes = sum(stat(p)[0] for p in _case_files(dataset, case_id))
-        except OSError:
-            nbytes = 0  # its task reports the problem
-        if batches[-1] and (len(batches[-1]) >= most or size + nbytes > BATCH_BYTES):
-            batches.append([])
-            size = 0
-        batches[-1].append(case_id)
-        size += nbytes
-    return batches
-
-
-def _cases_of(dataset: Dataset, case_ids: list[str]) -> Dataset:
-    """The dataset with only `case_ids` (what one task needs: its pickle stays small)."""
-    keep = set(case_ids)
-    return dataclasses.replace(dataset, cases=tuple(c for c in dataset.cases if c.case_id in keep))
 
 
 def run_preprocessing(dataset: Dataset, plans: Plans, config: str, store_path, client=None,
@@ -497,7 +457,7 @@ def _run_batches(client, dataset: Dataset, batches: list[list[str]], plans: Plan
     from pipeline.parallel import results_of
 
     stamp = time.time_ns()
-    pending = {client.submit(preprocess_batch, _cases_of(dataset, batch), batch, plans, config, store_path,
+    pending = {client.submit(preprocess_batch, cases_of(dataset, batch), batch, plans, config, store_path,
                              key=f"preprocess-{config}-{batch[0]}-{len(batch)}-{stamp}", pure=False): batch
                for batch in batches}
     results: list[dict] = []
@@ -511,7 +471,7 @@ def _run_batches(client, dataset: Dataset, batches: list[list[str]], plans: Plan
             continue
         if len(batch) > 1:
             for case_id in batch:
-                retry = client.submit(preprocess_batch, _cases_of(dataset, [case_id]), [case_id], plans, config,
+                retry = client.submit(preprocess_batch, cases_of(dataset, [case_id]), [case_id], plans, config,
                                       store_path, key=f"preprocess-{config}-{case_id}-retry-{stamp}", pure=False)
                 pending[retry] = [case_id]
                 done.add(retry)
