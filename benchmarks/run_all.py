@@ -122,6 +122,7 @@ STEPS = [
     Step("profile_predict", "profile_predict.py", lambda c: ["--sets", "hippocampus", "--cases", "2", "--whole", "none"],
          lambda c: [], 120, 3600),
     Step("allocator", "allocator.py", None, lambda c: [], 0, 1800),
+    Step("network_rate", "network_rate.py", None, lambda c: [], 0, 1200),
     Step("validation_speed", "validation_speed.py", lambda c: ["1"], lambda c: ["5"], 60, 600),
     Step("fingerprint_memory", "fingerprint_memory.py", lambda c: ["20", "60"], lambda c: [], 60, 600),
     Step("scaling", "scaling.py", lambda c: ["--workdir", str(c.workdir), "--cases", "20", "--epochs", "2", "--iterations", "2",
