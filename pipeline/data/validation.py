@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import nibabel as nib
@@ -47,7 +47,6 @@ from pipeline.data.dataset import (
     CaseFiles,
     Dataset,
     case_batches,
-    cases_of,
     label_values_problem,
     scan_dataset,
 )
@@ -174,9 +173,12 @@ def _checks_on_dask(client, dataset: Dataset, check_voxels: bool) -> Iterator[Ca
     check_dask_workers_see(client, [SharedPath("dataset", str(dataset.root))])
     workers = max(1, sum(client.nthreads().values()))
     batches = case_batches(dataset, dataset.case_ids, workers)
+    starts = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
     run = uuid.uuid4().hex[:8]
-    futures = [client.submit(check_cases, cases_of(dataset, batch), check_voxels, pure=False,
-                             key=f"validate-{batch[0]}-{len(batch)}-{run}") for batch in batches]
+    # each task gets its cases by position, not by id: a duplicated case id (itself an error) is checked twice
+    futures = [client.submit(check_cases, replace(dataset, cases=dataset.cases[start:start + len(batch)], raw_json={}),
+                             check_voxels, pure=False, key=f"validate-{start}-{len(batch)}-{run}")
+               for start, batch in zip(starts, batches)]
     try:
         for batch, future in zip(batches, futures):
             try:
