@@ -10,7 +10,8 @@ Each case is checked in two steps, so that a dataset of 1,000 cases is cheap to 
    CRC checked: nibabel reads only the bytes it needs, so a corrupt tail would pass), then NaN/Inf
    image voxels and non-integer, negative or undeclared label values.
 
-Cases are checked one at a time per worker thread, so memory holds at most `workers` cases. The
+Cases are checked one at a time per worker thread, so memory holds at most `workers` cases; given a
+Dask client, by its workers instead (batches of cases per task), where the stages after it read them. The
 dataset-level problems (dataset.json, paths, duplicates) come from `dataset.scan_dataset`.
 
 Voxel values are read exactly as every later stage reads them (`nifti.array_from`): the header's
