@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "dataset.json").is_file():
         print(f"Task04_Hippocampus not found at {root}: nothing to measure")
         return 0
-    from inference import make_model
-    from predict import hippocampus_inputs
+    from predict import hippocampus_model_and_inputs
 
     from pipeline.data.dataset import load_dataset
 
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="segpipe-allocator-") as tmp:
         tmp = Path(tmp)
         dataset = load_dataset(root)
-        wd, _ = make_model(tmp / "work", dataset, ["3d_fullres"])
-        ids = hippocampus_inputs(dataset, args.cases, tmp / "in")
+        wd, ids = hippocampus_model_and_inputs(dataset, args.cases, tmp)
         for rnd in range(args.rounds):
             for tta in [t == "on" for t in args.tta.split(",")]:
                 order = list(MODES) if rnd % 2 == 0 else list(MODES)[::-1]

@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Task04_Hippocampus not found at {root}: nothing to measure")
         return 0
     import torch
-    from inference import make_model
-    from predict import hippocampus_inputs
+    from predict import hippocampus_model_and_inputs
 
     from pipeline.data.dataset import load_dataset
     from pipeline.inference.predict import group_input_files
@@ -211,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="segpipe-network-rate-") as tmp:
         tmp = Path(tmp)
         dataset = load_dataset(root)
-        wd, _ = make_model(tmp / "work", dataset, ["3d_fullres"])
-        hippocampus_inputs(dataset, args.cases, tmp / "in")
+        wd, _ = hippocampus_model_and_inputs(dataset, args.cases, tmp)
         cases = group_input_files(tmp / "in", 1)
         rows = [measure(wd, cases, p, args.rounds) for p in args.precisions.split(",")]
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}

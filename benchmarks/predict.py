@@ -166,6 +166,15 @@ def hippocampus_inputs(dataset, cases: int, dest: Path) -> list[str]:
     return ids
 
 
+def hippocampus_model_and_inputs(dataset, cases: int, dest: Path):
+    """(workdir, case ids): a seeded untrained 3d_fullres model of our plan for `dataset` (equal to
+    nnU-Net's; time does not depend on the weights) in DEST/work, and its first `cases` images in DEST/in."""
+    from inference import make_model  # benchmarks/inference.py: plans + a seeded untrained model file
+
+    wd, _ = make_model(dest / "work", dataset, ["3d_fullres"])
+    return wd, hippocampus_inputs(dataset, cases, dest / "in")
+
+
 def large_volume(dataset, size: int, dest: Path) -> dict:
     """A size^3 image at 1 mm (the plan's spacing: no resampling) mirrored-tiled from the first
     hippocampus image, so intensities and texture are MRI-like; written as large_0000.nii.gz."""
