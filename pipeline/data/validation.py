@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import accumulate
 
 import nibabel as nib
 import numpy as np
@@ -174,7 +175,7 @@ def _checks_on_dask(client, dataset: Dataset, check_voxels: bool) -> Iterator[Ca
     check_dask_workers_see(client, [SharedPath("dataset", str(dataset.root))])
     workers = max(1, sum(client.nthreads().values()))
     batches = case_batches(dataset, dataset.case_ids, workers)
-    starts = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
+    starts = list(accumulate((len(b) for b in batches[:-1]), initial=0))  # each batch's first case
     run = uuid.uuid4().hex[:8]
     # each task gets its cases by position, not by id: a duplicated case id (itself an error) is checked twice
     futures = [client.submit(check_cases, replace(dataset, cases=dataset.cases[start:start + len(batch)], raw_json={}),
